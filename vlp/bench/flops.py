@@ -1,0 +1,114 @@
+"""Analytic FLOPs of the dual encoder (the numerator of MFU).
+
+Convention (the one of PaLM/MaxText "model FLOPs"):
+  * every matmul (m x k) @ (k x n) costs 2*m*n*k FLOPs;
+  * counted: patch embedding, Q/K/V and output projections, attention scores
+    (Q K^T) and attention-weighted values (A V), both MLP matmuls, the final
+    linear projections to `embed_dim`, and the B x B logits of the
+    contrastive loss (counted once: t2i logits are the transpose of i2t);
+  * not counted: token-embedding lookup (a gather), layer norms, softmax,
+    GELU, residual adds, biases, the optimizer update (all O(params) or
+    O(tokens * width), < ~2% here);
+  * attention is counted dense (S x S) even when causal, because that is what
+    the kernels compute;
+  * training = 3 x forward (backward = 2 x forward: grads w.r.t. activations
+    and w.r.t. weights). No rematerialisation is counted (model FLOPs, not
+    hardware FLOPs).
+
+Model configs are ml_collections ConfigDicts (or plain dicts / objects) with
+the layout of `configs/*.py`:
+  model.image: image_size, patch_size, width, depth, num_heads, mlp_dim
+  model.text:  vocab_size, context_length, width, depth, num_heads, mlp_dim
+  model.embed_dim
+The ViT has a CLS token (seq = patches + 1); the text tower's sequence length
+is `context_length` (set `seq_len` in the text config to override, e.g. when
+an extra CLS token is appended).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+  if isinstance(cfg, dict):
+    return cfg.get(key, default)
+  try:
+    return getattr(cfg, key)
+  except (AttributeError, KeyError):
+    return default
+
+
+def matmul_flops(m: int, n: int, k: int) -> float:
+  """(m x k) @ (k x n)."""
+  return 2.0 * m * n * k
+
+
+def block_forward_flops(seq_len: int, width: int, mlp_dim: int) -> float:
+  """One pre-LN Transformer encoder block on one sequence (self-attention).
+
+  The head count does not change the FLOPs: heads * (S x S x head_dim) = S*S*W.
+  """
+  s, w, m = seq_len, width, mlp_dim
+  qkv = 3 * matmul_flops(s, w, w)
+  scores = matmul_flops(s, s, w)       # Q K^T over all heads
+  values = matmul_flops(s, w, s)       # A V over all heads
+  out = matmul_flops(s, w, w)
+  mlp = matmul_flops(s, m, w) + matmul_flops(s, w, m)
+  return qkv + scores + values + out + mlp
+
+
+def encoder_forward_flops(seq_len: int, width: int, depth: int,
+                          mlp_dim: int) -> float:
+  return depth * block_forward_flops(seq_len, width, mlp_dim)
+
+
+def vit_seq_len(image_cfg: Any) -> int:
+  size, patch = _get(image_cfg, "image_size"), _get(image_cfg, "patch_size")
+  num_patches = (size // patch) ** 2
+  return num_patches + (1 if _get(image_cfg, "cls_token", True) else 0)
+
+
+def vit_forward_flops(image_cfg: Any, embed_dim: int, channels: int = 3) -> float:
+  """Forward FLOPs of the image tower for ONE example (incl. projection)."""
+  size, patch = _get(image_cfg, "image_size"), _get(image_cfg, "patch_size")
+  width = _get(image_cfg, "width")
+  num_patches = (size // patch) ** 2
+  patch_embed = matmul_flops(num_patches, width, patch * patch * channels)
+  blocks = encoder_forward_flops(vit_seq_len(image_cfg), width,
+                                 _get(image_cfg, "depth"),
+                                 _get(image_cfg, "mlp_dim"))
+  proj = matmul_flops(1, embed_dim, width) if embed_dim else 0.0
+  return patch_embed + blocks + proj
+
+
+def text_forward_flops(text_cfg: Any, embed_dim: int) -> float:
+  """Forward FLOPs of the text tower for ONE example (incl. projection)."""
+  seq = _get(text_cfg, "seq_len") or _get(text_cfg, "context_length")
+  width = _get(text_cfg, "width")
+  blocks = encoder_forward_flops(seq, width, _get(text_cfg, "depth"),
+                                 _get(text_cfg, "mlp_dim"))
+  proj = matmul_flops(1, embed_dim, width) if embed_dim else 0.0
+  return blocks + proj
+
+
+def contrastive_logits_flops(batch_size: int, embed_dim: int) -> float:
+  """The B x B similarity matrix of the (global) batch."""
+  return matmul_flops(batch_size, batch_size, embed_dim)
+
+
+def align_forward_flops(model_cfg: Any, batch_size: int) -> float:
+  e = _get(model_cfg, "embed_dim")
+  per_example = (vit_forward_flops(_get(model_cfg, "image"), e)
+                 + text_forward_flops(_get(model_cfg, "text"), e))
+  return batch_size * per_example + contrastive_logits_flops(batch_size, e)
+
+
+def align_train_flops(model_cfg: Any, batch_size: int) -> float:
+  """Training FLOPs of one step of the dual encoder: 3 x forward."""
+  return 3.0 * align_forward_flops(model_cfg, batch_size)
+
+
+def mfu(train_flops_per_step: float, step_seconds: float,
+        peak_flops_per_sec: float) -> float:
+  """Model FLOPs utilisation: achieved model FLOP/s over the peak."""
+  return train_flops_per_step / step_seconds / peak_flops_per_sec

@@ -1,0 +1,93 @@
+"""Orbax checkpoints of the train state and the Grain iterator, as two items
+of one checkpoint, so a resumed run sees exactly the batches it would have seen.
+
+The workdir also keeps `config.json`; a workdir whose checkpoints belong to a
+model of another shape is refused before anything is compiled.
+"""
+import json
+import os
+
+import grain
+import ml_collections
+import orbax.checkpoint as ocp
+
+# Config keys whose change makes a checkpoint unusable (shapes or semantics).
+_IDENTITY_KEYS = ('model',)
+
+
+class WorkdirMismatch(ValueError):
+  """The workdir holds a checkpoint of another model."""
+
+
+def _flat(d, prefix=''):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flat(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}', v
+
+
+def check_workdir(config, workdir: str):
+  """Writes config.json on the first run; on a resume, refuses another model."""
+  path = os.path.join(workdir, 'config.json')
+  current = json.loads(config.to_json())
+  if os.path.exists(path) and os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    with open(path) as f:
+      saved = json.load(f)
+    for key in _IDENTITY_KEYS:
+      old, new = dict(_flat(saved.get(key, {}), key + '.')), dict(_flat(current[key], key + '.'))
+      diffs = [k for k in sorted(set(old) | set(new)) if _norm(old.get(k)) != _norm(new.get(k))]
+      if diffs:
+        k = diffs[0]
+        raise WorkdirMismatch(
+            f'workdir {workdir} holds a checkpoint of another model ({k} is {old.get(k)!r} there, '
+            f'{new.get(k)!r} here); use a new --workdir or the same config')
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(current, f, indent=2)
+
+
+def _norm(v):
+  return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir} has no config.json: is it a vlp workdir?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, cfg, read_only: bool = False):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep, save_interval_steps=cfg.every,
+        enable_async_checkpointing=cfg.async_save, read_only=read_only)
+    self.manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator=None, force=False) -> bool:
+    items = {'state': ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step, abstract_state, data_iterator=None):
+    """Restores state (onto the shardings of `abstract_state`) and, if given, the iterator in place."""
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

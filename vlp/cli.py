@@ -1,0 +1,123 @@
+"""`vlp train|eval|export|bench|data` — the command line.
+
+Config overrides are passed as `--config.a.b=value` after the other flags.
+"""
+import argparse
+import json
+import sys
+
+
+def _split_overrides(argv):
+  overrides = [a[len('--config.'):] for a in argv if a.startswith('--config.')]
+  rest = [a for a in argv if not a.startswith('--config.')]
+  return rest, overrides
+
+
+def _load_config(spec: str, overrides):
+  from vlp import config as config_lib
+  path, _, arg = spec.partition(':')
+  config = config_lib.load(path, arg or None)
+  return config_lib.apply_overrides(config, overrides)
+
+
+def cmd_train(args, overrides):
+  from vlp.eval import retrieval
+  from vlp.train import loop
+  config = _load_config(args.config, overrides)
+  result = loop.train(config, args.workdir, progress=not args.no_progress)
+  _print_result(result)
+
+
+def cmd_eval(args, overrides):
+  import jax
+  from vlp import checkpoint, parallel, tasks, config as config_lib
+  from vlp.export import restore_params
+  from vlp.train import loop, state as state_lib
+  config, params, step = restore_params(args.workdir, args.step)
+  if args.config:
+    config = _load_config(args.config, overrides)
+  mesh = parallel.make_mesh(config_lib.mesh_shape(config, jax.device_count()))
+  setup = state_lib.make_setup(config, mesh)
+  evaluator = loop.make_evaluator(config, setup, tasks.tokenizer_for(config))
+  result = dict(evaluator.run(params))
+  result['step'] = step
+  _print_result(result)
+
+
+def _print_result(result):
+  from vlp.eval import retrieval
+  metrics = {k: v for k, v in result.items() if k.startswith('retrieval/')}
+  if metrics:
+    print(retrieval.format_table(metrics))
+  print(json.dumps(result, default=float))
+
+
+def cmd_export(args, overrides):
+  from vlp import export
+  out = export.export(args.workdir, args.out, step=args.step, dtype=args.dtype)
+  print(f'exported to {out}')
+
+
+def cmd_bench(args, overrides):
+  from vlp.bench import step as bench_step
+  config = _load_config(args.config, overrides)
+  result = bench_step.run(config, steps=args.steps, warmup=args.warmup)
+  if args.compare == 'open_clip':
+    from vlp.bench import compare
+    ref = compare.run_open_clip_reference(config.model, config.batch_size, steps=args.steps, warmup=args.warmup)
+    result['open_clip'] = ref
+    result['speedup_vs_open_clip'] = result['examples_per_sec'] / ref['examples_per_sec']
+  print(json.dumps(result))
+
+
+def cmd_data(args, overrides):
+  from vlp.data import tokenizer
+  tokenizer.main(args.rest)
+
+
+def main(argv=None):
+  from vlp.config import ConfigError
+  from vlp.checkpoint import WorkdirMismatch
+  argv = sys.argv[1:] if argv is None else argv
+  argv, overrides = _split_overrides(argv)
+  parser = argparse.ArgumentParser(prog='vlp', description=__doc__)
+  sub = parser.add_subparsers(dest='command', required=True)
+  p = sub.add_parser('train', help='train or resume in a workdir')
+  p.add_argument('--config', required=True, help='configs/X.py[:arg]')
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--no_progress', action='store_true')
+  p.set_defaults(fn=cmd_train)
+  p = sub.add_parser('eval', help='held-out retrieval of a workdir checkpoint')
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--config', default=None, help='optional: evaluate with another config')
+  p.add_argument('--step', type=int, default=None)
+  p.set_defaults(fn=cmd_eval)
+  p = sub.add_parser('export', help='write inference weights (safetensors) + config')
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--out', required=True)
+  p.add_argument('--step', type=int, default=None)
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.set_defaults(fn=cmd_export)
+  p = sub.add_parser('bench', help='benchmarks')
+  p.add_argument('what', choices=('step',))
+  p.add_argument('--config', required=True)
+  p.add_argument('--steps', type=int, default=20)
+  p.add_argument('--warmup', type=int, default=3)
+  p.add_argument('--compare', default=None, choices=('open_clip',))
+  p.set_defaults(fn=cmd_bench)
+  p = sub.add_parser('data', help='data tools: `vlp data tokenizer ...`')
+  p.add_argument('rest', nargs=argparse.REMAINDER)
+  p.set_defaults(fn=cmd_data)
+  args = parser.parse_args(argv)
+  if overrides and args.command not in ('train', 'eval', 'bench'):
+    parser.error(f'--config.* overrides do not apply to `vlp {args.command}`')
+  try:
+    args.fn(args, overrides)
+  except (ConfigError, WorkdirMismatch, FileNotFoundError) as e:
+    print(f'vlp: error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

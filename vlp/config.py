@@ -1,0 +1,188 @@
+"""Configs: python files with `get_config(arg)`, dotted overrides, validation.
+
+Every config starts from `base_config()`, which is locked: a typo in a config
+file or in `--config.a.b=v` is an error that names the key, not a silent new
+field. `validate` runs before anything is compiled.
+"""
+import ast
+import difflib
+import importlib.util
+import os
+
+import ml_collections
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 128  # global, over all processes
+  c.model = dict(
+      name='align',
+      image=dict(image_size=64, patch_size=8, width=256, depth=4, num_heads=4, mlp_dim=1024,
+                 pool='cls'),
+      text=dict(vocab_size=1024, context_length=32, width=256, depth=4, num_heads=4, mlp_dim=1024),
+      embed_dim=256,
+      head='softmax',  # 'softmax' (ALIGN/CLIP) or 'sigmoid' (SigLIP)
+      dtype='float32',  # compute dtype; params and optimizer state stay float32
+  )
+  c.loss = dict(label_smoothing=0.0)
+  c.data = dict(
+      name='synthetic',
+      train_examples=100_000,
+      eval_images=500,  # held-out scenes, one caption per language each
+      languages=('en', 'de', 'fr', 'es'),
+      tokenizer='builtin',  # or a path to a SentencePiece .model
+      num_workers=1,  # Grain worker processes per host
+      prefetch=4,
+  )
+  c.optim = dict(
+      name='adamw',  # 'adamw' or 'lamb'
+      lr=1e-3, end_lr_frac=0.0, warmup_steps=100,
+      schedule='cosine',  # 'cosine', 'linear' or 'constant' after warm-up
+      weight_decay=0.05, b1=0.9, b2=0.98, eps=1e-6,
+      clip_norm=1.0,  # global-norm clipping; 0 disables
+  )
+  # Mesh axis sizes; -1 takes the devices left over. Params are sharded by the
+  # logical-axis rules of vlp.parallel, the batch over (data, fsdp).
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.log_every = 25
+  c.eval_every = 500  # 0 disables periodic eval; eval still runs at the end
+  c.checkpoint = dict(every=500, keep=2, async_save=True)
+  c.lock()
+  return c
+
+
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Runs `get_config(arg)` of a config file given by path."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} does not exist')
+  spec = importlib.util.spec_from_file_location(
+      f'vlp_config_{os.path.splitext(os.path.basename(path))[0]}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  try:
+    return module.get_config(arg)
+  except AttributeError as e:  # assignment to a key the locked base lacks
+    raise ConfigError(f'{path}: {e}') from None
+
+
+class ConfigError(ValueError):
+  """A bad config: the message names the key."""
+
+
+def _all_keys(config, prefix=''):
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _all_keys(v, prefix + k + '.')
+    else:
+      yield prefix + k
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
+  """Applies `a.b=v` strings; `v` is parsed with the type of the current value."""
+  for item in overrides:
+    key, sep, raw = item.partition('=')
+    if not sep:
+      raise ConfigError(f'override {item!r} is not of the form key=value')
+    parent, _, leaf = key.rpartition('.')
+    node = config
+    for part in parent.split('.') if parent else []:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      close = difflib.get_close_matches(key, list(_all_keys(config)), n=1)
+      hint = f"; did you mean '{close[0]}'?" if close else ''
+      raise ConfigError(f"unknown config key '{key}'{hint}")
+    node[leaf] = _parse_like(node[leaf], raw, key)
+  return config
+
+
+def _parse_like(current, raw: str, key: str):
+  if isinstance(current, str):
+    return raw
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    raise ConfigError(f"config key '{key}': cannot parse {raw!r}") from None
+  if isinstance(current, bool) and not isinstance(value, bool):
+    raise ConfigError(f"config key '{key}' expects true/false (True/False), got {raw!r}")
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  if current is not None and not isinstance(value, type(current)):
+    raise ConfigError(
+        f"config key '{key}' expects {type(current).__name__}, got {raw!r}")
+  return value
+
+
+def _check(ok: bool, key: str, message: str):
+  if not ok:
+    raise ConfigError(f"config key '{key}': {message}")
+
+
+def validate(config, num_devices: int, process_count: int = 1):
+  """Checks the config before anything is built; raises ConfigError naming the key."""
+  m = config.model
+  _check(m.name == 'align', 'model.name', f"unknown model {m.name!r}; known: 'align'")
+  _check(m.head in ('softmax', 'sigmoid'), 'model.head', f"{m.head!r} not in softmax/sigmoid")
+  _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', f'{m.dtype!r} not in float32/bfloat16')
+  for tower in ('image', 'text'):
+    t = m[tower]
+    for k in ('width', 'depth', 'num_heads', 'mlp_dim'):
+      _check(isinstance(t[k], int) and t[k] > 0, f'model.{tower}.{k}', f'must be a positive int, got {t[k]!r}')
+    _check(t.width % t.num_heads == 0, f'model.{tower}.num_heads',
+           f'width {t.width} is not divisible by {t.num_heads} heads')
+  im = m.image
+  _check(im.image_size % im.patch_size == 0, 'model.image.patch_size',
+         f'image_size {im.image_size} is not divisible by patch {im.patch_size}')
+  _check(im.pool in ('cls', 'gap'), 'model.image.pool', f'{im.pool!r} not in cls/gap')
+  _check(m.text.context_length >= 3, 'model.text.context_length', 'needs room for CLS, a token and SEP')
+  _check(0.0 <= config.loss.label_smoothing < 1.0, 'loss.label_smoothing', 'must be in [0, 1)')
+  o = config.optim
+  _check(o.name in ('adamw', 'lamb'), 'optim.name', f'{o.name!r} not in adamw/lamb')
+  _check(o.schedule in ('cosine', 'linear', 'constant'), 'optim.schedule',
+         f'{o.schedule!r} not in cosine/linear/constant')
+  _check(o.lr > 0, 'optim.lr', 'must be > 0')
+  _check(o.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0')
+  _check(config.total_steps > 0, 'total_steps', 'must be > 0')
+  _check(config.data.name == 'synthetic', 'data.name', f"unknown dataset {config.data.name!r}; known: 'synthetic'")
+  _check(set(config.data.languages) <= {'en', 'de', 'fr', 'es'} and len(config.data.languages) > 0,
+         'data.languages', f'{config.data.languages!r}: choose from en, de, fr, es')
+  sizes = mesh_shape(config, num_devices)
+  batch_shards = sizes['data'] * sizes['fsdp']
+  _check(config.batch_size % batch_shards == 0, 'batch_size',
+         f'{config.batch_size} is not divisible by the batch axes data*fsdp = '
+         f'{sizes["data"]}*{sizes["fsdp"]} = {batch_shards}')
+  _check(config.batch_size % process_count == 0, 'batch_size',
+         f'{config.batch_size} is not divisible by {process_count} processes')
+  _check(config.checkpoint.keep >= 1, 'checkpoint.keep', 'must be >= 1')
+  return sizes
+
+
+def mesh_shape(config, num_devices: int) -> dict[str, int]:
+  """Resolves the one -1 axis size so the product equals the device count."""
+  unknown = [a for a in MESH_AXES if config.mesh[a] == -1]
+  _check(len(unknown) <= 1, 'mesh', f'at most one axis may be -1, got {unknown}')
+  known = 1
+  for a in MESH_AXES:
+    if config.mesh[a] != -1:
+      _check(isinstance(config.mesh[a], int) and config.mesh[a] >= 1, f'mesh.{a}', 'must be -1 or >= 1')
+      known *= config.mesh[a]
+  sizes = {a: config.mesh[a] for a in MESH_AXES}
+  if unknown:
+    _check(num_devices % known == 0, f'mesh.{unknown[0]}',
+           f'{num_devices} devices are not divisible by the other axes ({known})')
+    sizes[unknown[0]] = num_devices // known
+  _check(_prod(sizes.values()) == num_devices, 'mesh',
+         f'axis sizes {sizes} multiply to {_prod(sizes.values())}, not the {num_devices} devices')
+  return sizes
+
+
+def _prod(xs):
+  p = 1
+  for x in xs:
+    p *= x
+  return p

@@ -1,0 +1,47 @@
+"""ALIGN-style dual encoder with a softmax (ALIGN/CLIP) or sigmoid (SigLIP) head."""
+import math
+
+import jax.numpy as jnp
+from flax import nnx
+
+from vlp.models import layers
+from vlp.models.text import TextEncoder
+from vlp.models.vit import ViT
+
+
+def _l2_normalize(x):
+  x = x.astype(jnp.float32)
+  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+class Model(nnx.Module):
+
+  def __init__(self, cfg, *, rngs):
+    dtype = jnp.dtype(cfg.dtype)
+    self.image = ViT(**cfg.image, rngs=rngs, dtype=dtype)
+    self.text = TextEncoder(**cfg.text, rngs=rngs, dtype=dtype)
+    self.image_proj = layers.Dense(cfg.image.width, cfg.embed_dim, ('embed', 'proj'), rngs=rngs,
+                                   use_bias=False, dtype=dtype)
+    self.text_proj = layers.Dense(cfg.text.width, cfg.embed_dim, ('embed', 'proj'), rngs=rngs,
+                                  use_bias=False, dtype=dtype)
+    self.head = cfg.head
+    # logit_scale = exp(t). ALIGN learns the temperature from 1.0 (t = 0);
+    # SigLIP starts at t' = log 10 with bias -10.
+    t0 = 0.0 if cfg.head == 'softmax' else math.log(10.0)
+    self.log_scale = nnx.Param(jnp.asarray(t0, jnp.float32))
+    self.bias = nnx.Param(jnp.asarray(-10.0, jnp.float32)) if cfg.head == 'sigmoid' else None
+
+  def encode_image(self, images):
+    return _l2_normalize(self.image_proj(self.image(images)))
+
+  def encode_text(self, tokens):
+    return _l2_normalize(self.text_proj(self.text(tokens)))
+
+  def __call__(self, images, tokens):
+    return self.encode_image(images), self.encode_text(tokens)
+
+  def logit_scale(self):
+    return jnp.exp(self.log_scale[...])
+
+  def logit_bias(self):
+    return self.bias[...] if self.bias is not None else None

@@ -1,0 +1,113 @@
+"""Transformer building blocks with logical axis names on every parameter.
+
+Logical names ('embed', 'mlp', 'heads', 'kv', 'vocab', ...) are mapped to mesh
+axes by the rules table in vlp.parallel; the modules never name mesh axes.
+"""
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Variables carry their logical names as metadata; vlp.parallel places them.
+# Flax's eager sharding would need a mesh at construction time.
+flax.config.update('flax_always_shard_variable', False)
+
+
+def param(rngs, init, shape, names):
+  return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape))
+
+
+class Dense(nnx.Module):
+  """y = x @ W + b over the last axis of x, W with logical names (in_name, out_name)."""
+
+  def __init__(self, d_in, d_out, names, *, rngs, use_bias=True, dtype=jnp.float32):
+    self.kernel = param(rngs, nnx.initializers.xavier_uniform(), (d_in, d_out), names)
+    self.bias = param(rngs, nnx.initializers.zeros, (d_out,), names[1:]) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x):
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 whatever the compute dtype (bf16 variance is lossy)."""
+
+  def __init__(self, width, *, rngs, eps=1e-6, dtype=jnp.float32):
+    self.scale = param(rngs, nnx.initializers.ones, (width,), ('embed',))
+    self.bias = param(rngs, nnx.initializers.zeros, (width,), ('embed',))
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return y.astype(self.dtype)
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention with one fused QKV matmul.
+
+  The QKV kernel is [embed, 3, heads, head_dim] so that tensor parallelism can
+  split heads without splitting a head.
+  """
+
+  def __init__(self, width, num_heads, *, rngs, dtype=jnp.float32):
+    head_dim = width // num_heads
+    init = nnx.initializers.xavier_uniform(in_axis=0, out_axis=(2, 3), batch_axis=(1,))
+    self.qkv = param(rngs, init, (width, 3, num_heads, head_dim), ('embed', None, 'heads', 'kv'))
+    self.qkv_bias = param(rngs, nnx.initializers.zeros, (3, num_heads, head_dim), (None, 'heads', 'kv'))
+    out_init = nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+    self.out = param(rngs, out_init, (num_heads, head_dim, width), ('heads', 'kv', 'embed'))
+    self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ('embed',))
+    self.dtype = dtype
+
+  def __call__(self, x, mask=None):
+    """x: [B, L, D]; mask: [B, L] bool, True where a key may be attended to."""
+    dt = self.dtype
+    qkv = jnp.einsum('bld,dthk->tblhk', x.astype(dt), self.qkv[...].astype(dt))
+    qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    logits = jnp.einsum('bqhk,bshk->bhqs', q, k) * (q.shape[-1] ** -0.5)
+    if mask is not None:
+      logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
+    y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
+    return jnp.einsum('bqhk,hkd->bqd', y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+
+
+class Mlp(nnx.Module):
+  def __init__(self, width, mlp_dim, *, rngs, dtype=jnp.float32):
+    self.fc1 = Dense(width, mlp_dim, ('embed', 'mlp'), rngs=rngs, dtype=dtype)
+    self.fc2 = Dense(mlp_dim, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm Transformer block."""
+
+  def __init__(self, width, num_heads, mlp_dim, *, rngs, dtype=jnp.float32):
+    self.ln1 = LayerNorm(width, rngs=rngs, dtype=dtype)
+    self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype)
+    self.ln2 = LayerNorm(width, rngs=rngs, dtype=dtype)
+    self.mlp = Mlp(width, mlp_dim, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x, mask=None):
+    x = x + self.attn(self.ln1(x), mask)
+    return x + self.mlp(self.ln2(x))
+
+
+class Encoder(nnx.Module):
+  """A stack of blocks followed by a final LayerNorm."""
+
+  def __init__(self, width, depth, num_heads, mlp_dim, *, rngs, dtype=jnp.float32):
+    self.blocks = nnx.List([Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype) for _ in range(depth)])
+    self.ln = LayerNorm(width, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x, mask=None):
+    for block in self.blocks:
+      x = block(x, mask)
+    return self.ln(x)

@@ -1,0 +1,42 @@
+"""ViT image tower: patch embedding, CLS token, learned position embeddings.
+
+Position embeddings are stored for the configured grid and bilinearly resized
+when an image of another resolution comes in, so one model serves any size.
+"""
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlp.models import layers
+
+
+class ViT(nnx.Module):
+
+  def __init__(self, image_size, patch_size, width, depth, num_heads, mlp_dim, pool='cls',
+               *, rngs, dtype=jnp.float32):
+    self.patch_size, self.pool, self.dtype = patch_size, pool, dtype
+    grid = image_size // patch_size
+    self.patch_embed = layers.Dense(3 * patch_size * patch_size, width, ('patch', 'embed'),
+                                    rngs=rngs, dtype=dtype)
+    self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.02), (grid, grid, width),
+                                  (None, None, 'embed'))
+    self.cls = layers.param(rngs, nnx.initializers.zeros, (width,), ('embed',))
+    self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
+
+  def position_embeddings(self, grid_h, grid_w):
+    pos = self.pos_embed[...]
+    if pos.shape[:2] != (grid_h, grid_w):
+      pos = jax.image.resize(pos, (grid_h, grid_w, pos.shape[-1]), method='bilinear')
+    return einops.rearrange(pos, 'h w d -> (h w) d')
+
+  def __call__(self, images):
+    """images: float [B, H, W, 3] -> pooled features [B, width]."""
+    p = self.patch_size
+    if images.shape[1] % p or images.shape[2] % p:
+      raise ValueError(f'image size {images.shape[1:3]} is not divisible by patch size {p}')
+    patches = einops.rearrange(images, 'b (h p) (w q) c -> b (h w) (p q c)', p=p, q=p)
+    x = self.patch_embed(patches) + self.position_embeddings(images.shape[1] // p, images.shape[2] // p).astype(self.dtype)
+    cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
+    x = self.encoder(jnp.concatenate([cls, x], axis=1))
+    return x[:, 0] if self.pool == 'cls' else x[:, 1:].mean(axis=1)

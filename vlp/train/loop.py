@@ -1,0 +1,105 @@
+"""The training loop: data -> compiled step -> metrics (one step late) ->
+checkpoints -> eval, with a time breakdown (compile, data wait, step,
+checkpoint, eval) printed at the end."""
+import collections
+import time
+
+import jax
+import tqdm
+from flax import nnx
+
+from vlp import checkpoint, config as config_lib, parallel, tasks
+from vlp.eval import retrieval
+from vlp.train import metrics as metrics_lib, state as state_lib, step as step_lib
+
+
+def make_evaluator(config, setup, tokenizer, data=None):
+  graphdef = setup.graphdef
+  data = data if data is not None else tasks.eval_data(config, tokenizer)
+  return retrieval.Evaluator(
+      lambda params, x: nnx.merge(graphdef, params).encode_image(x),
+      lambda params, t: nnx.merge(graphdef, params).encode_text(t), data)
+
+
+def prepare(config, workdir, mesh=None):
+  """Everything that must hold before compiling: validated config, mesh, workdir."""
+  sizes = config_lib.validate(config, jax.device_count(), jax.process_count())
+  mesh = mesh or parallel.make_mesh(sizes)
+  checkpoint.check_workdir(config, workdir)
+  return mesh
+
+
+def train(config, workdir: str, progress: bool = True) -> dict:
+  """Trains (or resumes) in `workdir`; returns the final eval metrics."""
+  times = collections.Counter()
+  mesh = prepare(config, workdir)
+  tokenizer = tasks.tokenizer_for(config)
+  setup = state_lib.make_setup(config, mesh)
+  data_iter = tasks.train_iterator(config, tokenizer)
+  evaluator = make_evaluator(config, setup, tokenizer)
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+
+  train_step, times['compile'] = step_lib.compile_train_step(config, setup)
+  start = ckpt.latest_step()
+  if start is None:
+    start, state = 0, state_lib.init_state(config, setup)
+  else:
+    state = ckpt.restore(start, setup.abstract, data_iter)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  batch_sharding = parallel.batch_sharding(mesh)
+  per_step = config.batch_size
+  bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not progress or jax.process_index() != 0,
+                  unit='step', dynamic_ncols=True)
+
+  pending = None  # metrics of the previous step, read after the next step is dispatched
+  last_log = time.perf_counter()
+  final = {}
+
+  def flush(pending):
+    step, device_metrics, wait = pending
+    m = jax.device_get(device_metrics)
+    if step % config.log_every == 0 or step == config.total_steps:
+      now = time.perf_counter()
+      nonlocal last_log
+      m['examples_per_sec'] = per_step * min(config.log_every, step - start) / max(now - last_log, 1e-9)
+      m['data_wait_frac'] = wait
+      last_log = now
+      writer.write(step, m)
+      bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{m['examples_per_sec']:.0f}")
+
+  for step in range(start, config.total_steps):
+    t0 = time.perf_counter()
+    host_batch = next(data_iter)
+    t1 = time.perf_counter()
+    batch = jax.make_array_from_process_local_data(batch_sharding, host_batch)
+    state, device_metrics = train_step(state, batch)
+    if pending is not None:
+      flush(pending)
+    t2 = time.perf_counter()
+    times['data_wait'] += t1 - t0
+    times['step'] += t2 - t1
+    pending = (step + 1, device_metrics, (t1 - t0) / max(t2 - t0, 1e-9))
+    bar.update(1)
+    done = step + 1
+    if done % config.checkpoint.every == 0 or done == config.total_steps:
+      t = time.perf_counter()
+      ckpt.save(done, state, data_iter, force=True)
+      times['checkpoint'] += time.perf_counter() - t
+    if done == config.total_steps or (config.eval_every and done % config.eval_every == 0):
+      t = time.perf_counter()
+      final = dict(evaluator.run(state['params']))
+      times['eval'] += time.perf_counter() - t
+      writer.write(done, final)
+  if pending is not None:
+    flush(pending)
+  bar.close()
+  t = time.perf_counter()
+  ckpt.wait()
+  ckpt.close()
+  times['checkpoint'] += time.perf_counter() - t
+  writer.write(config.total_steps, {f'time/{k}_s': v for k, v in times.items()})
+  writer.close()
+  if not final and start == config.total_steps:  # nothing left to train: evaluate what is there
+    final = dict(evaluator.run(state['params']))
+  final['time'] = dict(times)
+  return final

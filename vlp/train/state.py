@@ -1,0 +1,55 @@
+"""The train state: a plain dict {step, params, opt_state}, sharded by logical rules.
+
+Shapes and shardings come from `jax.eval_shape` before anything is allocated
+(MaxText style); the real state is then created directly in its sharded layout.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlp import models, parallel
+from vlp.train import optim
+
+
+@dataclasses.dataclass
+class Setup:
+  graphdef: nnx.GraphDef
+  tx: object  # optax.GradientTransformation
+  lr_schedule: object
+  abstract: dict  # ShapeDtypeStructs of the state, with shardings
+  shardings: dict
+  mesh: jax.sharding.Mesh
+
+
+def _params_of(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def make_setup(config, mesh) -> Setup:
+  tx, lr = optim.make(config.optim, config.total_steps)
+  abstract_model = nnx.eval_shape(lambda: models.build(config.model, config.seed))
+  graphdef, abstract_vars = nnx.split(abstract_model, nnx.Param)
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_vars))
+  abstract_params = nnx.to_pure_dict(abstract_vars)
+  param_sh = parallel.tree_shardings(logical, abstract_params, mesh)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  shardings = {
+      'step': parallel.replicated(mesh),
+      'params': param_sh,
+      'opt_state': parallel.like_params_shardings(abstract_opt, param_sh, mesh),
+  }
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params, 'opt_state': abstract_opt},
+      shardings)
+  return Setup(graphdef, tx, lr, abstract, shardings, mesh)
+
+
+def init_state(config, setup: Setup) -> dict:
+  """Initialises params and optimizer state directly in their sharded layout."""
+  def init():
+    params = _params_of(models.build(config.model, config.seed))
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': setup.tx.init(params)}
+  return jax.jit(init, out_shardings=setup.shardings)()

@@ -13,7 +13,7 @@ def get_config(arg=None):
   c.total_steps = 1500
   c.batch_size = 128
   c.model.image.update(image_size=32, patch_size=4, width=128, depth=3, num_heads=4, mlp_dim=512)
-  c.model.text.update(vocab_size=1024, context_length=24, width=128, depth=3, num_heads=4, mlp_dim=512)
+  c.model.text.update(vocab_size=1024, context_length=32, width=128, depth=3, num_heads=4, mlp_dim=512)
   c.model.embed_dim = 128
   c.loss.label_smoothing = 0.1  # as in ALIGN
   c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.05)

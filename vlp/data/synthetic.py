@@ -120,7 +120,9 @@ def _place(rng, shape, colour, size, half, others, reference,
 
 
 def _unit_star() -> np.ndarray:
-  """Vertices [10, 2] of a 5-pointed star whose bounding box is [-1, 1]^2."""
+  """Vertices [10, 2] of a 5-pointed star centred in the box [-1, 1]^2.
+
+  It touches the box sides; its height is 0.95 of the width."""
   outer = 1 / np.sin(np.radians(72))  # Widest points touch the box sides.
   inner = outer * 0.382  # Regular star: ratio of the pentagram's radii.
   angles = np.radians(np.arange(10) * 36 - 90)

@@ -93,6 +93,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   if pending is not None:
     flush(pending)
   bar.close()
+  if hasattr(data_iter, 'close'):
+    data_iter.close()  # stops Grain's worker processes
   t = time.perf_counter()
   ckpt.wait()
   ckpt.close()

@@ -175,3 +175,46 @@ def test_bench_tiny_number():
   got = F.align_train_flops(dict(image=img, text=txt, embed_dim=e), b)
   assert got == want
   assert got == pytest.approx(245.2e9, rel=0.01)
+
+
+# --- the open_clip comparison helpers (no torch needed) -----------------------
+
+def test_compare_missing_env_says_how_to_create_it(tmp_path, monkeypatch):
+  from vlp.bench import compare
+  monkeypatch.delenv("VLP_BENCH_PYTHON", raising=False)
+  with pytest.raises(compare.ReferenceEnvError, match="setup_bench_env.sh"):
+    compare.run_open_clip_reference(_tiny_cfg(), 8, 1, 0,
+                                    python=str(tmp_path / "nope" / "python"))
+  monkeypatch.setenv("VLP_BENCH_PYTHON", str(tmp_path / "missing"))
+  with pytest.raises(compare.ReferenceEnvError, match="missing"):
+    compare.bench_python()
+
+
+def test_compare_side_by_side_and_cfg_json():
+  import json
+  from vlp.bench import compare
+  d = json.loads(compare.model_cfg_json(_tiny_cfg()))
+  assert d["image"]["patch_size"] == 8 and d["embed_dim"] == 64
+  row = compare.side_by_side(
+      dict(examples_per_sec=120.0, step_ms=1000.0),
+      dict(examples_per_sec=100.0, step_ms=1200.0, torch_matmul_peak_flops=2e9),
+      train_flops_per_step=1e9, jax_peak_flops=1e9 / 0.5)
+  assert row["ratio"] == pytest.approx(1.2) and row["goal_met"]
+  assert row["vlp_mfu"] == pytest.approx(0.5)
+  assert row["open_clip_mfu"] == pytest.approx(1 / 1.2 / 2)
+  assert row["open_clip_mfu_own_peak"] == pytest.approx(1 / 1.2 / 2)
+
+
+def test_open_clip_ref_imports_neither_jax_nor_vlp():
+  """It must run in a torch-only environment."""
+  import ast
+  import pathlib
+  from vlp.bench import compare
+  tree = ast.parse(pathlib.Path(compare.REF_SCRIPT).read_text())
+  mods = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      mods |= {a.name.split(".")[0] for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      mods.add(node.module.split(".")[0])
+  assert not mods & {"jax", "jaxlib", "flax", "optax", "vlp", "ml_collections"}

@@ -74,14 +74,14 @@ def run_open_clip_reference(model_cfg: Any, batch_size: int, steps: int = 10,
   torch / open_clip, RuntimeError for any other failure of the subprocess.
   """
   exe = bench_python(python)
-  cmd = [exe, str(REF_SCRIPT), "--json", model_cfg_json(model_cfg),
+  # -I: isolated (no script dir / PYTHON* vars / user site on sys.path), so
+  # neither vlp's modules nor the project venv's packages leak in.
+  cmd = [exe, "-I", str(REF_SCRIPT), "--json", model_cfg_json(model_cfg),
          "--batch", str(batch_size), "--steps", str(steps),
          "--warmup", str(warmup),
          "--threads", str(threads or os.cpu_count() or 1), *extra_args]
-  env = dict(os.environ)
-  env.pop("PYTHONPATH", None)  # keep the project venv's packages out
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                        env=env, cwd=str(REPO_ROOT))
+                        cwd=str(REPO_ROOT))
   if proc.returncode != 0:
     err = proc.stderr.strip()
     tail = "\n".join(err.splitlines()[-15:])
@@ -91,7 +91,7 @@ def run_open_clip_reference(model_cfg: Any, batch_size: int, steps: int = 10,
           f"{exe} cannot run the open_clip reference:\n{tail}\n" + SETUP_HINT)
     raise RuntimeError(
         f"open_clip reference failed (exit {proc.returncode}): "
-        f"{' '.join(cmd[:2])} ...\n{tail}")
+        f"{' '.join(cmd[:3])} ...\n{tail}")
   for line in reversed(proc.stdout.strip().splitlines()):
     line = line.strip()
     if line.startswith("{"):

@@ -19,6 +19,12 @@ and the standard `open_clip.loss.ClipLoss`, trains on one fixed random batch
 
   {"examples_per_sec", "step_ms", "torch_matmul_peak_flops", "threads",
    "torch_version", "open_clip_version", ...}
+(examples_per_sec and step_ms come from the MEDIAN step time of the timed
+steps, as in `vlp bench step`: robust to a noisy neighbour; *_mean too.)
+
+Known architecture differences from vlp (small, and in open_clip's favour or
+neutral): open_clip's text tower has no padding mask in CLIP (vlp masks PAD=0),
+its ViT has an extra LayerNorm before the encoder (ln_pre).
 
 `open_clip/__init__.py` imports torchvision (for image transforms) and
 `open_clip/utils.py` imports `torchvision.ops.misc.FrozenBatchNorm2d` (only
@@ -97,6 +103,10 @@ def import_open_clip():
                                version=version, how=how)
 
 
+# vlp image pooling -> open_clip VisionTransformer pool_type (both prepend a CLS token).
+_IMAGE_POOL = {"cls": "tok", "tok": "tok", "gap": "avg", "avg": "avg"}
+
+
 def build_model(oc, cfg: dict):
   """open_clip CLIP with the vlp architecture described by `cfg` (model cfg dict)."""
   im, tx, e = cfg["image"], cfg["text"], int(cfg["embed_dim"])
@@ -107,7 +117,7 @@ def build_model(oc, cfg: dict):
       head_width=im["width"] // im["num_heads"],
       mlp_ratio=im["mlp_dim"] / im["width"],
       patch_size=im["patch_size"], image_size=im["image_size"],
-      pool_type="tok", pos_embed_type="learnable")
+      pool_type=_IMAGE_POOL[im.get("pool", "cls")], pos_embed_type="learnable")
   text_cfg = oc.CLIPTextCfg(
       context_length=tx["context_length"], vocab_size=tx["vocab_size"],
       width=tx["width"], heads=tx["num_heads"], layers=tx["depth"],
@@ -190,11 +200,12 @@ def run(cfg: dict, batch: int, steps: int, warmup: int, threads: int,
     losses.append(float(loss.detach()))
     if i >= warmup:
       times.append(dt)
-  total = sum(times)
+  median, mean = statistics.median(times), sum(times) / len(times)
   result = dict(
-      examples_per_sec=batch * len(times) / total,
-      step_ms=1e3 * total / len(times),
-      step_ms_median=1e3 * statistics.median(times),
+      examples_per_sec=batch / median,
+      step_ms=1e3 * median,
+      examples_per_sec_mean=batch / mean,
+      step_ms_mean=1e3 * mean,
       step_ms_min=1e3 * min(times),
       torch_matmul_peak_flops=measure_torch_matmul_peak() if peak else None,
       threads=torch.get_num_threads(),

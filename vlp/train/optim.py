@@ -23,7 +23,7 @@ def decay_mask(params):
   positions/CLS, or the temperature/bias of the contrastive head."""
   def keep(path, x):
     name = str(getattr(path[-1], 'key', path[-1]))
-    return x.ndim >= 2 and name not in ('pos_embed',)
+    return x.ndim >= 2 and name != 'pos_embed' and not name.endswith('bias')
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

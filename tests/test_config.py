@@ -1,0 +1,70 @@
+"""Config loading, overrides and validation: every error names the key."""
+import os
+
+import pytest
+
+from vlp import config as config_lib
+from vlp.config import ConfigError
+
+CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
+
+
+@pytest.mark.parametrize('name', ['align_tiny.py', 'bench_tiny.py'])
+def test_shipped_configs_validate(name):
+  c = config_lib.load(os.path.join(CONFIGS, name))
+  assert config_lib.validate(c, num_devices=8) == {'data': 8, 'fsdp': 1, 'tensor': 1}
+
+
+def test_bench_tiny_is_the_issue_architecture():
+  c = config_lib.load(os.path.join(CONFIGS, 'bench_tiny.py'))
+  assert dict(c.model.image) == dict(image_size=64, patch_size=8, width=256, depth=4, num_heads=4,
+                                     mlp_dim=1024, pool='cls')
+  assert dict(c.model.text) == dict(vocab_size=1024, context_length=32, width=256, depth=4,
+                                    num_heads=4, mlp_dim=1024)
+  assert (c.model.embed_dim, c.batch_size, c.model.dtype, c.optim.name) == (256, 128, 'float32', 'adamw')
+
+
+def test_overrides_parse_with_the_type_of_the_default():
+  c = config_lib.base_config()
+  config_lib.apply_overrides(c, ['optim.lr=3e-4', 'total_steps=7', 'model.head=sigmoid',
+                                 'checkpoint.async_save=False', 'optim.end_lr_frac=0',
+                                 "data.languages=('en','de')"])
+  assert (c.optim.lr, c.total_steps, c.model.head, c.checkpoint.async_save) == (3e-4, 7, 'sigmoid', False)
+  assert isinstance(c.optim.end_lr_frac, float) and c.data.languages == ('en', 'de')
+
+
+@pytest.mark.parametrize('override,message', [
+    ('model.imge.width=3', "unknown config key 'model.imge.width'; did you mean 'model.image.width'?"),
+    ('total_steps=ten', "config key 'total_steps': cannot parse 'ten'"),
+    ('total_steps=1.5', "config key 'total_steps' expects int"),
+    ('checkpoint.async_save=1', "config key 'checkpoint.async_save' expects true/false"),
+    ('lr', "override 'lr' is not of the form key=value"),
+])
+def test_bad_overrides(override, message):
+  with pytest.raises(ConfigError) as e:
+    config_lib.apply_overrides(config_lib.base_config(), [override])
+  assert message in str(e.value)
+
+
+@pytest.mark.parametrize('override,key', [
+    ('model.image.num_heads=3', 'model.image.num_heads'),
+    ('model.image.patch_size=7', 'model.image.patch_size'),
+    ('model.head=clip', 'model.head'),
+    ('optim.name=sgd', 'optim.name'),
+    ('batch_size=12', 'batch_size'),
+    ('mesh.fsdp=3', 'mesh.data'),
+    ('mesh.fsdp=-1', 'mesh'),
+    ("data.languages=('en','xx')", 'data.languages'),
+])
+def test_validation_names_the_key(override, key):
+  c = config_lib.apply_overrides(config_lib.base_config(), [override])
+  with pytest.raises(ConfigError, match=f"config key '{key}'"):
+    config_lib.validate(c, num_devices=8)
+
+
+def test_config_file_typo_is_an_error(tmp_path):
+  path = tmp_path / 'typo.py'
+  path.write_text('from vlp.config import base_config\n'
+                  'def get_config(arg=None):\n  c = base_config()\n  c.modle = 1\n  return c\n')
+  with pytest.raises(ConfigError, match='modle'):
+    config_lib.load(str(path))

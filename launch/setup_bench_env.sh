@@ -41,9 +41,8 @@ fi
 PIP=("$VENV/bin/pip" install --disable-pip-version-check -q)
 case "$MODE" in
   cheap|--cheap)
-    # torch==2.13.0 resolves to the CPU wheel that lies on this machine's disk
-    # (pip's find-links); elsewhere pin the CPU index instead:
-    #   pip install torch --index-url https://download.pytorch.org/whl/cpu
+    # torch==2.13.0: a CPU build where pip is configured with one (elsewhere
+    # use PyTorch's CPU wheel index for the same version).
     "${PIP[@]}" "torch==2.13.0"
     "${PIP[@]}" numpy
     "${PIP[@]}" --no-deps "open_clip_torch==$OPEN_CLIP_VERSION"

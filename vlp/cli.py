@@ -21,7 +21,6 @@ def _load_config(spec: str, overrides):
 
 
 def cmd_train(args, overrides):
-  from vlp.eval import retrieval
   from vlp.train import loop
   config = _load_config(args.config, overrides)
   result = loop.train(config, args.workdir, progress=not args.no_progress)
@@ -30,7 +29,7 @@ def cmd_train(args, overrides):
 
 def cmd_eval(args, overrides):
   import jax
-  from vlp import checkpoint, parallel, tasks, config as config_lib
+  from vlp import parallel, tasks, config as config_lib
   from vlp.export import restore_params
   from vlp.train import loop, state as state_lib
   config, params, step = restore_params(args.workdir, args.step)
@@ -65,8 +64,8 @@ def cmd_bench(args, overrides):
   if args.compare == 'open_clip':
     from vlp.bench import compare
     ref = compare.run_open_clip_reference(config.model, config.batch_size, steps=args.steps, warmup=args.warmup)
-    result['open_clip'] = ref
-    result['speedup_vs_open_clip'] = result['examples_per_sec'] / ref['examples_per_sec']
+    result['vs_open_clip'] = compare.side_by_side(
+        result, ref, result['model_tflops_per_step'] * 1e12, result['peak_tflops'] * 1e12)
   print(json.dumps(result))
 
 

@@ -96,3 +96,12 @@ def test_bad_input_gives_one_clear_error_line(tmp_path, capsys):
   assert not os.path.exists(tmp_path / 'nothing')
   line = _cli_error(capsys, ['train', f'--config={tmp_path / "nothing.py"}', wd])
   assert 'does not exist' in line
+
+
+def test_resume_refuses_another_data_stream(tmp_path):
+  from vlp.checkpoint import WorkdirMismatch
+  _train(tmp_path, total_steps=3)
+  with pytest.raises(WorkdirMismatch, match='data.num_workers is 0 there, 1 here'):
+    _train(tmp_path, total_steps=6, **{'data.num_workers': 1})
+  with pytest.raises(WorkdirMismatch, match='another model .model.embed_dim is 32 there, 64 here'):
+    _train(tmp_path, total_steps=6, **{'model.embed_dim': 64})

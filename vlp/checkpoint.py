@@ -11,8 +11,10 @@ import grain
 import ml_collections
 import orbax.checkpoint as ocp
 
-# Config keys whose change makes a checkpoint unusable (shapes or semantics).
-_IDENTITY_KEYS = ('model',)
+# Config keys a resume must keep: the model (shapes and meaning of the params)
+# and everything that defines the data stream the iterator state points into.
+_IDENTITY_KEYS = ('model', 'seed', 'batch_size', 'data.train_examples', 'data.languages',
+                  'data.tokenizer', 'data.num_workers')
 
 
 class WorkdirMismatch(ValueError):
@@ -34,13 +36,12 @@ def check_workdir(config, workdir: str):
   if os.path.exists(path) and os.path.isdir(os.path.join(workdir, 'checkpoints')):
     with open(path) as f:
       saved = json.load(f)
-    for key in _IDENTITY_KEYS:
-      old, new = dict(_flat(saved.get(key, {}), key + '.')), dict(_flat(current[key], key + '.'))
-      diffs = [k for k in sorted(set(old) | set(new)) if _norm(old.get(k)) != _norm(new.get(k))]
-      if diffs:
-        k = diffs[0]
+    old, new = dict(_flat(saved)), dict(_flat(current))
+    for k in sorted(set(old) | set(new)):
+      if k.startswith(_IDENTITY_KEYS) and _norm(old.get(k)) != _norm(new.get(k)):
+        what = 'of another model' if k.startswith('model.') else 'of another data stream'
         raise WorkdirMismatch(
-            f'workdir {workdir} holds a checkpoint of another model ({k} is {old.get(k)!r} there, '
+            f'workdir {workdir} holds a checkpoint {what} ({k} is {old.get(k)!r} there, '
             f'{new.get(k)!r} here); use a new --workdir or the same config')
   os.makedirs(workdir, exist_ok=True)
   with open(path, 'w') as f:

@@ -70,6 +70,10 @@ def test_export_gives_the_training_embeddings(tmp_path):
   image_emb, text_emb = evaluator.embed(params)
   np.testing.assert_allclose(model.encode_image(evaluator.data['image'][:8]), image_emb[:8], atol=1e-5)
   np.testing.assert_allclose(model.encode_text(evaluator.data['text'][:8]), text_emb[:8], atol=1e-5)
+  # bf16 weights: half the bytes, embeddings within bf16 rounding
+  cli.main(['export', f'--workdir={tmp_path / "wd"}', f'--out={tmp_path / "bf16"}', '--dtype=bfloat16'])
+  bf16, _ = export.load(str(tmp_path / 'bf16'))
+  np.testing.assert_allclose(bf16.encode_image(evaluator.data['image'][:8]), image_emb[:8], atol=3e-2)
   # the same numbers as the eval at the end of training
   from vlp.eval.retrieval import recall_at_k
   again = recall_at_k(image_emb, text_emb, evaluator.data['text_to_image'])

@@ -21,10 +21,11 @@ class WorkdirMismatch(ValueError):
   """The workdir holds a checkpoint of another model."""
 
 
-def _flat(d, prefix=''):
-  for k, v in d.items():
+def flatten(tree: dict, prefix: str = ''):
+  """Yields (dotted key, leaf) of a nested dict: 'a.b.0.c'."""
+  for k, v in tree.items():
     if isinstance(v, dict):
-      yield from _flat(v, f'{prefix}{k}.')
+      yield from flatten(v, f'{prefix}{k}.')
     else:
       yield f'{prefix}{k}', v
 
@@ -36,7 +37,7 @@ def check_workdir(config, workdir: str):
   if os.path.exists(path) and os.path.isdir(os.path.join(workdir, 'checkpoints')):
     with open(path) as f:
       saved = json.load(f)
-    old, new = dict(_flat(saved)), dict(_flat(current))
+    old, new = dict(flatten(saved)), dict(flatten(current))
     for k in sorted(set(old) | set(new)):
       if k.startswith(_IDENTITY_KEYS) and _norm(old.get(k)) != _norm(new.get(k)):
         what = 'of another model' if k.startswith('model.') else 'of another data stream'

@@ -15,14 +15,6 @@ from vlp.train import state as state_lib
 WEIGHTS, CONFIG, TOKENIZER = 'model.safetensors', 'config.json', 'tokenizer.model'
 
 
-def _flatten(tree, prefix=''):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flatten(v, f'{prefix}{k}.')
-    else:
-      yield f'{prefix}{k}', v
-
-
 def _unflatten(flat):
   tree = {}
   for key, v in flat.items():
@@ -51,7 +43,7 @@ def restore_params(workdir: str, step=None):
 def export(workdir: str, out: str, step=None, dtype: str = 'float32') -> str:
   config, params, step = restore_params(workdir, step)
   os.makedirs(out, exist_ok=True)
-  flat = {k: np.asarray(jax.device_get(v)).astype(dtype) for k, v in _flatten(params)}
+  flat = {k: np.asarray(jax.device_get(v)).astype(dtype) for k, v in checkpoint.flatten(params)}
   safetensors.numpy.save_file(flat, os.path.join(out, WEIGHTS), metadata={'step': str(step)})
   shutil.copyfile(tasks.tokenizer_for(config).model_path, os.path.join(out, TOKENIZER))
   with open(os.path.join(out, CONFIG), 'w') as f:

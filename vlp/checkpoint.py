@@ -38,7 +38,7 @@ def check_workdir(config, workdir: str):
     with open(path) as f:
       saved = json.load(f)
     old, new = dict(flatten(saved)), dict(flatten(current))
-    for k in sorted(set(old) | set(new)):
+    for k in sorted(set(old) | set(new), key=lambda k: (not k.startswith('model.'), k)):  # model first
       if k.startswith(_IDENTITY_KEYS) and _norm(old.get(k)) != _norm(new.get(k)):
         what = 'of another model' if k.startswith('model.') else 'of another data stream'
         raise WorkdirMismatch(

@@ -104,3 +104,11 @@ def test_small_corpus_from_file(tmp_path):
 def test_missing_builtin_size():
   with pytest.raises(FileNotFoundError, match='synthetic_sp1024.model'):
     tokenizer_lib.builtin_tokenizer(vocab_size=7)
+
+
+def test_cli_trains_a_tokenizer(tmp_path):
+  from vlp import cli
+  prefix = str(tmp_path / 'sp')
+  assert cli.main(['data', 'tokenizer', '--out', prefix, '--vocab_size', '400', '--synthetic', '300']) == 0
+  tok = tokenizer_lib.Tokenizer(prefix + ".model")
+  assert (tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 2, 3, 4)

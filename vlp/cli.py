@@ -71,7 +71,7 @@ def cmd_bench(args, overrides):
 
 def cmd_data(args, overrides):
   from vlp.data import tokenizer
-  tokenizer.main(args.rest)
+  tokenizer.main(args.rest)  # the only data tool so far: `vlp data tokenizer ...`
 
 
 def main(argv=None):
@@ -105,6 +105,7 @@ def main(argv=None):
   p.add_argument('--compare', default=None, choices=('open_clip',))
   p.set_defaults(fn=cmd_bench)
   p = sub.add_parser('data', help='data tools: `vlp data tokenizer ...`')
+  p.add_argument('tool', choices=('tokenizer',))
   p.add_argument('rest', nargs=argparse.REMAINDER)
   p.set_defaults(fn=cmd_data)
   args = parser.parse_args(argv)

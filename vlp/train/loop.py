@@ -52,18 +52,19 @@ def train(config, workdir: str, progress: bool = True) -> dict:
                   unit='step', dynamic_ncols=True)
 
   pending = None  # metrics of the previous step, read after the next step is dispatched
-  last_log = time.perf_counter()
+  last_log = (time.perf_counter(), 0.0)  # (time, data wait so far) at the last log line
   final = {}
 
   def flush(pending):
-    step, device_metrics, wait = pending
+    nonlocal last_log
+    step, device_metrics = pending
     m = jax.device_get(device_metrics)
     if step % config.log_every == 0 or step == config.total_steps:
-      now = time.perf_counter()
-      nonlocal last_log
-      m['examples_per_sec'] = per_step * min(config.log_every, step - start) / max(now - last_log, 1e-9)
-      m['data_wait_frac'] = wait
-      last_log = now
+      now, waited = time.perf_counter(), times['data_wait']
+      elapsed = max(now - last_log[0], 1e-9)
+      m['examples_per_sec'] = per_step * min(config.log_every, step - start) / elapsed
+      m['data_wait_frac'] = (waited - last_log[1]) / elapsed  # share of time the loop waited for input
+      last_log = (now, waited)
       writer.write(step, m)
       bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{m['examples_per_sec']:.0f}")
 
@@ -78,7 +79,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     t2 = time.perf_counter()
     times['data_wait'] += t1 - t0
     times['step'] += t2 - t1
-    pending = (step + 1, device_metrics, (t1 - t0) / max(t2 - t0, 1e-9))
+    pending = (step + 1, device_metrics)
     bar.update(1)
     done = step + 1
     if done % config.checkpoint.every == 0 or done == config.total_steps:

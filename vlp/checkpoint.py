@@ -18,7 +18,7 @@ _IDENTITY_KEYS = ('model', 'seed', 'batch_size', 'data.train_examples', 'data.la
 
 
 class WorkdirMismatch(ValueError):
-  """The workdir holds a checkpoint of another model."""
+  """The workdir holds a checkpoint of another model or data stream."""
 
 
 def flatten(tree: dict, prefix: str = ''):

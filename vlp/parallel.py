@@ -5,7 +5,6 @@ to a mesh axis. A dimension that the mesh axis does not divide stays
 replicated rather than failing, and is reported by `describe`.
 """
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlp.config import MESH_AXES
@@ -84,11 +83,3 @@ def batch_sharding(mesh) -> NamedSharding:
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
-
-def bytes_per_device(tree) -> int:
-  """Bytes each device holds of a tree of (abstract) arrays with shardings."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shard_shape = x.sharding.shard_shape(x.shape)
-    total += int(np.prod(shard_shape)) * x.dtype.itemsize
-  return total

@@ -49,7 +49,7 @@ def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = Non
   return {
       'examples_per_sec': config.batch_size / step_s,
       'step_ms': 1e3 * step_s,
-      'mfu': model_flops / step_s / peak_flops,
+      'mfu': flops.mfu(model_flops, step_s, peak_flops),
       'compile_s': compile_s,
       'model_tflops_per_step': model_flops / 1e12,
       'peak_tflops': peak_flops / 1e12,

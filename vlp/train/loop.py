@@ -94,8 +94,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   if pending is not None:
     flush(pending)
   bar.close()
-  if hasattr(data_iter, 'close'):
-    data_iter.close()  # stops Grain's worker processes
+  data_iter.close()  # stops Grain's worker processes / prefetch thread
   t = time.perf_counter()
   ckpt.wait()
   ckpt.close()

@@ -37,9 +37,9 @@ def make_train_step(config, setup):
   return train_step
 
 
-def batch_spec(config, mesh, global_batch=None):
+def batch_spec(config, mesh):
   """Abstract global batch with its sharding."""
-  b = global_batch or config.batch_size
+  b = config.batch_size
   im, tx = config.model.image, config.model.text
   sh = parallel.batch_sharding(mesh)
   return {

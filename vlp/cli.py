@@ -60,6 +60,10 @@ def cmd_export(args, overrides):
 def cmd_bench(args, overrides):
   from vlp.bench import step as bench_step
   config = _load_config(args.config, overrides)
+  if args.what == 'matmuls':
+    from vlp.bench import matmuls
+    print(json.dumps(matmuls.run(config)))
+    return
   result = bench_step.run(config, steps=args.steps, warmup=args.warmup)
   if args.compare == 'open_clip':
     from vlp.bench import compare
@@ -98,7 +102,7 @@ def main(argv=None):
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.set_defaults(fn=cmd_export)
   p = sub.add_parser('bench', help='benchmarks')
-  p.add_argument('what', choices=('step',))
+  p.add_argument('what', choices=('step', 'matmuls'), help='step: the train step; matmuls: its matmul-only floor')
   p.add_argument('--config', required=True)
   p.add_argument('--steps', type=int, default=20)
   p.add_argument('--warmup', type=int, default=3)

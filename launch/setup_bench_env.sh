@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Creates <repo root>/.venv-bench: torch (CPU) + open_clip_torch 3.3 for the
 # open_clip reference of `vlp bench step --compare=open_clip`
-# (vlp/bench/open_clip_ref.py). Idempotent: re-running checks and returns.
+# (vlp/bench/open_clip_ref.py), and webdataset + Pillow + sentencepiece for the
+# input-pipeline reference of `vlp bench data --compare=webdataset`
+# (vlp/bench/data_ref.py). Idempotent: re-running checks and returns.
 #
 #   bash launch/setup_bench_env.sh          # cheap: torch 2.13.0 CPU wheel (~190 MB),
 #                                           # open_clip_torch --no-deps, numpy (~30 s)
@@ -27,7 +29,7 @@ OPEN_CLIP_VERSION="${OPEN_CLIP_VERSION:-3.3.0}"
 check() {
   (cd "$ROOT" && "$VENV/bin/python" -c "
 import sys; sys.path.insert(0, 'vlp/bench')
-import open_clip_ref as r, torch
+import open_clip_ref as r, torch, webdataset, PIL, sentencepiece
 oc = r.import_open_clip()
 print('bench env ok:', sys.executable, 'torch', torch.__version__, 'open_clip', oc.version, '|', oc.how)
 ")
@@ -44,7 +46,7 @@ case "$MODE" in
     # torch==2.13.0: a CPU build where pip is configured with one (elsewhere
     # use PyTorch's CPU wheel index for the same version).
     "${PIP[@]}" "torch==2.13.0"
-    "${PIP[@]}" numpy
+    "${PIP[@]}" numpy pillow sentencepiece "webdataset==1.0.2"
     "${PIP[@]}" --no-deps "open_clip_torch==$OPEN_CLIP_VERSION"
     ;;
   full|--full)
@@ -52,7 +54,7 @@ case "$MODE" in
       aarch64) "${PIP[@]}" "torch==2.9.1" "torchvision==0.24.1" ;;
       *)       "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1" ;;
     esac
-    "${PIP[@]}" "open_clip_torch==$OPEN_CLIP_VERSION"
+    "${PIP[@]}" "open_clip_torch==$OPEN_CLIP_VERSION" pillow sentencepiece "webdataset==1.0.2"
     ;;
   *) echo "usage: $0 [--cheap|--full]" >&2; exit 2 ;;
 esac

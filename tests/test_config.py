@@ -15,6 +15,15 @@ def test_shipped_configs_validate(name):
   assert config_lib.validate(c, num_devices=8) == {'data': 8, 'fsdp': 1, 'tensor': 1}
 
 
+@pytest.mark.parametrize('arg', ['arrayrecord', 'webdataset'])
+def test_web_config_needs_its_data_paths(arg):
+  c = config_lib.load(os.path.join(CONFIGS, 'align_web.py'), arg)
+  with pytest.raises(ConfigError, match="'data.train'"):
+    config_lib.validate(c, num_devices=8)
+  c.data.train = 'laion/{00000..00009}.tar'
+  assert config_lib.validate(c, num_devices=8)['data'] == 8
+
+
 def test_bench_tiny_is_the_issue_architecture():
   c = config_lib.load(os.path.join(CONFIGS, 'bench_tiny.py'))
   assert dict(c.model.image) == dict(image_size=64, patch_size=8, width=256, depth=4, num_heads=4,

@@ -109,3 +109,45 @@ def test_resume_refuses_another_data_stream(tmp_path):
     _train(tmp_path, total_steps=6, **{'data.num_workers': 1})
   with pytest.raises(WorkdirMismatch, match='another model .model.embed_dim is 32 there, 64 here'):
     _train(tmp_path, total_steps=6, **{'model.embed_dim': 64})
+
+
+@pytest.fixture(scope='module')
+def web_shards(tmp_path_factory):
+  """img2dataset shards with a corrupt image and an empty caption in each, and their ArrayRecord."""
+  import data_fixtures as fx
+  from vlp.data import convert
+  root = tmp_path_factory.mktemp('web')
+  for s in range(2):
+    samples = [fx.sample(s * 40 + i, caption=f'a photo number {i % 7}') for i in range(40)]
+    samples[5]['image'], samples[9]['caption'] = b'junk', ''
+    fx.write_shard(str(root / 'tars'), s, samples)
+  convert.convert(convert.parse_convert_args([str(root / 'tars'), '--out', str(root / 'ar'),
+                                              '--workers', '1', '--quiet']))
+  return root
+
+
+@pytest.mark.parametrize('name', ['webdataset', 'arrayrecord'])
+def test_train_on_web_shards_counts_skips_and_resumes(tmp_path, web_shards, name):
+  data = {'data.name': name, 'data.train': str(web_shards / ('tars' if name == 'webdataset' else 'ar')),
+          'data.eval': str(web_shards / 'ar'), 'data.eval_images': 16, 'data.shuffle_window': 16}
+  result = _train(tmp_path / 'wd', total_steps=3, **data)
+  assert 'retrieval/t2i@1' in result
+  logged = list(metrics_lib.read_jsonl(str(tmp_path / 'wd')))
+  skipped = {k: sum(r.get(k, 0) for r in logged) for k in ('skipped/corrupt_image', 'skipped/empty_caption')}
+  if name == 'webdataset':  # 3 steps x 16 of 76 usable: the bad ones of at least one shard were met
+    assert skipped['skipped/corrupt_image'] >= 1 and skipped['skipped/empty_caption'] >= 1
+  else:  # conversion dropped them already
+    assert skipped == {'skipped/corrupt_image': 0, 'skipped/empty_caption': 0}
+  _train(tmp_path / 'wd', total_steps=5, **data)  # resumes
+  assert sorted(_logged_losses(tmp_path / 'wd')) == [1, 2, 3, 4, 5]
+
+
+def test_resume_with_another_process_count_is_refused(tmp_path):
+  from vlp.checkpoint import WorkdirMismatch
+  _train(tmp_path, total_steps=3)
+  data_dir = tmp_path / 'checkpoints' / '3' / 'data'
+  assert 'process_0-of-1.json' in os.listdir(data_dir)
+  # what the first of two processes would have written
+  os.rename(data_dir / 'process_0-of-1.json', data_dir / 'process_0-of-2.json')
+  with pytest.raises(WorkdirMismatch, match=r'positions of \[2\] process\(es\); this run has 1'):
+    _train(tmp_path, total_steps=6)

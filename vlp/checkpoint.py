@@ -4,17 +4,21 @@ of one checkpoint, so a resumed run sees exactly the batches it would have seen.
 The workdir also keeps `config.json`; a workdir whose checkpoints belong to a
 model of another shape is refused before anything is compiled.
 """
+import glob
 import json
 import os
+import re
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 # Config keys a resume must keep: the model (shapes and meaning of the params)
 # and everything that defines the data stream the iterator state points into.
-_IDENTITY_KEYS = ('model', 'seed', 'batch_size', 'data.train_examples', 'data.languages',
-                  'data.tokenizer', 'data.num_workers')
+_IDENTITY_KEYS = ('model', 'seed', 'batch_size', 'data.name', 'data.train', 'data.tfds.name',
+                  'data.tfds.train_split', 'data.languages', 'data.tokenizer', 'data.num_workers',
+                  'data.crop_scale', 'data.flip', 'data.cycle_length', 'data.shuffle_window')
 
 
 class WorkdirMismatch(ValueError):
@@ -85,8 +89,20 @@ class Checkpointer:
     """Restores state (onto the shardings of `abstract_state`) and, if given, the iterator in place."""
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
+      self._check_data_processes(step)
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
+
+  def _check_data_processes(self, step):
+    """Each process saved its own input position; a different process count cannot take them over."""
+    data_dir = os.path.join(str(self.manager.directory), str(step), 'data')
+    saved = sorted(glob.glob(os.path.join(data_dir, 'process_*-of-*.json')))
+    counts = {int(re.search(r'-of-(\d+)\.json$', p).group(1)) for p in saved}
+    if saved and jax.process_count() not in counts:
+      raise WorkdirMismatch(
+          f'checkpoint step {step} holds the input-pipeline positions of {sorted(counts)} '
+          f'process(es); this run has {jax.process_count()}: every process reads its own share of '
+          'the data, so resume with the same process count (or start a new --workdir)')
 
   def wait(self):
     self.manager.wait_until_finished()

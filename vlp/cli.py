@@ -38,6 +38,8 @@ def cmd_eval(args, overrides):
   mesh = parallel.make_mesh(config_lib.mesh_shape(config, jax.device_count()))
   setup = state_lib.make_setup(config, mesh)
   evaluator = loop.make_evaluator(config, setup, tasks.tokenizer_for(config))
+  if evaluator is None:
+    raise config_lib.ConfigError("config key 'data.eval': no held-out data to evaluate on")
   result = dict(evaluator.run(params))
   result['step'] = step
   _print_result(result)
@@ -57,6 +59,11 @@ def cmd_export(args, overrides):
   print(f'exported to {out}')
 
 
+def cmd_bench_data(args, overrides):
+  from vlp.bench import data
+  data.main(args.rest)
+
+
 def cmd_bench(args, overrides):
   from vlp.bench import step as bench_step
   config = _load_config(args.config, overrides)
@@ -74,8 +81,12 @@ def cmd_bench(args, overrides):
 
 
 def cmd_data(args, overrides):
-  from vlp.data import tokenizer
-  tokenizer.main(args.rest)  # the only data tool so far: `vlp data tokenizer ...`
+  if args.tool == 'tokenizer':
+    from vlp.data import tokenizer
+    tokenizer.main(args.rest)
+  else:
+    from vlp.data import convert
+    {'convert': convert.main_convert, 'check': convert.main_check}[args.tool](args.rest)
 
 
 def main(argv=None):
@@ -101,23 +112,33 @@ def main(argv=None):
   p.add_argument('--step', type=int, default=None)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.set_defaults(fn=cmd_export)
-  p = sub.add_parser('bench', help='benchmarks')
-  p.add_argument('what', choices=('step', 'matmuls'), help='step: the train step; matmuls: its matmul-only floor')
-  p.add_argument('--config', required=True)
-  p.add_argument('--steps', type=int, default=20)
-  p.add_argument('--warmup', type=int, default=3)
-  p.add_argument('--compare', default=None, choices=('open_clip',))
-  p.set_defaults(fn=cmd_bench)
-  p = sub.add_parser('data', help='data tools: `vlp data tokenizer ...`')
-  p.add_argument('tool', choices=('tokenizer',))
+  bench = sub.add_parser('bench', help='benchmarks: step, matmuls, data').add_subparsers(dest='what', required=True)
+  for what, help_ in (('step', 'examples/s, step time, MFU of the train step'),
+                      ('matmuls', "the step's matmul-only floor")):
+    p = bench.add_parser(what, help=help_)
+    p.add_argument('--config', required=True)
+    p.add_argument('--steps', type=int, default=20)
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--compare', default=None, choices=('open_clip',))
+    p.set_defaults(fn=cmd_bench)
+  p = bench.add_parser('data', help='images/s of the input pipeline (flags: vlp bench data -h)', add_help=False)
+  p.set_defaults(fn=cmd_bench_data)  # its flags are parsed by vlp.bench.data
+  p = sub.add_parser('data', help='data tools: `vlp data tokenizer|convert|check ...` (-h after the tool for its flags)')
+  p.add_argument('tool', choices=('tokenizer', 'convert', 'check'))
   p.add_argument('rest', nargs=argparse.REMAINDER)
   p.set_defaults(fn=cmd_data)
-  args = parser.parse_args(argv)
+  args, rest = parser.parse_known_args(argv)
+  if args.fn is cmd_bench_data:
+    args.rest = rest
+  elif rest:
+    parser.error(f'unrecognized arguments: {" ".join(rest)}')
   if overrides and args.command not in ('train', 'eval', 'bench'):
     parser.error(f'--config.* overrides do not apply to `vlp {args.command}`')
+  # Data tools report bad paths and inputs as ValueError: one line, no traceback.
+  user_errors = (ConfigError, WorkdirMismatch, FileNotFoundError) + ((ValueError,) if args.command == 'data' else ())
   try:
     args.fn(args, overrides)
-  except (ConfigError, WorkdirMismatch, FileNotFoundError) as e:
+  except user_errors as e:
     print(f'vlp: error: {e}', file=sys.stderr)
     return 2
   return 0

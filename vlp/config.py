@@ -30,11 +30,21 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.loss = dict(label_smoothing=0.0)
   c.data = dict(
-      name='synthetic',
-      train_examples=100_000,
-      eval_images=500,  # held-out scenes, one caption per language each
-      languages=('en', 'de', 'fr', 'es'),
-      tokenizer='builtin',  # or a path to a SentencePiece .model
+      name='synthetic',  # 'synthetic', 'arrayrecord', 'webdataset' or 'tfds'
+      # arrayrecord: files, directories or globs; webdataset: img2dataset tar shards
+      # ('laion/{00000..00099}.tar'); several separated by commas. Unused for synthetic/tfds.
+      train='',
+      eval='',  # held-out image-text pairs for retrieval: ArrayRecord or tar shards ('' = none)
+      tfds=dict(name='', data_dir='', train_split='train', eval_split='validation',
+                image_key='image', caption_key='captions/text'),
+      train_examples=100_000,  # synthetic: size of the train split
+      eval_images=500,  # images in the retrieval eval (synthetic: one caption per language each)
+      languages=('en', 'de', 'fr', 'es'),  # synthetic captions
+      tokenizer='builtin',  # or a path to a SentencePiece .model (`vlp data tokenizer`)
+      crop_scale=(0.5, 1.0),  # random-resized crop: area fraction kept (encoded images only)
+      flip=False,  # random left-right flip; off by default: captions name left and right
+      max_pixels=64_000_000,  # larger images are skipped as decompression bombs
+      cycle_length=4, shuffle_window=1000,  # webdataset: shards read at once, example mixing
       num_workers=1,  # Grain worker processes per host
       prefetch=4,
   )
@@ -148,9 +158,7 @@ def validate(config, num_devices: int, process_count: int = 1):
   _check(o.lr > 0, 'optim.lr', 'must be > 0')
   _check(o.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0')
   _check(config.total_steps > 0, 'total_steps', 'must be > 0')
-  _check(config.data.name == 'synthetic', 'data.name', f"unknown dataset {config.data.name!r}; known: 'synthetic'")
-  _check(set(config.data.languages) <= {'en', 'de', 'fr', 'es'} and len(config.data.languages) > 0,
-         'data.languages', f'{config.data.languages!r}: choose from en, de, fr, es')
+  _validate_data(config.data)
   sizes = mesh_shape(config, num_devices)
   batch_shards = sizes['data'] * sizes['fsdp']
   _check(config.batch_size % batch_shards == 0, 'batch_size',
@@ -160,6 +168,32 @@ def validate(config, num_devices: int, process_count: int = 1):
          f'{config.batch_size} is not divisible by {process_count} processes')
   _check(config.checkpoint.keep >= 1, 'checkpoint.keep', 'must be >= 1')
   return sizes
+
+
+DATASETS = ('synthetic', 'arrayrecord', 'webdataset', 'tfds')
+
+
+def _validate_data(d):
+  _check(d.name in DATASETS, 'data.name', f'unknown dataset {d.name!r}; known: {", ".join(DATASETS)}')
+  if d.name == 'synthetic':
+    _check(set(d.languages) <= {'en', 'de', 'fr', 'es'} and len(d.languages) > 0,
+           'data.languages', f'{d.languages!r}: choose from en, de, fr, es')
+  elif d.name == 'tfds':
+    _check(bool(d.tfds.name), 'data.tfds.name', "data.name='tfds' needs a TFDS dataset name")
+  else:
+    _check(bool(d.train), 'data.train', f"data.name={d.name!r} needs the training shards' paths")
+  lo, hi = d.crop_scale
+  _check(0 < lo <= hi <= 1, 'data.crop_scale', f'{tuple(d.crop_scale)} must be 0 < min <= max <= 1')
+  _check(d.max_pixels > 0, 'data.max_pixels', 'must be > 0')
+  _check(d.cycle_length >= 1 and d.shuffle_window >= 1, 'data.cycle_length',
+         'cycle_length and shuffle_window must be >= 1')
+  _check(d.num_workers >= 0 and d.prefetch >= 1, 'data.num_workers',
+         'num_workers must be >= 0 and prefetch >= 1')
+
+
+def paths(value: str) -> list[str]:
+  """A comma-separated config value as a list of paths."""
+  return [p.strip() for p in value.split(',') if p.strip()]
 
 
 def mesh_shape(config, num_devices: int) -> dict[str, int]:

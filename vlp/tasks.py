@@ -1,12 +1,16 @@
 """What one training task reads: tokenizer, train iterator and held-out data.
 
-The walking skeleton has one task (image-text contrastive on the built-in
-dataset); the data comes per process, its share of the global batch.
+The data comes per process, its share of the global batch, from the dataset
+that `config.data.name` names: the built-in scenes, vlp ArrayRecord files,
+img2dataset webdataset shards (streamed) or a TFDS dataset.
 """
+import itertools
+
 import jax
 
+from vlp import config as config_lib
 from vlp.config import ConfigError
-from vlp.data import pipeline, synthetic, tokenizer as tok
+from vlp.data import arrayrecord, pipeline, synthetic, tokenizer as tok, webdataset
 
 
 def tokenizer_for(config) -> tok.Tokenizer:
@@ -17,24 +21,71 @@ def tokenizer_for(config) -> tok.Tokenizer:
   return t
 
 
-def _source(config, split, num_examples):
-  return synthetic.SyntheticScenes(split=split, num_examples=num_examples,
-                                   image_size=config.model.image.image_size, seed=config.seed,
-                                   languages=tuple(config.data.languages))
+def _paths_error(key, e):
+  return ConfigError(f"config key '{key}': {e}")
+
+
+def _random_access_source(config, split: str):
+  """The train or eval split as a random-access source, or None when there is none."""
+  d = config.data
+  if d.name == 'synthetic':
+    n = d.train_examples if split == 'train' else d.eval_images
+    return synthetic.SyntheticScenes(split='train' if split == 'train' else 'test', num_examples=n,
+                                     image_size=config.model.image.image_size, seed=config.seed,
+                                     languages=tuple(d.languages))
+  if d.name == 'tfds':
+    from vlp.data import tfds_source  # imports tensorflow_datasets: only when asked for
+    t = d.tfds
+    return tfds_source.TfdsSource(t.name, t.train_split if split == 'train' else t.eval_split,
+                                  data_dir=t.data_dir or None, image_key=t.image_key,
+                                  caption_key=t.caption_key)
+  key = f'data.{split}'
+  if not d[split]:
+    return None
+  paths = config_lib.paths(d[split])
+  try:
+    # eval data may be converted while training streams tars, or not
+    if d.name == 'arrayrecord' or (split == 'eval' and all(map(arrayrecord.looks_like, paths))):
+      return arrayrecord.Source(paths)
+    # webdataset eval shards are small: read them whole into memory
+    shards = webdataset.expand(paths)
+  except ValueError as e:
+    raise _paths_error(key, e) from None
+  limit = 50 * d.eval_images  # bounded even if someone points eval at the train shards
+  return list(itertools.islice(webdataset.read_shards(shards), limit))
+
+
+def preprocess(config, tokenizer, train: bool) -> pipeline.Preprocess:
+  d = config.data
+  return pipeline.Preprocess(tokenizer, config.model.text.context_length, config.model.image.image_size,
+                             train=train, crop_scale=tuple(d.crop_scale), flip=d.flip,
+                             max_pixels=d.max_pixels)
 
 
 def train_iterator(config, tokenizer):
   """Grain iterator of this process's share of each global batch (checkpointable)."""
-  dataset = pipeline.train_dataset(
-      _source(config, 'train', config.data.train_examples), tokenizer,
-      batch_size=config.batch_size // jax.process_count(),
-      context_length=config.model.text.context_length, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  return pipeline.make_iterator(dataset, num_workers=config.data.num_workers, prefetch=config.data.prefetch)
+  d = config.data
+  common = dict(batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+                process_index=jax.process_index(), process_count=jax.process_count())
+  prep = preprocess(config, tokenizer, train=True)
+  if d.name == 'webdataset':
+    try:
+      shards = webdataset.expand(config_lib.paths(d.train))
+    except ValueError as e:
+      raise _paths_error('data.train', e) from None
+    dataset = pipeline.stream_dataset(shards, webdataset.read_shard, prep, cycle_length=d.cycle_length,
+                                      shuffle_window=d.shuffle_window, **common)
+  else:
+    dataset = pipeline.train_dataset(_random_access_source(config, 'train'), prep, **common)
+  return pipeline.make_iterator(dataset, num_workers=d.num_workers, prefetch=d.prefetch)
 
 
-def eval_data(config, tokenizer) -> dict:
-  """Held-out scenes, one caption per language each."""
-  return pipeline.eval_arrays(_source(config, 'test', config.data.eval_images), tokenizer,
-                              num_images=config.data.eval_images,
-                              context_length=config.model.text.context_length)
+def eval_data(config, tokenizer) -> dict | None:
+  """Held-out images with all their captions, or None when the config names no eval data."""
+  source = _random_access_source(config, 'eval')
+  if source is None:
+    return None
+  return pipeline.eval_arrays(source, tokenizer, num_images=config.data.eval_images,
+                              context_length=config.model.text.context_length,
+                              image_size=config.model.image.image_size,
+                              max_pixels=config.data.max_pixels)

@@ -5,6 +5,8 @@ iterator's state is a handful of integers: checkpoints stay tiny and a resumed
 job, in a new process and with the same worker count, continues with exactly
 the batches it would have seen.
 """
+import collections
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from absl import flags
@@ -12,12 +14,12 @@ import grain
 from grain.experimental import ThreadPrefetchIterDataset
 import numpy as np
 
-from vlp.data import tokenizer as tokenizer_lib
-from vlp.data import transforms
+from vlp.data import records, streaming, tokenizer as tokenizer_lib, transforms
 
 
 class ImageTextSource(Protocol):
-  """A random-access source of {'image': uint8 [H,W,3], 'caption': str}."""
+  """A random-access source of records (vlp.data.records): 'image' is encoded
+  bytes or a uint8 [H,W,3] array, 'caption' a str."""
 
   def __len__(self) -> int:
     ...
@@ -26,52 +28,141 @@ class ImageTextSource(Protocol):
     ...
 
 
-class ImageText:
-  """Source example -> model inputs {'image': float32, 'text': int32 [L]}.
+class Preprocess:
+  """record -> {'image': float32 [S,S,3], 'text': int32 [L]}, or a skipped record.
 
-  A class rather than a closure so Grain can pickle it into worker processes.
+  Encoded images are decoded and cropped here (random-resized crop for
+  training, resize + centre crop otherwise); arrays (the built-in scenes,
+  already rendered at the model's size) pass through. A record that cannot
+  become an example comes out as `records.skipped(key, reason)`, for the batcher
+  to count. A class rather than a closure so Grain can pickle it into workers.
   """
 
-  def __init__(self, tokenizer: tokenizer_lib.Tokenizer, context_length: int):
-    self.tokenizer = tokenizer
-    self.context_length = context_length
+  def __init__(self, tokenizer: tokenizer_lib.Tokenizer, context_length: int,
+               image_size: int | None = None, *, train: bool = True,
+               crop_scale: tuple[float, float] = (0.5, 1.0), flip: bool = False,
+               max_pixels: int = transforms.MAX_PIXELS):
+    self.tokenizer, self.context_length, self.image_size = tokenizer, context_length, image_size
+    self.train, self.crop_scale, self.flip, self.max_pixels = train, tuple(crop_scale), flip, max_pixels
 
-  def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if records.is_skipped(record):
+      return record
+    caption = ' '.join(str(record.get('caption') or '').split())
+    if not caption:
+      return records.skipped(record.get('key', '?'), 'empty_caption')
+    try:
+      pixels = self.pixels(record['image'], rng)
+    except transforms.BadImage as e:
+      return records.skipped(record.get('key', '?'), e.reason)
     return {
-        'image': transforms.normalize_image(example['image']),
-        'text': self.tokenizer.encode([example['caption']],
-                                      self.context_length)[0],
+        'image': transforms.normalize_image(pixels),
+        'text': self.tokenizer.encode([caption], self.context_length)[0],
     }
 
+  def pixels(self, image, rng: np.random.Generator | None) -> np.ndarray:
+    """uint8 [S,S,3] of an encoded image or an array; raises transforms.BadImage."""
+    if isinstance(image, np.ndarray):
+      return image
+    size = self.image_size
+    if self.train:
+      pixels = transforms.random_resized_crop(image, size, rng, scale=self.crop_scale,
+                                              max_pixels=self.max_pixels)
+      return transforms.flip_left_right(pixels, rng) if self.flip else pixels
+    return transforms.resize_center_crop(image, size, max_pixels=self.max_pixels)
 
-def train_dataset(source: ImageTextSource,
-                  tokenizer: tokenizer_lib.Tokenizer, *, batch_size: int,
-                  context_length: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
-  """Endless per-process batches {'image': [B,H,W,3], 'text': [B,L]}.
+
+class NoUsableData(RuntimeError):
+  """Every record of a long stretch was skipped: the data, not the model, is broken."""
+
+
+class _SkipCountingBatchIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int, max_skips: int):
+    super().__init__(parent)
+    self._batch_size, self._max_skips = batch_size, max_skips
+
+  def __next__(self) -> dict[str, Any]:
+    examples, skipped = [], collections.Counter()
+    while len(examples) < self._batch_size:
+      example = next(self._parent)
+      if records.is_skipped(example):
+        skipped[example[records.SKIP]] += 1
+        if sum(skipped.values()) > self._max_skips:
+          raise NoUsableData(f'{sum(skipped.values())} records in a row could not be used '
+                             f'({dict(skipped)}); check the data with `vlp data check`')
+      else:
+        examples.append(example)
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    batch['skipped'] = dict(skipped)  # reason -> count since the previous batch
+    return batch
+
+  # A state is only taken between batches, when nothing is held back here.
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class SkipCountingBatch(grain.IterDataset):
+  """Batches of usable examples; skipped records are counted, by reason, in batch['skipped'].
+
+  The counts ride with the batch through worker processes, so the training
+  loop adds them to its metrics and nothing is lost or counted twice.
+  """
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int, max_skips: int | None = None):
+    super().__init__(parent)
+    self.batch_size = batch_size
+    self.max_skips = max_skips if max_skips is not None else 100 * batch_size
+
+  def __iter__(self):
+    return _SkipCountingBatchIterator(self._parent.__iter__(), self.batch_size, self.max_skips)
+
+
+def train_dataset(source: ImageTextSource, preprocess: Preprocess | tokenizer_lib.Tokenizer, *,
+                  batch_size: int, seed: int, context_length: int | None = None,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Endless per-process batches {'image': [B,H,W,3], 'text': [B,L], 'skipped': {...}}.
 
   All processes shuffle the same global order (a new permutation per epoch)
   and take every process_count-th example of it from process_index on: the
   shares are disjoint and together cover each epoch. batch_size is per
-  process.
+  process. A bare tokenizer means Preprocess(tokenizer, context_length).
   """
+  if isinstance(preprocess, tokenizer_lib.Tokenizer):
+    preprocess = Preprocess(preprocess, context_length)
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   ds = ds[process_index::process_count]
-  ds = ds.map(ImageText(tokenizer, context_length))
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.random_map(preprocess, seed=seed)
   # No read threads here: make_iterator decides where the work runs.
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
+  return SkipCountingBatch(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)), batch_size)
+
+
+def stream_dataset(paths: Sequence[str], read: Callable[[str], Iterator[dict]],
+                   preprocess: Preprocess, *, batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1, cycle_length: int = 4,
+                   shuffle_window: int = 1000) -> grain.IterDataset:
+  """Like train_dataset, over shards read front to back (see vlp.data.streaming)."""
+  ds = streaming.shard_stream(paths, read, seed=seed, process_index=process_index,
+                              process_count=process_count, cycle_length=cycle_length,
+                              shuffle_window=shuffle_window)
+  return SkipCountingBatch(ds.random_map(preprocess, seed=seed), batch_size)
 
 
 def make_iterator(dataset: grain.IterDataset, num_workers: int,
                   prefetch: int) -> grain.DatasetIterator:
   """Iterator with get_state()/set_state() whose batches are made ahead.
 
-  With num_workers > 0, worker processes each make every num_workers-th batch
-  (up to `prefetch` ahead), so rendering and decoding do not hold the GIL of
-  the training loop; the batches are the same as with num_workers=0, which
-  makes them in one background thread. The state is a JSON-serialisable dict
-  that only an iterator with the same num_workers can restore.
+  With num_workers > 0, worker processes make the batches (up to `prefetch`
+  ahead each), so decoding does not hold the GIL of the training loop: worker
+  w batches examples w, w+W, w+2W... of the stream that num_workers=0 batches
+  in one background thread, and the workers' batches are taken in turn, so
+  every W consecutive batches hold the same examples as without workers.
+  Batches are determined by the seed and the worker count; the state is a
+  JSON-serialisable dict that only an iterator with the same num_workers can
+  restore.
   """
   if num_workers > 0:
     # Grain reads its absl flags when it starts workers; a program that never
@@ -85,22 +176,54 @@ def make_iterator(dataset: grain.IterDataset, num_workers: int,
   return iter(dataset)
 
 
-def eval_arrays(source, tokenizer: tokenizer_lib.Tokenizer, *,
-                num_images: int, context_length: int) -> dict[str, np.ndarray]:
-  """The first num_images of source with all their captions, for retrieval.
+def eval_arrays(source, tokenizer: tokenizer_lib.Tokenizer, *, num_images: int,
+                context_length: int, image_size: int | None = None,
+                max_pixels: int = transforms.MAX_PIXELS) -> dict[str, np.ndarray]:
+  """The first num_images distinct images of source with all their captions.
 
-  source also needs `captions(i) -> [(language, caption), ...]`. Returns
-  image float32 [N,H,W,3], text int32 [M,L] and text_to_image int32 [M]: the
-  image index of every caption.
+  A source with `captions(i) -> [(language, caption), ...]` (the built-in
+  scenes, TFDS COCO) gives every caption of record i; otherwise records whose
+  image bytes are identical are one image with several captions (image-caption
+  pairs as converted to ArrayRecord). Images are resized and centre-cropped.
+  Returns image float32 [N,H,W,3], text int32 [M,L] and text_to_image int32
+  [M] (the image of every caption), and 'skipped': {reason: count} of the
+  records that could not be used.
   """
-  images, texts, text_to_image = [], [], []
-  for i in range(num_images):
-    images.append(transforms.normalize_image(source[i]['image']))
-    for _, caption in source.captions(i):
+  prep = Preprocess(tokenizer, context_length, image_size, train=False, max_pixels=max_pixels)
+  images, texts, text_to_image, skipped = [], [], [], collections.Counter()
+  seen = {}  # image bytes -> image index
+  for i in range(len(source)):
+    record = source[i]
+    if records.is_skipped(record):
+      skipped[record[records.SKIP]] += 1
+      continue
+    captions = [c for _, c in source.captions(i)] if hasattr(source, 'captions') else [record['caption']]
+    captions = [' '.join(str(c).split()) for c in captions]
+    if not any(captions):
+      skipped['empty_caption'] += 1
+      continue
+    image = record['image']
+    j = seen.get(image) if isinstance(image, bytes) else None
+    if j is None:
+      if len(images) == num_images:
+        break
+      try:
+        pixels = prep.pixels(image, None)
+      except transforms.BadImage as e:
+        skipped[e.reason] += 1
+        continue
+      j = len(images)
+      images.append(transforms.normalize_image(pixels))
+      if isinstance(image, bytes):
+        seen[image] = j
+    for caption in filter(None, captions):
       texts.append(caption)
-      text_to_image.append(i)
+      text_to_image.append(j)
+  if not images:
+    raise NoUsableData(f'no usable eval image in {source!r} (skipped: {dict(skipped)})')
   return {
       'image': np.stack(images),
       'text': tokenizer.encode(texts, context_length),
       'text_to_image': np.asarray(text_to_image, np.int32),
+      'skipped': dict(skipped),
   }

@@ -14,8 +14,13 @@ from vlp.train import metrics as metrics_lib, state as state_lib, step as step_l
 
 
 def make_evaluator(config, setup, tokenizer, data=None):
+  """Retrieval on the held-out data, or None when the config names none."""
   graphdef = setup.graphdef
   data = data if data is not None else tasks.eval_data(config, tokenizer)
+  if data is None:
+    return None
+  if data.get('skipped'):
+    print(f"eval data: skipped {data['skipped']}")
   return retrieval.Evaluator(
       lambda params, x: nnx.merge(graphdef, params).encode_image(x),
       lambda params, t: nnx.merge(graphdef, params).encode_text(t), data)
@@ -54,6 +59,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   pending = None  # metrics of the previous step, read after the next step is dispatched
   last_log = (time.perf_counter(), 0.0)  # (time, data wait so far) at the last log line
   final = {}
+  skipped = collections.Counter()  # input records skipped this run, by reason
 
   def flush(pending):
     nonlocal last_log
@@ -64,6 +70,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       elapsed = max(now - last_log[0], 1e-9)
       m['examples_per_sec'] = per_step * min(config.log_every, step - start) / elapsed
       m['data_wait_frac'] = (waited - last_log[1]) / elapsed  # share of time the loop waited for input
+      m.update({f'skipped/{reason}': n for reason, n in skipped.items()})
       last_log = (now, waited)
       writer.write(step, m)
       bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{m['examples_per_sec']:.0f}")
@@ -71,6 +78,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   for step in range(start, config.total_steps):
     t0 = time.perf_counter()
     host_batch = next(data_iter)
+    skipped.update(host_batch.pop('skipped', {}))
     t1 = time.perf_counter()
     batch = jax.make_array_from_process_local_data(batch_sharding, host_batch)
     state, device_metrics = train_step(state, batch)
@@ -86,7 +94,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       t = time.perf_counter()
       ckpt.save(done, state, data_iter, force=True)
       times['checkpoint'] += time.perf_counter() - t
-    if done == config.total_steps or (config.eval_every and done % config.eval_every == 0):
+    if evaluator and (done == config.total_steps or (config.eval_every and done % config.eval_every == 0)):
       t = time.perf_counter()
       final = dict(evaluator.run(state['params']))
       times['eval'] += time.perf_counter() - t
@@ -101,7 +109,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   times['checkpoint'] += time.perf_counter() - t
   writer.write(config.total_steps, {f'time/{k}_s': v for k, v in times.items()})
   writer.close()
-  if not final and start == config.total_steps:  # nothing left to train: evaluate what is there
+  if evaluator and not final and start == config.total_steps:  # nothing left to train: evaluate what is there
     final = dict(evaluator.run(state['params']))
   final['time'] = dict(times)
   return final

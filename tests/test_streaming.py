@@ -1,0 +1,152 @@
+"""Training input over web shards: streamed tars and ArrayRecord, deterministic and resumable."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import vlp
+import data_fixtures as fx
+from vlp.data import arrayrecord, pipeline, records, streaming, tokenizer as tok, webdataset
+
+N_SHARDS, PER_SHARD = 4, 6
+# The pipelines of these tests, also built in a new process by the resume test.
+BUILD = textwrap.dedent('''
+    from vlp.data import arrayrecord, pipeline, tokenizer, webdataset
+
+    def build(kind, path, seed=0, process_index=0, process_count=1):
+      prep = pipeline.Preprocess(tokenizer.builtin_tokenizer(), 16, 24, train=True)
+      common = dict(batch_size=4, seed=seed, process_index=process_index, process_count=process_count)
+      if kind == 'webdataset':
+        return pipeline.stream_dataset(webdataset.expand(path), webdataset.read_shard, prep,
+                                       cycle_length=2, shuffle_window=8, **common)
+      return pipeline.train_dataset(arrayrecord.Source(path), prep, **common)
+''')
+exec(BUILD)  # defines build() here exactly as in the new process
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  """Shards whose captions name the example ('photo number N'), with one corrupt image each."""
+  root = tmp_path_factory.mktemp('web')
+  shards = str(root / 'tars')
+  for s in range(N_SHARDS):
+    samples = [fx.sample(s * PER_SHARD + i, image=fx.jpeg(s * PER_SHARD + i, (48, 40))) for i in range(PER_SHARD)]
+    samples[3]['image'] = b'junk'
+    fx.write_shard(shards, s, samples)
+  ar = str(root / 'ar')
+  for path in webdataset.expand(shards):
+    recs = [r for r in webdataset.read_shard(path) if not records.is_skipped(r)]
+    arrayrecord.write(os.path.join(ar, os.path.basename(path)[:-4] + arrayrecord.SUFFIX), recs)
+  return {'webdataset': shards, 'arrayrecord': ar}
+
+
+def _numbers(batch, t=tok.builtin_tokenizer()):
+  return [int(t.decode(x).split()[-1]) for x in batch['text']]
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+KINDS = ['webdataset', 'arrayrecord']
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_same_seed_same_batches(data, kind):
+  a = _take(iter(build(kind, data[kind])), 5)
+  b = _take(iter(build(kind, data[kind])), 5)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['text'], y['text'])
+  other = _take(iter(build(kind, data[kind], seed=1)), 5)
+  assert [_numbers(x) for x in a] != [_numbers(x) for x in other]
+
+
+def test_stream_epoch_has_every_usable_example_once_and_counts_the_bad(data):
+  # 4 shards x (6 - 1 corrupt) = 20 usable = 5 batches
+  batches = _take(iter(build('webdataset', data['webdataset'])), 5)
+  numbers = [n for b in batches for n in _numbers(b)]
+  assert sorted(numbers) == [s * PER_SHARD + i for s in range(N_SHARDS) for i in range(PER_SHARD) if i != 3]
+  assert sum(b['skipped'].get('corrupt_image', 0) for b in batches) == N_SHARDS
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_two_processes_read_disjoint_shares_covering_the_data(data, kind):
+  shares = []
+  for pi in range(2):
+    batches = _take(iter(build(kind, data[kind], process_index=pi, process_count=2)), 2)  # 10 usable each
+    shares.append([n for b in batches for n in _numbers(b)][:8])
+  assert not set(shares[0]) & set(shares[1])
+  if kind == 'webdataset':  # whole shards per process: 0 and 2 to the first, 1 and 3 to the second
+    assert {n // PER_SHARD for n in shares[0]} == {0, 2} and {n // PER_SHARD for n in shares[1]} == {1, 3}
+
+
+def test_more_processes_than_shards_is_a_clear_error(data):
+  with pytest.raises(ValueError, match='process 4 gets none'):
+    build('webdataset', data['webdataset'], process_index=4, process_count=5)
+
+
+def test_changed_shard_list_is_refused_on_restore(data):
+  it = iter(build('webdataset', data['webdataset']))
+  _take(it, 2)
+  state = it.get_state()
+  others = iter(pipeline.stream_dataset(webdataset.expand(data['webdataset'])[::-1], webdataset.read_shard,
+                                        pipeline.Preprocess(tok.builtin_tokenizer(), 16, 24), batch_size=4,
+                                        seed=0, cycle_length=2, shuffle_window=8))
+  with pytest.raises(ValueError, match='shard list or its order changed'):
+    others.set_state(state)
+    next(others)
+
+
+@pytest.mark.parametrize('kind,num_workers', [('webdataset', 0), ('webdataset', 2), ('arrayrecord', 2)])
+def test_resume_in_a_new_process(data, tmp_path, kind, num_workers):
+  iterator = pipeline.make_iterator(build(kind, data[kind]), num_workers, prefetch=2)
+  _take(iterator, 3)
+  state = json.dumps(iterator.get_state())
+  expected = _take(iterator, 7)  # past the end of the first epoch (5 batches)
+  iterator.close()
+  script = BUILD + textwrap.dedent('''
+      import json, sys
+      import numpy as np
+      from vlp.data import pipeline
+      if __name__ == '__main__':
+        kind, path, num_workers, state, out = sys.argv[1:]
+        iterator = pipeline.make_iterator(build(kind, path), int(num_workers), prefetch=2)
+        iterator.set_state(json.loads(state))
+        batches = [next(iterator) for _ in range(7)]
+        iterator.close()
+        np.savez(out, **{f'{k}{i}': b[k] for i, b in enumerate(batches) for k in ('image', 'text')})
+  ''')
+  out = tmp_path / 'batches.npz'
+  root = os.path.dirname(os.path.dirname(vlp.__file__))
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.environ.get('PYTHONPATH', '')])}
+  subprocess.run([sys.executable, '-c', script, kind, data[kind], str(num_workers), state, str(out)],
+                 check=True, env=env, timeout=180)
+  with np.load(out) as f:
+    for i, batch in enumerate(expected):
+      np.testing.assert_array_equal(f[f'image{i}'], batch['image'])
+      np.testing.assert_array_equal(f[f'text{i}'], batch['text'])
+
+
+def test_shard_iterator_resumes_at_the_next_record(data):
+  path = webdataset.expand(data['webdataset'])[0]
+  it = iter(streaming.ShardDataset(path, webdataset.read_shard))
+  _take(it, 4)
+  state = it.get_state()
+  rest = [r['key'] for r in it]
+  again = iter(streaming.ShardDataset(path, webdataset.read_shard))
+  again.set_state(state)
+  assert [r['key'] for r in again] == rest == [f'00000{i:04d}' for i in range(4, PER_SHARD)]
+
+
+def test_all_skipped_stops_with_a_clear_error(tmp_path):
+  shards = str(tmp_path / 'bad')
+  fx.write_shard(shards, 0, [fx.sample(i, image=b'junk') for i in range(5)])
+  ds = pipeline.stream_dataset(webdataset.expand(shards), webdataset.read_shard,
+                               pipeline.Preprocess(tok.builtin_tokenizer(), 16, 24), batch_size=4, seed=0)
+  with pytest.raises(pipeline.NoUsableData, match='corrupt_image'):
+    next(iter(ds))

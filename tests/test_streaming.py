@@ -134,11 +134,11 @@ def test_resume_in_a_new_process(data, tmp_path, kind, num_workers):
 
 def test_shard_iterator_resumes_at_the_next_record(data):
   path = webdataset.expand(data['webdataset'])[0]
-  it = iter(streaming.ShardDataset(path, webdataset.read_shard))
+  it = streaming.ShardIterator(path, webdataset.read_shard)
   _take(it, 4)
   state = it.get_state()
   rest = [r['key'] for r in it]
-  again = iter(streaming.ShardDataset(path, webdataset.read_shard))
+  again = streaming.ShardIterator(path, webdataset.read_shard)
   again.set_state(state)
   assert [r['key'] for r in again] == rest == [f'00000{i:04d}' for i in range(4, PER_SHARD)]
 
@@ -150,3 +150,40 @@ def test_all_skipped_stops_with_a_clear_error(tmp_path):
                                pipeline.Preprocess(tok.builtin_tokenizer(), 16, 24), batch_size=4, seed=0)
   with pytest.raises(pipeline.NoUsableData, match='corrupt_image'):
     next(iter(ds))
+
+
+def _keys(iterator, n):
+  return [next(iterator)['key'] for _ in range(n)]
+
+
+def test_interleave_takes_shards_in_turn_and_resumes_mid_cycle(data):
+  # 4 shards of 6 records, 2 open at a time, no shuffle window: records
+  # alternate between two shards, and a shard that ends makes way for the next.
+  paths = webdataset.expand(data['webdataset'])
+  it = iter(streaming.shard_stream(paths, webdataset.read_shard, seed=0, cycle_length=2, shuffle_window=1))
+  keys = _keys(it, 3 * PER_SHARD)
+  shard_of = [int(k[:5]) for k in keys]
+  first, second = shard_of[0], shard_of[1]
+  assert first != second
+  assert shard_of[:2 * PER_SHARD] == [first, second] * PER_SHARD
+  assert sorted(keys[:2 * PER_SHARD]) == sorted(f'{s:05d}{i:04d}' for s in (first, second) for i in range(PER_SHARD))
+  assert len(set(shard_of[2 * PER_SHARD:])) == 2 and not set(shard_of[2 * PER_SHARD:]) & {first, second}
+  # a state taken mid-shard resumes on the same shards at the same records
+  it = iter(streaming.shard_stream(paths, webdataset.read_shard, seed=0, cycle_length=2, shuffle_window=1))
+  _keys(it, 7)
+  state = it.get_state()
+  again = iter(streaming.shard_stream(paths, webdataset.read_shard, seed=0, cycle_length=2, shuffle_window=1))
+  again.set_state(state)
+  assert _keys(again, len(keys) - 7) == keys[7:]
+  with pytest.raises(ValueError, match='cycle_length changed'):
+    iter(streaming.shard_stream(paths, webdataset.read_shard, seed=0, cycle_length=3,
+                                shuffle_window=1)).set_state(state)
+
+
+def test_only_empty_shards_is_a_clear_error(tmp_path):
+  import tarfile
+  for i in range(2):
+    tarfile.open(tmp_path / f'{i:05d}.tar', 'w').close()
+  it = iter(streaming.shard_stream(webdataset.expand(str(tmp_path)), webdataset.read_shard, seed=0))
+  with pytest.raises(ValueError, match='every shard of this process is empty'):
+    next(it)

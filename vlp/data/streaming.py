@@ -18,7 +18,7 @@ import grain
 from grain import experimental as grain_exp
 
 
-class _ShardIterator(grain.DatasetIterator):
+class ShardIterator(grain.DatasetIterator):
   """Records of one shard; its state is how many were taken."""
 
   def __init__(self, path: str, read: Callable[[str], Iterator[dict]]):
@@ -44,25 +44,78 @@ class _ShardIterator(grain.DatasetIterator):
     self._taken, self._records = state['taken'], None
 
 
-class ShardDataset(grain.IterDataset):
-  """One shard as a Grain IterDataset (picklable: a path and a module-level reader)."""
+class _InterleaveIterator(grain.DatasetIterator):
+  """Round-robin over `cycle_length` open shards; a finished shard is replaced by the next file.
 
-  def __init__(self, path: str, read: Callable[[str], Iterator[dict]]):
+  Everything runs in the calling thread: reading a local tar costs a few
+  percent of decoding its images, and Grain's InterleaveIterDataset, which
+  gives every open shard a prefetch thread, halves the throughput of a worker
+  process by contending for its GIL. Its state is the next file's index, the
+  slot whose turn it is, and per open slot the file index and records taken.
+  """
+
+  def __init__(self, files: grain.MapDataset, read: Callable[[str], Iterator[dict]], cycle_length: int):
     super().__init__()
-    self.path, self.read = path, read
+    self._files, self._read, self._cycle_length = files, read, cycle_length
+    self._next_file, self._turn = 0, 0
+    self._slots: list[tuple[int, ShardIterator] | None] = [None] * cycle_length
 
-  def __iter__(self) -> _ShardIterator:
-    return _ShardIterator(self.path, self.read)
+  def _open(self, file_index: int, taken: int = 0) -> tuple[int, ShardIterator]:
+    shard = ShardIterator(self._files[file_index], self._read)
+    shard.set_state({'path': self._files[file_index], 'taken': taken})
+    return file_index, shard
+
+  def __next__(self) -> dict:
+    empty = set()  # files found empty since the last record: when one comes round again, all are
+    while True:
+      slot = self._slots[self._turn]
+      if slot is None:
+        slot = self._slots[self._turn] = self._open(self._next_file)
+        self._next_file += 1
+      try:
+        rec = next(slot[1])
+      except StopIteration:
+        state = slot[1].get_state()
+        if state['taken'] == 0:
+          if state['path'] in empty:
+            raise ValueError(f'every shard of this process is empty (e.g. {state["path"]})') from None
+          empty.add(state['path'])
+        self._slots[self._turn] = None
+        continue
+      self._turn = (self._turn + 1) % self._cycle_length
+      return rec
+
+  def get_state(self) -> dict:
+    open_slots = [None if s is None else {'file': s[0], **s[1].get_state()} for s in self._slots]
+    return {'next_file': self._next_file, 'turn': self._turn, 'slots': open_slots}
+
+  def set_state(self, state: dict) -> None:
+    if len(state['slots']) != self._cycle_length:
+      raise ValueError(f'iterator state has {len(state["slots"])} open shards, this pipeline '
+                       f'{self._cycle_length}: data.cycle_length changed since the checkpoint')
+    self._next_file, self._turn = state['next_file'], state['turn']
+    self._slots = []
+    for s in state['slots']:
+      if s is not None and s['path'] != self._files[s['file']]:
+        raise ValueError(f'iterator state is for shard {s["path"]}, not {self._files[s["file"]]}: '
+                         'the shard list or its order changed since the checkpoint')
+      self._slots.append(None if s is None else self._open(s['file'], s['taken']))
 
 
-class _OpenShard:
-  """path -> ShardDataset, a class so Grain can pickle it into workers."""
+class _Interleave(grain.IterDataset):
+  """Records of an endless file list, `cycle_length` files at a time (see _InterleaveIterator)."""
 
-  def __init__(self, read: Callable[[str], Iterator[dict]]):
-    self.read = read
+  def __init__(self, files: grain.MapDataset, read: Callable[[str], Iterator[dict]], cycle_length: int):
+    super().__init__()
+    self.files, self.read, self.cycle_length = files, read, cycle_length
 
-  def __call__(self, path: str) -> ShardDataset:
-    return ShardDataset(path, self.read)
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    """Grain's worker processes each take every num_workers-th file of the list."""
+    del sequential_slice
+    self.files = self.files[sl]
+
+  def __iter__(self) -> _InterleaveIterator:
+    return _InterleaveIterator(self.files, self.read, self.cycle_length)
 
 
 def shard_stream(paths: Sequence[str], read: Callable[[str], Iterator[dict]], *, seed: int,
@@ -74,8 +127,7 @@ def shard_stream(paths: Sequence[str], read: Callable[[str], Iterator[dict]], *,
     raise ValueError(f'{len(paths)} shard(s) for {process_count} processes: process '
                      f'{process_index} gets none; write at least one shard per process')
   files = grain.MapDataset.source(mine).shuffle(seed=seed).repeat()
-  ds = grain_exp.InterleaveIterDataset(files.map(_OpenShard(read)),
-                                       cycle_length=min(cycle_length, len(mine)))
+  ds = _Interleave(files, read, min(cycle_length, len(mine)))
   if shuffle_window > 1:
     ds = grain_exp.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed)
   return ds

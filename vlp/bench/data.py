@@ -12,6 +12,7 @@ tars and read from their ArrayRecord conversion, and with
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import json
 import os
@@ -110,6 +111,7 @@ def main(argv):
   p.add_argument('--per_shard', type=int, default=256)
   p.add_argument('--batches', type=int, default=20)
   p.add_argument('--warmup', type=int, default=3)
+  p.add_argument('--repeats', type=int, default=3, help='rounds; medians are reported')
   p.add_argument('--compare', choices=('webdataset',))
   args = p.parse_args(argv)
   tokenizer = tok.builtin_tokenizer()
@@ -117,15 +119,21 @@ def main(argv):
     shards = write_shards(tmp, args.shards, args.per_shard, args.source_size)
     convert_lib.convert(convert_lib.parse_convert_args([*shards, '--out', os.path.join(tmp, 'ar'),
                                                         '--workers', str(args.workers), '--quiet']))
-    result = {
-        'vlp_webdataset_images_per_sec': run_vlp('webdataset', shards, args, tokenizer),
-        'vlp_arrayrecord_images_per_sec': run_vlp('arrayrecord', os.path.join(tmp, 'ar'), args, tokenizer),
-        'workers': args.workers, 'batch': args.batch, 'image_size': args.image_size,
-        'source_size': args.source_size,
-    }
+    # Rounds alternate the pipelines so that a busy machine slows them alike;
+    # each figure is the median over rounds.
+    runs = collections.defaultdict(list)
+    for _ in range(args.repeats):
+      runs['vlp_webdataset_images_per_sec'].append(run_vlp('webdataset', shards, args, tokenizer))
+      runs['vlp_arrayrecord_images_per_sec'].append(run_vlp('arrayrecord', os.path.join(tmp, 'ar'), args, tokenizer))
+      if args.compare:
+        ref = run_reference(shards, args, tokenizer)
+        runs['reference_images_per_sec'].append(ref.pop('images_per_sec'))
+    result = {k: float(np.median(v)) for k, v in runs.items()}
+    result.update(workers=args.workers, batch=args.batch, image_size=args.image_size,
+                  source_size=args.source_size, repeats=args.repeats)
     if args.compare:
-      ref = run_reference(shards, args, tokenizer)
       result['reference'] = ref
-      result['ratio_webdataset_input'] = result['vlp_webdataset_images_per_sec'] / ref['images_per_sec']
-      result['ratio_arrayrecord'] = result['vlp_arrayrecord_images_per_sec'] / ref['images_per_sec']
+      result['ratio_webdataset_input'] = (result['vlp_webdataset_images_per_sec']
+                                          / result['reference_images_per_sec'])
+      result['ratio_arrayrecord'] = result['vlp_arrayrecord_images_per_sec'] / result['reference_images_per_sec']
   print(json.dumps(result))

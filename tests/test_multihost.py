@@ -1,6 +1,7 @@
 """Multi-host on one machine: 2 processes x 4 CPU devices (gloo collectives,
-`vlp train --coordinator ...`) against 1 process x 8 devices, and the
-checkpoint of the two restored into one process on another mesh."""
+launched by launch/multiprocess_cpu.sh as `vlp train --coordinator ...`)
+against 1 process x 8 devices, and the checkpoint of the two restored into one
+process on another mesh."""
 import os
 import subprocess
 import sys
@@ -16,20 +17,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'tiny.py')
 
 
-def run_processes(workdir, num_processes, devices_per_process, overrides, timeout=900):
-  """`vlp train` in num_processes local processes joined by jax.distributed; returns their outputs."""
-  port = portpicker.pick_unused_port()
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}'}
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'vlp.cli', 'train', f'--config={TINY}', f'--workdir={workdir}', '--no_progress',
-       f'--coordinator=localhost:{port}', f'--num_processes={num_processes}', f'--process_id={i}',
-       *(f'--config.{k}={v}' for k, v in overrides.items())],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(num_processes)]
-  outs = [p.communicate(timeout=timeout)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  return outs
+def run_processes(workdir, processes, devices, overrides, timeout=900):
+  """`vlp train` in local processes joined by jax.distributed, by launch/multiprocess_cpu.sh."""
+  proc = subprocess.run(
+      ['bash', os.path.join(ROOT, 'launch', 'multiprocess_cpu.sh'), f'--processes={processes}',
+       f'--devices={devices}', f'--port={portpicker.pick_unused_port()}', f'--config={TINY}',
+       f'--workdir={workdir}', '--no_progress', *(f'--config.{k}={v}' for k, v in overrides.items())],
+      env={**os.environ, 'PYTHONPATH': ROOT, 'PYTHON': sys.executable}, capture_output=True, text=True,
+      timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
 
 
 def losses(workdir):
@@ -40,8 +37,8 @@ def losses(workdir):
 def test_two_processes_train_like_one_and_restore_onto_another_mesh(tmp_path):
   first = {'total_steps': 4, 'checkpoint.every': 2}
   loop.train(tiny_config(**first), str(tmp_path / 'one'), progress=False)  # 1 process x 8 devices
-  outs = run_processes(tmp_path / 'two', 2, 4, first)
-  assert 'per-device memory' in outs[0] and 'per-device memory' not in outs[1]  # process 0 logs alone
+  out = run_processes(tmp_path / 'two', 2, 4, first)
+  assert out.count('per-device memory') == 1  # process 0 alone prints
   one, two = losses(tmp_path / 'one'), losses(tmp_path / 'two')
   assert sorted(two) == [1, 2, 3, 4]
   np.testing.assert_allclose([two[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], rtol=0, atol=1e-5)

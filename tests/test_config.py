@@ -12,7 +12,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 @pytest.mark.parametrize('name', ['align_tiny.py', 'bench_tiny.py'])
 def test_shipped_configs_validate(name):
   c = config_lib.load(os.path.join(CONFIGS, name))
-  assert config_lib.validate(c, num_devices=8) == {'data': 8, 'fsdp': 1, 'tensor': 1}
+  assert config_lib.validate(c, num_devices=8) == {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}
 
 
 @pytest.mark.parametrize('arg', ['arrayrecord', 'webdataset'])

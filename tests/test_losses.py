@@ -56,3 +56,41 @@ def test_sigmoid_contrastive_matches_naive(n, d, scale, bias):
   img, txt = _normalized(rng, n, d), _normalized(rng, n, d)
   got = float(losses.sigmoid_contrastive(img, txt, scale, bias))
   np.testing.assert_allclose(got, _naive_sigmoid(img, txt, scale, bias), rtol=1e-5)
+
+
+@pytest.mark.parametrize('head,chunk,eps', [('softmax', 4, 0.0), ('softmax', 8, 0.1), ('softmax', 32, 0.2),
+                                            ('sigmoid', 4, None), ('sigmoid', 16, None)])
+def test_chunked_losses_equal_the_whole_matrix_with_gradients(head, chunk, eps):
+  import jax
+  rng = np.random.default_rng(chunk)
+  img, txt = _normalized(rng, 32, 8).astype(np.float32), _normalized(rng, 32, 8).astype(np.float32)
+  if head == 'softmax':
+    whole = lambda x, y, s, b: losses.softmax_contrastive(x, y, s, eps)
+    chunked = lambda x, y, s, b: losses.chunked_softmax_contrastive(x, y, s, eps, chunk_size=chunk)
+    scale, bias = 14.3, 0.0
+    assert float(whole(img, txt, scale, bias)) == pytest.approx(_naive_softmax(img, txt, scale, eps), rel=1e-5)
+  else:
+    whole = lambda x, y, s, b: losses.sigmoid_contrastive(x, y, s, b)
+    chunked = lambda x, y, s, b: losses.chunked_sigmoid_contrastive(x, y, s, b, chunk_size=chunk)
+    scale, bias = 10.0, -10.0
+  np.testing.assert_allclose(chunked(img, txt, scale, bias), whole(img, txt, scale, bias), rtol=1e-5)
+  grads = lambda f: jax.grad(f, argnums=(0, 1, 2, 3))(img, txt, scale, bias)
+  for g_chunked, g_whole in zip(grads(chunked), grads(whole)):
+    np.testing.assert_allclose(g_chunked, g_whole, atol=1e-5)
+
+
+def test_chunked_loss_never_holds_the_whole_logit_matrix():
+  import jax
+  from jax.extend.core import jaxprs_in_params
+  rng = np.random.default_rng(0)
+  img, txt = _normalized(rng, 64, 8).astype(np.float32), _normalized(rng, 64, 8).astype(np.float32)
+  grad = jax.grad(lambda x, y: losses.chunked_softmax_contrastive(x, y, 10.0, chunk_size=8), argnums=(0, 1))
+
+  def shapes(jaxpr):  # every intermediate, also inside the scans and remats of forward and backward
+    for eq in jaxpr.eqns:
+      yield from (tuple(v.aval.shape) for v in eq.outvars)
+      for sub in jaxprs_in_params(eq.params):
+        yield from shapes(sub)
+
+  seen = set(shapes(jax.make_jaxpr(grad)(img, txt).jaxpr))
+  assert (8, 64) in seen and (64, 64) not in seen

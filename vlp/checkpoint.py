@@ -1,10 +1,19 @@
 """Orbax checkpoints of the train state and the Grain iterator, as two items
 of one checkpoint, so a resumed run sees exactly the batches it would have seen.
 
+Every process takes part in a save (each writes its shards of the state and
+its own input position). The state restores onto whatever shardings the
+caller asks for: another mesh, device or process count (Orbax reshards). The
+input positions restore only onto the same process count; with
+`checkpoint.restore_data=False` a run takes the state alone and starts its
+input pipeline afresh. Each step carries metadata: the config and the
+versions of jax, flax, orbax and vlp (`step_metadata`).
+
 The workdir also keeps `config.json`; a workdir whose checkpoints belong to a
 model of another shape is refused before anything is compiled.
 """
 import glob
+import importlib.metadata
 import json
 import os
 import re
@@ -49,8 +58,9 @@ def check_workdir(config, workdir: str):
             f'workdir {workdir} holds a checkpoint {what} ({k} is {old.get(k)!r} there, '
             f'{new.get(k)!r} here); use a new --workdir or the same config')
   os.makedirs(workdir, exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(current, f, indent=2)
+  if jax.process_index() == 0:  # one writer on a shared file system
+    with open(path, 'w') as f:
+      json.dump(current, f, indent=2)
 
 
 def _norm(v):
@@ -65,11 +75,16 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def versions() -> dict:
+  return {p: importlib.metadata.version(p) for p in ('jax', 'jaxlib', 'flax', 'orbax-checkpoint', 'grain', 'vlp')}
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, cfg, read_only: bool = False):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, save_interval_steps=cfg.every,
+        keep_period=cfg.get('keep_every') or None,  # older workdir configs lack it
         enable_async_checkpointing=cfg.async_save, read_only=read_only)
     self.manager = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options,
@@ -79,11 +94,38 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator=None, force=False) -> bool:
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
+
+  def resume_step(self, requested: int = -1):
+    """The step to resume from: the latest (-1) or `requested`, which must have been saved.
+
+    Resuming an earlier step branches the run: the checkpoints after it are
+    deleted, so the new trajectory's checkpoints can take their step numbers.
+    """
+    if requested == -1:
+      return self.latest_step()
+    steps = self.all_steps()
+    if requested not in steps:
+      raise FileNotFoundError(f"config key 'checkpoint.step': no checkpoint of step {requested} "
+                              f'in {self.manager.directory} (saved: {steps})')
+    for later in (s for s in steps if s > requested):
+      if jax.process_index() == 0:
+        print(f'resuming step {requested}: deleting the later checkpoint {later}')
+      self.manager.delete(later)
+    return requested
+
+  def save(self, step: int, state, data_iterator=None, force=False, config=None) -> bool:
+    """Starts a save (async: returns once the arrays are copied off the devices)."""
     items = {'state': ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    meta = {'versions': versions(), **({'config': json.loads(config.to_json())} if config is not None else {})}
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force, custom_metadata=meta)
+
+  def step_metadata(self, step: int) -> dict:
+    """{'versions': {...}, 'config': {...}} written with the checkpoint of `step`."""
+    return dict(self.manager.metadata(step).custom_metadata or {})
 
   def restore(self, step, abstract_state, data_iterator=None):
     """Restores state (onto the shardings of `abstract_state`) and, if given, the iterator in place."""

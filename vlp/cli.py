@@ -21,10 +21,15 @@ def _load_config(spec: str, overrides):
 
 
 def cmd_train(args, overrides):
+  from vlp import distributed
+  # Before anything touches a device: joins the process group of a multi-host run.
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  import jax
   from vlp.train import loop
   config = _load_config(args.config, overrides)
   result = loop.train(config, args.workdir, progress=not args.no_progress)
-  _print_result(result)
+  if jax.process_index() == 0:
+    _print_result(result)
 
 
 def cmd_eval(args, overrides):
@@ -100,6 +105,9 @@ def main(argv=None):
   p.add_argument('--config', required=True, help='configs/X.py[:arg]')
   p.add_argument('--workdir', required=True)
   p.add_argument('--no_progress', action='store_true')
+  p.add_argument('--coordinator', default=None, help='host:port of process 0 (multi-process; or VLP_COORDINATOR)')
+  p.add_argument('--num_processes', type=int, default=None, help='or VLP_NUM_PROCESSES')
+  p.add_argument('--process_id', type=int, default=None, help='or VLP_PROCESS_ID')
   p.set_defaults(fn=cmd_train)
   p = sub.add_parser('eval', help='held-out retrieval of a workdir checkpoint')
   p.add_argument('--workdir', required=True)

@@ -11,7 +11,8 @@ import os
 
 import ml_collections
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+REMAT_POLICIES = ('none', 'full', 'dots_saveable')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -26,9 +27,19 @@ def base_config() -> ml_collections.ConfigDict:
       text=dict(vocab_size=1024, context_length=32, width=256, depth=4, num_heads=4, mlp_dim=1024),
       embed_dim=256,
       head='softmax',  # 'softmax' (ALIGN/CLIP) or 'sigmoid' (SigLIP)
-      dtype='float32',  # compute dtype; params and optimizer state stay float32
+      dtype='float32',  # compute dtype of matmuls and activations ('float32' or 'bfloat16')
+      # master params and optimizer state; 'float32' keeps bf16 training exact in the update
+      param_dtype='float32',
+      remat='none',  # rematerialise Transformer blocks: 'none', 'full' or 'dots_saveable'
   )
-  c.loss = dict(label_smoothing=0.0)
+  # chunk_size > 0: the loss walks the global batch in blocks of that many rows, so
+  # at most chunk_size x batch logits exist at once (also in the backward pass).
+  c.loss = dict(label_smoothing=0.0, chunk_size=0)
+  # Gradient accumulation: the step averages the gradients (and losses) of this many
+  # micro-batches; micro-batch j holds examples j, j+k, j+2k, ... of the global batch.
+  # A contrastive loss only contrasts within a micro-batch: the result is the mean of
+  # micro-batch losses, not the loss of the whole batch.
+  c.accum_steps = 1
   c.data = dict(
       name='synthetic',  # 'synthetic', 'arrayrecord', 'webdataset' or 'tfds'
       # arrayrecord: files, directories or globs; webdataset: img2dataset tar shards
@@ -57,10 +68,20 @@ def base_config() -> ml_collections.ConfigDict:
   )
   # Mesh axis sizes; -1 takes the devices left over. Params are sharded by the
   # logical-axis rules of vlp.parallel, the batch over (data, fsdp).
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
+  # (logical axis, mesh axis or axes or None) pairs overriding vlp.parallel.RULES, e.g.
+  # --config.mesh_rules="(('embed', None),)" keeps weights whole (no FSDP).
+  c.mesh_rules = ()
   c.log_every = 25
   c.eval_every = 500  # 0 disables periodic eval; eval still runs at the end
-  c.checkpoint = dict(every=500, keep=2, async_save=True)
+  c.checkpoint = dict(
+      every=500, keep=2, async_save=True,
+      keep_every=0,  # > 0: also keep every checkpoint whose step is a multiple of this, forever
+      step=-1,  # resume from this step (-1: the latest); newer checkpoints are deleted
+      # False: restore only the train state and start the input pipeline afresh, e.g. on
+      # another process count, whose per-process input positions cannot be taken over
+      restore_data=True,
+  )
   c.lock()
   return c
 
@@ -158,6 +179,19 @@ def validate(config, num_devices: int, process_count: int = 1):
   _check(o.lr > 0, 'optim.lr', 'must be > 0')
   _check(o.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0')
   _check(config.total_steps > 0, 'total_steps', 'must be > 0')
+  _check(m.param_dtype in ('float32', 'bfloat16'), 'model.param_dtype',
+         f'{m.param_dtype!r} not in float32/bfloat16')
+  _check(m.remat in REMAT_POLICIES, 'model.remat', f'{m.remat!r} not in {"/".join(REMAT_POLICIES)}')
+  _check(isinstance(config.accum_steps, int) and config.accum_steps >= 1, 'accum_steps', 'must be >= 1')
+  _check(config.loss.chunk_size >= 0, 'loss.chunk_size', 'must be >= 0')
+  from vlp import parallel  # the rules table lives with the mesh code
+  for rule in config.mesh_rules:
+    _check(len(rule) == 2, 'mesh_rules', f'{rule!r} is not a (logical axis, mesh axis) pair')
+    name, axis = rule
+    _check(name in parallel.RULES, f'mesh_rules.{name}',
+           f'unknown logical axis; known: {", ".join(parallel.RULES)}')
+    for a in axis if isinstance(axis, (tuple, list)) else (axis,):
+      _check(a is None or a in MESH_AXES, f'mesh_rules.{name}', f'{a!r} is not a mesh axis {MESH_AXES}')
   _validate_data(config.data)
   sizes = mesh_shape(config, num_devices)
   batch_shards = sizes['data'] * sizes['fsdp']
@@ -166,7 +200,17 @@ def validate(config, num_devices: int, process_count: int = 1):
          f'{sizes["data"]}*{sizes["fsdp"]} = {batch_shards}')
   _check(config.batch_size % process_count == 0, 'batch_size',
          f'{config.batch_size} is not divisible by {process_count} processes')
-  _check(config.checkpoint.keep >= 1, 'checkpoint.keep', 'must be >= 1')
+  # every device holds the same number of examples of each micro-batch
+  _check(config.batch_size % (config.accum_steps * batch_shards) == 0, 'accum_steps',
+         f'batch {config.batch_size} does not split into {config.accum_steps} micro-batches '
+         f'over data*fsdp = {batch_shards} devices')
+  micro = config.batch_size // config.accum_steps
+  _check(config.loss.chunk_size == 0 or micro % config.loss.chunk_size == 0, 'loss.chunk_size',
+         f'{config.loss.chunk_size} does not divide the (micro-)batch of {micro}')
+  c = config.checkpoint
+  _check(c.keep >= 1, 'checkpoint.keep', 'must be >= 1')
+  _check(c.keep_every >= 0, 'checkpoint.keep_every', 'must be >= 0')
+  _check(c.step >= -1, 'checkpoint.step', 'must be -1 (latest) or a saved step')
   return sizes
 
 

@@ -1,16 +1,23 @@
-"""Mesh, logical-axis rules and shardings.
+"""Mesh, logical-axis rules, shardings and the per-device memory table.
 
-Parameters carry logical axis names (vlp.models.layers); RULES maps each name
-to a mesh axis. A dimension that the mesh axis does not divide stays
-replicated rather than failing, and is reported by `describe`.
+Parameters carry logical axis names (vlp.models.layers); a rules table maps
+each name to mesh axes: RULES, overridden by `config.mesh_rules`. A dimension
+that its mesh axes do not divide stays replicated rather than failing.
+Activations are pinned at block boundaries with `constrain`, by the same rules.
 """
+import contextlib
+import math
+
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlp.config import MESH_AXES
 
-# logical axis -> mesh axis (None: replicated). FSDP shards the model width of
-# every weight; tensor parallelism splits MLP hidden units, heads and vocab.
+# logical axis -> mesh axis or axes (None: replicated). FSDP shards the model
+# width of every weight (and its optimizer state); tensor parallelism splits
+# MLP hidden units, attention heads, vocab and the projection; experts go over
+# the expert axis.
 RULES = {
     'embed': 'fsdp',
     'mlp': 'tensor',
@@ -19,35 +26,69 @@ RULES = {
     'kv': None,
     'patch': None,
     'proj': 'tensor',
+    'expert': 'expert',
 }
-BATCH_AXES = ('data', 'fsdp')
+BATCH_AXES = ('data', 'fsdp')  # the batch (and every activation's batch dim) is split over these
+
+
+def rules_from(config) -> dict:
+  return {**RULES, **{name: tuple(a) if isinstance(a, list) else a for name, a in config.mesh_rules}}
 
 
 def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
-  """A mesh with axes (data, fsdp, tensor) over `devices` (default: all)."""
-  shape = tuple(sizes[a] for a in MESH_AXES)
+  """A mesh with axes (data, fsdp, tensor, expert) over `devices` (default: all)."""
+  shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 
 
-def logical_to_mesh_spec(logical: P, shape, mesh) -> P:
-  """Maps a logical PartitionSpec to mesh axes for an array of `shape`."""
+def _mesh_axes(axis, dim, mesh, used):
+  """The mesh axes of `axis` (one, a tuple or None) that can shard a dimension of size `dim`."""
+  axes = tuple(a for a in ((axis,) if isinstance(axis, str) else axis or ())
+               if a not in used and mesh.shape[a] > 1)
+  if not axes or dim % math.prod(mesh.shape[a] for a in axes):
+    return None
+  return axes[0] if len(axes) == 1 else axes
+
+
+def logical_to_mesh_spec(logical, shape, mesh, rules=None) -> P:
+  """Maps logical axis names (a PartitionSpec or tuple) to mesh axes for an array of `shape`."""
+  rules = RULES if rules is None else rules
   used, out = set(), []
   for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
-    axis = RULES.get(name) if name is not None else None
-    if axis is None or axis in used or dim % mesh.shape[axis] != 0 or mesh.shape[axis] == 1:
-      out.append(None)
-    else:
-      out.append(axis)
-      used.add(axis)
+    axis = BATCH_AXES if name == 'batch' else rules.get(name) if name is not None else None
+    axes = _mesh_axes(axis, dim, mesh, used)
+    out.append(axes)
+    used.update((axes,) if isinstance(axes, str) else axes or ())
   return P(*out)
 
 
-def tree_shardings(logical_specs, abstract_tree, mesh):
+def tree_shardings(logical_specs, abstract_tree, mesh, rules=None):
   """NamedShardings for a tree of arrays given a matching tree of logical specs."""
   return jax.tree.map(
-      lambda spec, x: NamedSharding(mesh, logical_to_mesh_spec(spec, x.shape, mesh)),
+      lambda spec, x: NamedSharding(mesh, logical_to_mesh_spec(spec, x.shape, mesh, rules)),
       logical_specs, abstract_tree, is_leaf=lambda x: isinstance(x, P))
+
+
+_ACTIVATIONS = []  # (mesh, rules) while a sharded step is traced
+
+
+@contextlib.contextmanager
+def activation_rules(mesh, rules):
+  """Within this context `constrain` pins activations; outside (eval, export) it does nothing."""
+  _ACTIVATIONS.append((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.pop()
+
+
+def constrain(x, names):
+  """Pins an activation to the sharding its logical axis names give (e.g. ('batch', None, 'mlp'))."""
+  if not _ACTIVATIONS:
+    return x
+  mesh, rules = _ACTIVATIONS[-1]
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_mesh_spec(names, x.shape, mesh, rules)))
 
 
 def like_params_shardings(tree, param_shardings, mesh):
@@ -83,3 +124,52 @@ def batch_sharding(mesh) -> NamedSharding:
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
+
+def bytes_per_device(abstract_tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (replicated leaves count whole)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(abstract_tree))
+
+
+def activation_bytes_estimate(config, sizes) -> int:
+  """Rough per-device bytes of the activations kept for the backward pass of one micro-batch.
+
+  Per Transformer block and token, without remat: residual and LayerNorm
+  outputs, QKV and attention output (8 x width), the MLP hidden before and
+  after GELU (2 x mlp_dim), attention logits and weights (2 x heads x length);
+  the head, MLP and attention parts split over `tensor`. 'dots_saveable' keeps
+  the matmul outputs only, 'full' the block inputs only. Plus the contrastive
+  logits (a row block of them with loss.chunk_size).
+  """
+  m = config.model
+  itemsize = np.dtype(m.dtype).itemsize
+  batch = config.batch_size // config.accum_steps
+  local = batch // (sizes['data'] * sizes['fsdp'])
+  tp = sizes['tensor']
+  im = m.image
+  towers = [(im, (im.image_size // im.patch_size) ** 2 + 1), (m.text, m.text.context_length)]
+  total = 0
+  for t, length in towers:
+    d, mlp, h = t.width, t.mlp_dim, t.num_heads
+    per_token = {'none': 8 * d + (2 * mlp + 2 * h * length) / tp,
+                 'dots_saveable': 6 * d + (mlp + h * length) / tp,
+                 'full': d}[m.remat]
+    total += local * length * per_token * t.depth * itemsize
+  rows = config.loss.chunk_size or batch
+  total += 2 * rows * batch * 4  # float32 logits and their softmax
+  return int(total)
+
+
+def memory_table(abstract_state, config, sizes) -> dict:
+  """Per-device bytes: params, optimizer state (from their shardings) and an activation estimate."""
+  return {'params': bytes_per_device(abstract_state['params']),
+          'opt_state': bytes_per_device(abstract_state['opt_state']),
+          'activations (est.)': activation_bytes_estimate(config, sizes)}
+
+
+def format_memory_table(table: dict, sizes: dict) -> str:
+  mesh = ' '.join(f'{a}={n}' for a, n in sizes.items())
+  lines = [f'per-device memory (mesh {mesh}):']
+  lines += [f'  {k:<20} {v / 2**20:10.2f} MiB' for k, v in table.items()]
+  lines.append(f'  {"total":<20} {sum(table.values()) / 2**20:10.2f} MiB')
+  return '\n'.join(lines)

@@ -128,14 +128,18 @@ def train_dataset(source: ImageTextSource, preprocess: Preprocess | tokenizer_li
 
   All processes shuffle the same global order (a new permutation per epoch)
   and take every process_count-th example of it from process_index on: the
-  shares are disjoint and together cover each epoch. batch_size is per
+  shares are disjoint and together cover each epoch, and together they are
+  the examples (with the same augmentation) one process would have read. batch_size is per
   process. A bare tokenizer means Preprocess(tokenizer, context_length).
   """
   if isinstance(preprocess, tokenizer_lib.Tokenizer):
     preprocess = Preprocess(preprocess, context_length)
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  ds = ds[process_index::process_count]
+  # Random augmentation before the split: an example's crop depends on its place
+  # in the global order, not on the process count, so N processes see the same
+  # global batches as one (lazily: each process preprocesses only its share).
   ds = ds.random_map(preprocess, seed=seed)
+  ds = ds[process_index::process_count]
   # No read threads here: make_iterator decides where the work runs.
   return SkipCountingBatch(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)), batch_size)
 

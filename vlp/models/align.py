@@ -18,8 +18,9 @@ class Model(nnx.Module):
 
   def __init__(self, cfg, *, rngs):
     dtype = jnp.dtype(cfg.dtype)
-    self.image = ViT(**cfg.image, rngs=rngs, dtype=dtype)
-    self.text = TextEncoder(**cfg.text, rngs=rngs, dtype=dtype)
+    remat = cfg.get('remat', 'none')  # exported configs of inference models have no remat
+    self.image = ViT(**cfg.image, rngs=rngs, dtype=dtype, remat=remat)
+    self.text = TextEncoder(**cfg.text, rngs=rngs, dtype=dtype, remat=remat)
     self.image_proj = layers.Dense(cfg.image.width, cfg.embed_dim, ('embed', 'proj'), rngs=rngs,
                                    use_bias=False, dtype=dtype)
     self.text_proj = layers.Dense(cfg.text.width, cfg.embed_dim, ('embed', 'proj'), rngs=rngs,

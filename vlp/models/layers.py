@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlp import parallel
+
 # Variables carry their logical names as metadata; vlp.parallel places them.
 # Flax's eager sharding would need a mesh at construction time.
 flax.config.update('flax_always_shard_variable', False)
@@ -68,7 +70,8 @@ class SelfAttention(nnx.Module):
     dt = self.dtype
     qkv = jnp.einsum('bld,dthk->tblhk', x.astype(dt), self.qkv[...].astype(dt))
     qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    # heads split over `tensor`: each device attends with its own heads
+    q, k, v = (parallel.constrain(t, ('batch', None, 'heads', None)) for t in (qkv[0], qkv[1], qkv[2]))
     logits = jnp.einsum('bqhk,bshk->bhqs', q, k) * (q.shape[-1] ** -0.5)
     if mask is not None:
       logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
@@ -83,7 +86,7 @@ class Mlp(nnx.Module):
     self.fc2 = Dense(mlp_dim, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x)))
+    return self.fc2(parallel.constrain(jax.nn.gelu(self.fc1(x)), ('batch', None, 'mlp')))
 
 
 class Block(nnx.Module):
@@ -96,18 +99,28 @@ class Block(nnx.Module):
     self.mlp = Mlp(width, mlp_dim, rngs=rngs, dtype=dtype)
 
   def __call__(self, x, mask=None):
+    x = parallel.constrain(x, ('batch', None, None))
     x = x + self.attn(self.ln1(x), mask)
     return x + self.mlp(self.ln2(x))
 
 
-class Encoder(nnx.Module):
-  """A stack of blocks followed by a final LayerNorm."""
+# What a rematerialised block keeps for the backward pass: 'full' only its
+# input, 'dots_saveable' the matmul outputs (elementwise ops are recomputed).
+REMAT_POLICIES = {'full': None, 'dots_saveable': jax.checkpoint_policies.dots_saveable}
 
-  def __init__(self, width, depth, num_heads, mlp_dim, *, rngs, dtype=jnp.float32):
+
+class Encoder(nnx.Module):
+  """A stack of blocks followed by a final LayerNorm; `remat` names a policy or 'none'."""
+
+  def __init__(self, width, depth, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, remat='none'):
     self.blocks = nnx.List([Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype) for _ in range(depth)])
     self.ln = LayerNorm(width, rngs=rngs, dtype=dtype)
+    self.remat = remat
 
   def __call__(self, x, mask=None):
+    apply = lambda block, x, mask: block(x, mask)
+    if self.remat != 'none':
+      apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
     for block in self.blocks:
-      x = block(x, mask)
+      x = apply(block, x, mask)
     return self.ln(x)

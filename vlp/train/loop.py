@@ -1,6 +1,7 @@
 """The training loop: data -> compiled step -> metrics (one step late) ->
 checkpoints -> eval, with a time breakdown (compile, data wait, step,
-checkpoint, eval) printed at the end."""
+checkpoint, eval) printed at the end. A SIGTERM ends it early, after the step
+in flight and a checkpoint of it."""
 import collections
 import time
 
@@ -10,7 +11,7 @@ from flax import nnx
 
 from vlp import checkpoint, config as config_lib, parallel, tasks
 from vlp.eval import retrieval
-from vlp.train import metrics as metrics_lib, state as state_lib, step as step_lib
+from vlp.train import metrics as metrics_lib, preemption, state as state_lib, step as step_lib
 
 
 def make_evaluator(config, setup, tokenizer, data=None):
@@ -34,9 +35,15 @@ def prepare(config, workdir, mesh=None):
   return mesh
 
 
+def _log(*args):
+  if jax.process_index() == 0:
+    print(*args, flush=True)
+
+
 def train(config, workdir: str, progress: bool = True) -> dict:
   """Trains (or resumes) in `workdir`; returns the final eval metrics."""
   times = collections.Counter()
+  preempt = preemption.Preemption()  # from the start: a SIGTERM while compiling still saves after one step
   mesh = prepare(config, workdir)
   tokenizer = tasks.tokenizer_for(config)
   setup = state_lib.make_setup(config, mesh)
@@ -44,12 +51,17 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   evaluator = make_evaluator(config, setup, tokenizer)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
 
+  sizes = dict(mesh.shape)
+  _log(parallel.format_memory_table(parallel.memory_table(setup.abstract, config, sizes), sizes))
   train_step, times['compile'] = step_lib.compile_train_step(config, setup)
-  start = ckpt.latest_step()
+  start = ckpt.resume_step(config.checkpoint.step)
   if start is None:
     start, state = 0, state_lib.init_state(config, setup)
   else:
-    state = ckpt.restore(start, setup.abstract, data_iter)
+    # The input positions are per process; without them the pipeline starts afresh.
+    restore_data = config.checkpoint.restore_data
+    state = ckpt.restore(start, setup.abstract, data_iter if restore_data else None)
+    _log(f'resumed step {start}' + ('' if restore_data else ' (train state only; input pipeline from its start)'))
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   batch_sharding = parallel.batch_sharding(mesh)
   per_step = config.batch_size
@@ -60,6 +72,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   last_log = (time.perf_counter(), 0.0)  # (time, data wait so far) at the last log line
   final = {}
   skipped = collections.Counter()  # input records skipped this run, by reason
+  done = start
 
   def flush(pending):
     nonlocal last_log
@@ -90,10 +103,17 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     pending = (step + 1, device_metrics)
     bar.update(1)
     done = step + 1
-    if done % config.checkpoint.every == 0 or done == config.total_steps:
+    stop = preempt.requested()
+    if done % config.checkpoint.every == 0 or done == config.total_steps or stop:
       t = time.perf_counter()
-      ckpt.save(done, state, data_iter, force=True)
-      times['checkpoint'] += time.perf_counter() - t
+      ckpt.save(done, state, data_iter, force=True, config=config)
+      blocked = time.perf_counter() - t  # an async save returns once the arrays are off the devices
+      times['checkpoint'] += blocked
+      times['checkpoint_blocked_max'] = max(times['checkpoint_blocked_max'], blocked)
+    if stop:
+      _log(f'preempted: saved step {done}, exiting')
+      final['preempted_at'] = done
+      break
     if evaluator and (done == config.total_steps or (config.eval_every and done % config.eval_every == 0)):
       t = time.perf_counter()
       final = dict(evaluator.run(state['params']))
@@ -101,13 +121,14 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       writer.write(done, final)
   if pending is not None:
     flush(pending)
+  preempt.close()
   bar.close()
   data_iter.close()  # stops Grain's worker processes / prefetch thread
   t = time.perf_counter()
   ckpt.wait()
   ckpt.close()
   times['checkpoint'] += time.perf_counter() - t
-  writer.write(config.total_steps, {f'time/{k}_s': v for k, v in times.items()})
+  writer.write(done, {f'time/{k}_s': v for k, v in times.items()})
   writer.close()
   if evaluator and not final and start == config.total_steps:  # nothing left to train: evaluate what is there
     final = dict(evaluator.run(state['params']))

@@ -2,6 +2,9 @@
 
 Shapes and shardings come from `jax.eval_shape` before anything is allocated
 (MaxText style); the real state is then created directly in its sharded layout.
+Params and optimizer state are kept in `model.param_dtype` (float32 master
+weights by default) whatever the compute dtype `model.dtype`: the layers cast
+the weights to the compute dtype where they use them.
 """
 import dataclasses
 
@@ -21,19 +24,22 @@ class Setup:
   abstract: dict  # ShapeDtypeStructs of the state, with shardings
   shardings: dict
   mesh: jax.sharding.Mesh
+  rules: dict  # logical -> mesh axes (vlp.parallel.rules_from)
 
 
-def _params_of(model):
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def _params_of(model, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def make_setup(config, mesh) -> Setup:
   tx, lr = optim.make(config.optim, config.total_steps)
+  rules = parallel.rules_from(config)
   abstract_model = nnx.eval_shape(lambda: models.build(config.model, config.seed))
   graphdef, abstract_vars = nnx.split(abstract_model, nnx.Param)
   logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_vars))
-  abstract_params = nnx.to_pure_dict(abstract_vars)
-  param_sh = parallel.tree_shardings(logical, abstract_params, mesh)
+  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, config.model.param_dtype),
+                                 nnx.to_pure_dict(abstract_vars))
+  param_sh = parallel.tree_shardings(logical, abstract_params, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   shardings = {
       'step': parallel.replicated(mesh),
@@ -44,12 +50,12 @@ def make_setup(config, mesh) -> Setup:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params, 'opt_state': abstract_opt},
       shardings)
-  return Setup(graphdef, tx, lr, abstract, shardings, mesh)
+  return Setup(graphdef, tx, lr, abstract, shardings, mesh, rules)
 
 
 def init_state(config, setup: Setup) -> dict:
   """Initialises params and optimizer state directly in their sharded layout."""
   def init():
-    params = _params_of(models.build(config.model, config.seed))
+    params = _params_of(models.build(config.model, config.seed), config.model.param_dtype)
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': setup.tx.init(params)}
   return jax.jit(init, out_shardings=setup.shardings)()

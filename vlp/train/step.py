@@ -1,4 +1,5 @@
-"""One compiled training step: loss, gradients, optimizer update; state donated."""
+"""One compiled training step: loss, gradients (accumulated over micro-batches),
+optimizer update; state donated."""
 import time
 
 import jax
@@ -14,21 +15,56 @@ MAX_LOGIT_SCALE = 100.0  # as CLIP: keeps a runaway temperature from destabilisi
 def contrastive_loss(model, batch, model_cfg, loss_cfg):
   image_emb, text_emb = model(batch['image'], batch['text'])
   scale = jnp.minimum(model.logit_scale(), MAX_LOGIT_SCALE)
+  chunk = loss_cfg.chunk_size
   if model_cfg.head == 'softmax':
-    loss = losses.softmax_contrastive(image_emb, text_emb, scale, loss_cfg.label_smoothing)
+    if chunk:
+      loss = losses.chunked_softmax_contrastive(image_emb, text_emb, scale, loss_cfg.label_smoothing, chunk)
+    else:
+      loss = losses.softmax_contrastive(image_emb, text_emb, scale, loss_cfg.label_smoothing)
+  elif chunk:
+    loss = losses.chunked_sigmoid_contrastive(image_emb, text_emb, scale, model.logit_bias(), chunk)
   else:
     loss = losses.sigmoid_contrastive(image_emb, text_emb, scale, model.logit_bias())
   return loss, {'logit_scale': scale}
+
+
+def micro_batches(batch, k: int):
+  """[B, ...] -> [k, B/k, ...] where micro-batch j holds examples j, j+k, j+2k, ...
+
+  Strided rather than contiguous so that every device keeps its own examples:
+  with the batch split over devices, each device's rows stay on it.
+  """
+  return jax.tree.map(lambda x: jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0), batch)
+
+
+def loss_and_grads(loss_fn, params, batch, accum_steps: int):
+  """Value and gradient of loss_fn, averaged over `accum_steps` micro-batches (lax.scan).
+
+  For a contrastive loss this is the mean of the micro-batch losses, each
+  contrasting its own examples only, not the loss of the whole batch.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    return grad_fn(params, batch)
+
+  def add(carry, micro):
+    (loss, aux), grads = grad_fn(params, micro)
+    return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+  (loss, aux), grads = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches(batch, accum_steps)))
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (loss, aux, grads))
+  (loss, aux, grads), _ = jax.lax.scan(add, zeros, micro_batches(batch, accum_steps))
+  return jax.tree.map(lambda x: x / accum_steps, ((loss, aux), grads))
 
 
 def make_train_step(config, setup):
   graphdef, tx, lr_schedule = setup.graphdef, setup.tx, setup.lr_schedule
 
   def train_step(state, batch):
-    def loss_fn(params):
+    def loss_fn(params, batch):
       return contrastive_loss(nnx.merge(graphdef, params), batch, config.model, config.loss)
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    (loss, aux), grads = loss_and_grads(loss_fn, state['params'], batch, config.accum_steps)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': lr_schedule(state['step']), **aux}
@@ -56,5 +92,7 @@ def compile_train_step(config, setup):
       in_shardings=(setup.shardings, parallel.batch_sharding(setup.mesh)),
       out_shardings=(setup.shardings, parallel.replicated(setup.mesh)),
       donate_argnums=0)
-  compiled = jitted.lower(setup.abstract, batch_spec(config, setup.mesh)).compile()
+  with parallel.activation_rules(setup.mesh, setup.rules):  # activations pinned while tracing
+    lowered = jitted.lower(setup.abstract, batch_spec(config, setup.mesh))
+  compiled = lowered.compile()
   return compiled, time.perf_counter() - start

@@ -15,6 +15,16 @@ MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable')
 
 
+def moe_config() -> dict:
+  """Mixture-of-Experts in a Transformer stack (vlp.models.moe); num_experts=0: dense.
+
+  The MoE blocks are every `every`-th block, among the last `last` (0: all);
+  IMP: expert choice, capacity factor 1.0, 16 experts in the last 6 blocks.
+  """
+  return dict(num_experts=0, every=2, last=0, router='expert_choice', k=1, capacity_factor=1.0,
+              batch_priority=False)
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -23,8 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = dict(
       name='align',
       image=dict(image_size=64, patch_size=8, width=256, depth=4, num_heads=4, mlp_dim=1024,
-                 pool='cls'),
-      text=dict(vocab_size=1024, context_length=32, width=256, depth=4, num_heads=4, mlp_dim=1024),
+                 pool='cls', moe=moe_config()),
+      text=dict(vocab_size=1024, context_length=32, width=256, depth=4, num_heads=4, mlp_dim=1024,
+                moe=moe_config()),
       embed_dim=256,
       head='softmax',  # 'softmax' (ALIGN/CLIP) or 'sigmoid' (SigLIP)
       dtype='float32',  # compute dtype of matmuls and activations ('float32' or 'bfloat16')
@@ -34,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
   )
   # chunk_size > 0: the loss walks the global batch in blocks of that many rows, so
   # at most chunk_size x batch logits exist at once (also in the backward pass).
-  c.loss = dict(label_smoothing=0.0, chunk_size=0)
+  # moe_*: weights of the MoE auxiliary losses (Switch load balancing, ST-MoE router z-loss)
+  c.loss = dict(label_smoothing=0.0, chunk_size=0, moe_load_balance=0.01, moe_router_z=0.001)
   # Gradient accumulation: the step averages the gradients (and losses) of this many
   # micro-batches; micro-batch j holds examples j, j+k, j+2k, ... of the global batch.
   # A contrastive loss only contrasts within a micro-batch: the result is the mean of
@@ -149,6 +161,22 @@ def _parse_like(current, raw: str, key: str):
   return value
 
 
+def _validate_moe(moe, key: str, depth: int):
+  from vlp.models import moe as moe_lib
+  if not moe.num_experts:
+    return
+  _check(isinstance(moe.num_experts, int) and moe.num_experts > 1, f'{key}.num_experts',
+         f'must be 0 (dense) or an int > 1, got {moe.num_experts!r}')
+  _check(moe.router in moe_lib.ROUTERS, f'{key}.router', f'{moe.router!r} not in {"/".join(moe_lib.ROUTERS)}')
+  _check(moe.router != 'top_k' or 1 <= moe.k <= moe.num_experts, f'{key}.k',
+         f'top-k routing needs 1 <= k <= num_experts, got {moe.k}')
+  _check(moe.capacity_factor > 0, f'{key}.capacity_factor', 'must be > 0')
+  _check(moe.every >= 1 and 0 <= moe.last <= depth, f'{key}.every',
+         f'every must be >= 1 and last in [0, depth={depth}]')
+  _check(not moe.batch_priority or moe.router == 'top_k', f'{key}.batch_priority',
+         'batch-priority routing applies to the top_k router only')
+
+
 def _check(ok: bool, key: str, message: str):
   if not ok:
     raise ConfigError(f"config key '{key}': {message}")
@@ -166,6 +194,7 @@ def validate(config, num_devices: int, process_count: int = 1):
       _check(isinstance(t[k], int) and t[k] > 0, f'model.{tower}.{k}', f'must be a positive int, got {t[k]!r}')
     _check(t.width % t.num_heads == 0, f'model.{tower}.num_heads',
            f'width {t.width} is not divisible by {t.num_heads} heads')
+    _validate_moe(t.moe, f'model.{tower}.moe', t.depth)
   im = m.image
   _check(im.image_size % im.patch_size == 0, 'model.image.patch_size',
          f'image_size {im.image_size} is not divisible by patch {im.patch_size}')

@@ -17,8 +17,8 @@ Convention (the one of PaLM/MaxText "model FLOPs"):
 
 Model configs are ml_collections ConfigDicts (or plain dicts / objects) with
 the layout of `configs/*.py`:
-  model.image: image_size, patch_size, width, depth, num_heads, mlp_dim
-  model.text:  vocab_size, context_length, width, depth, num_heads, mlp_dim
+  model.image: image_size, patch_size, width, depth, num_heads, mlp_dim, [moe]
+  model.text:  vocab_size, context_length, width, depth, num_heads, mlp_dim, [moe]
   model.embed_dim
 The ViT has a CLS token (seq = patches + 1); the text tower's sequence length
 is `context_length` (set `seq_len` in the text config to override, e.g. when
@@ -57,9 +57,32 @@ def block_forward_flops(seq_len: int, width: int, mlp_dim: int) -> float:
   return qkv + scores + values + out + mlp
 
 
+def moe_mlp_forward_flops(seq_len: int, width: int, mlp_dim: int, moe: Any) -> float:
+  """An MoE MLP on one sequence (one routing group): router logits, the
+  dispatch and combine einsums, and both expert matmuls over every slot
+  (E x C, filled or not: that is what the kernels compute)."""
+  from vlp.models.moe import capacity
+  e = _get(moe, "num_experts")
+  slots = e * capacity(_get(moe, "router"), seq_len, e, _get(moe, "k"), _get(moe, "capacity_factor"))
+  router = matmul_flops(seq_len, e, width)
+  dispatch_combine = 2 * matmul_flops(slots, width, seq_len)
+  experts = matmul_flops(slots, mlp_dim, width) + matmul_flops(slots, width, mlp_dim)
+  return router + dispatch_combine + experts
+
+
 def encoder_forward_flops(seq_len: int, width: int, depth: int,
-                          mlp_dim: int) -> float:
-  return depth * block_forward_flops(seq_len, width, mlp_dim)
+                          mlp_dim: int, moe: Any = None) -> float:
+  """The stack's blocks; those that `moe` makes Mixture-of-Experts (vlp.models.layers.moe_blocks)
+  count moe_mlp_forward_flops instead of the dense MLP."""
+  from vlp.models.layers import moe_blocks
+  dense = block_forward_flops(seq_len, width, mlp_dim)
+  total = 0.0
+  for is_moe in moe_blocks(depth, moe):
+    total += dense
+    if is_moe:
+      total += (moe_mlp_forward_flops(seq_len, width, mlp_dim, moe)
+                - 2 * matmul_flops(seq_len, mlp_dim, width))
+  return total
 
 
 def vit_seq_len(image_cfg: Any) -> int:
@@ -76,7 +99,7 @@ def vit_forward_flops(image_cfg: Any, embed_dim: int, channels: int = 3) -> floa
   patch_embed = matmul_flops(num_patches, width, patch * patch * channels)
   blocks = encoder_forward_flops(vit_seq_len(image_cfg), width,
                                  _get(image_cfg, "depth"),
-                                 _get(image_cfg, "mlp_dim"))
+                                 _get(image_cfg, "mlp_dim"), _get(image_cfg, "moe"))
   proj = matmul_flops(1, embed_dim, width) if embed_dim else 0.0
   return patch_embed + blocks + proj
 
@@ -86,7 +109,7 @@ def text_forward_flops(text_cfg: Any, embed_dim: int) -> float:
   seq = _get(text_cfg, "seq_len") or _get(text_cfg, "context_length")
   width = _get(text_cfg, "width")
   blocks = encoder_forward_flops(seq, width, _get(text_cfg, "depth"),
-                                 _get(text_cfg, "mlp_dim"))
+                                 _get(text_cfg, "mlp_dim"), _get(text_cfg, "moe"))
   proj = matmul_flops(1, embed_dim, width) if embed_dim else 0.0
   return blocks + proj
 

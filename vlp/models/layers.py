@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlp import parallel
+from vlp.models import moe as moe_lib  # moe uses param() of this module, at call time
 
 # Variables carry their logical names as metadata; vlp.parallel places them.
 # Flax's eager sharding would need a mesh at construction time.
@@ -90,13 +91,17 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-LayerNorm Transformer block."""
+  """Pre-LayerNorm Transformer block; `moe` (vlp.models.moe.MoeMlp keyword arguments with
+  num_experts) replaces its MLP by a Mixture-of-Experts."""
 
-  def __init__(self, width, num_heads, mlp_dim, *, rngs, dtype=jnp.float32):
+  def __init__(self, width, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, moe=None):
     self.ln1 = LayerNorm(width, rngs=rngs, dtype=dtype)
     self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype)
     self.ln2 = LayerNorm(width, rngs=rngs, dtype=dtype)
-    self.mlp = Mlp(width, mlp_dim, rngs=rngs, dtype=dtype)
+    if moe:
+      self.mlp = moe_lib.MoeMlp(width, mlp_dim, rngs=rngs, dtype=dtype, **moe)
+    else:
+      self.mlp = Mlp(width, mlp_dim, rngs=rngs, dtype=dtype)
 
   def __call__(self, x, mask=None):
     x = parallel.constrain(x, ('batch', None, None))
@@ -109,11 +114,27 @@ class Block(nnx.Module):
 REMAT_POLICIES = {'full': None, 'dots_saveable': jax.checkpoint_policies.dots_saveable}
 
 
-class Encoder(nnx.Module):
-  """A stack of blocks followed by a final LayerNorm; `remat` names a policy or 'none'."""
+def moe_blocks(depth: int, moe) -> list[bool]:
+  """Which blocks of a stack are MoE: every `every`-th (the every-th, 2*every-th, ...), among
+  the last `last` blocks when last > 0 (IMP: the last 6); none when num_experts is 0."""
+  if not moe or not moe.get('num_experts'):
+    return [False] * depth
+  first = depth - moe['last'] if moe.get('last') else 0
+  return [i >= first and (i - first + 1) % moe['every'] == 0 for i in range(depth)]
 
-  def __init__(self, width, depth, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, remat='none'):
-    self.blocks = nnx.List([Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype) for _ in range(depth)])
+
+def _moe_kwargs(moe):
+  return {k: moe[k] for k in ('num_experts', 'router', 'k', 'capacity_factor', 'batch_priority')}
+
+
+class Encoder(nnx.Module):
+  """A stack of blocks followed by a final LayerNorm; `remat` names a policy or 'none';
+  `moe` (config model.<tower>.moe) makes some blocks Mixture-of-Experts (moe_blocks)."""
+
+  def __init__(self, width, depth, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, remat='none', moe=None):
+    self.blocks = nnx.List([
+        Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=_moe_kwargs(moe) if is_moe else None)
+        for is_moe in moe_blocks(depth, moe)])
     self.ln = LayerNorm(width, rngs=rngs, dtype=dtype)
     self.remat = remat
 

@@ -14,13 +14,13 @@ PAD_ID = 0
 class TextEncoder(nnx.Module):
 
   def __init__(self, vocab_size, context_length, width, depth, num_heads, mlp_dim,
-               *, rngs, dtype=jnp.float32, remat='none'):
+               *, rngs, dtype=jnp.float32, remat='none', moe=None):
     self.dtype = dtype
     self.token_embed = layers.param(rngs, nnx.initializers.normal(0.02), (vocab_size, width),
                                     ('vocab', 'embed'))
     self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.01), (context_length, width),
                                   (None, 'embed'))
-    self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype, remat=remat)
+    self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype, remat=remat, moe=moe)
 
   def __call__(self, tokens):
     """tokens: int [B, L] -> pooled features [B, width]."""

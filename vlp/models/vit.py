@@ -14,7 +14,7 @@ from vlp.models import layers
 class ViT(nnx.Module):
 
   def __init__(self, image_size, patch_size, width, depth, num_heads, mlp_dim, pool='cls',
-               *, rngs, dtype=jnp.float32, remat='none'):
+               *, rngs, dtype=jnp.float32, remat='none', moe=None):
     self.patch_size, self.pool, self.dtype = patch_size, pool, dtype
     grid = image_size // patch_size
     self.patch_embed = layers.Dense(3 * patch_size * patch_size, width, ('patch', 'embed'),
@@ -22,7 +22,7 @@ class ViT(nnx.Module):
     self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.02), (grid, grid, width),
                                   (None, None, 'embed'))
     self.cls = layers.param(rngs, nnx.initializers.zeros, (width,), ('embed',))
-    self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype, remat=remat)
+    self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype, remat=remat, moe=moe)
 
   def position_embeddings(self, grid_h, grid_w):
     pos = self.pos_embed[...]

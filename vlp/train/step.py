@@ -8,12 +8,15 @@ import optax
 from flax import nnx
 
 from vlp import losses, parallel
+from vlp.models import moe
 
 MAX_LOGIT_SCALE = 100.0  # as CLIP: keeps a runaway temperature from destabilising training
 
 
 def contrastive_loss(model, batch, model_cfg, loss_cfg):
-  image_emb, text_emb = model(batch['image'], batch['text'])
+  # capture: what MoE layers report of the pass (vlp.models.moe)
+  (image_emb, text_emb), intermediates = nnx.capture(lambda m, i, t: m(i, t), nnx.Intermediate)(
+      model, batch['image'], batch['text'])
   scale = jnp.minimum(model.logit_scale(), MAX_LOGIT_SCALE)
   chunk = loss_cfg.chunk_size
   if model_cfg.head == 'softmax':
@@ -25,7 +28,12 @@ def contrastive_loss(model, batch, model_cfg, loss_cfg):
     loss = losses.chunked_sigmoid_contrastive(image_emb, text_emb, scale, model.logit_bias(), chunk)
   else:
     loss = losses.sigmoid_contrastive(image_emb, text_emb, scale, model.logit_bias())
-  return loss, {'logit_scale': scale}
+  moe_loss, moe_metrics = moe.aux_losses(intermediates, {'load_balance': loss_cfg.moe_load_balance,
+                                                         'router_z': loss_cfg.moe_router_z})
+  metrics = {'logit_scale': scale}
+  if moe_metrics:  # an MoE model: the loss includes its auxiliary losses
+    metrics.update(contrastive_loss=loss, **moe_metrics)
+  return loss + moe_loss, metrics
 
 
 def micro_batches(batch, k: int):

@@ -40,8 +40,8 @@ def _log(*args):
     print(*args, flush=True)
 
 
-def train(config, workdir: str, progress: bool = True) -> dict:
-  """Trains (or resumes) in `workdir`; returns the final eval metrics."""
+def train(config, workdir: str, progress: bool = True, step: int | None = None) -> dict:
+  """Trains (or resumes the latest checkpoint, or `step`) in `workdir`; returns the final eval metrics."""
   times = collections.Counter()
   preempt = preemption.Preemption()  # from the start: a SIGTERM while compiling still saves after one step
   mesh = prepare(config, workdir)
@@ -54,7 +54,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   sizes = dict(mesh.shape)
   _log(parallel.format_memory_table(parallel.memory_table(setup.abstract, config, sizes), sizes))
   train_step, times['compile'] = step_lib.compile_train_step(config, setup)
-  start = ckpt.resume_step(config.checkpoint.step)
+  start = ckpt.resume_step(step)
   if start is None:
     start, state = 0, state_lib.init_state(config, setup)
   else:
@@ -110,6 +110,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       blocked = time.perf_counter() - t  # an async save returns once the arrays are off the devices
       times['checkpoint'] += blocked
       times['checkpoint_blocked_max'] = max(times['checkpoint_blocked_max'], blocked)
+      writer.write(done, {'checkpoint/blocked_s': blocked})
     if stop:
       _log(f'preempted: saved step {done}, exiting')
       final['preempted_at'] = done

@@ -42,8 +42,15 @@ def _log(*args):
 
 def train(config, workdir: str, progress: bool = True, step: int | None = None) -> dict:
   """Trains (or resumes the latest checkpoint, or `step`) in `workdir`; returns the final eval metrics."""
-  times = collections.Counter()
   preempt = preemption.Preemption()  # from the start: a SIGTERM while compiling still saves after one step
+  try:
+    return _train(config, workdir, progress, step, preempt)
+  finally:
+    preempt.close()
+
+
+def _train(config, workdir, progress, resume_at, preempt):
+  times = collections.Counter()
   mesh = prepare(config, workdir)
   tokenizer = tasks.tokenizer_for(config)
   setup = state_lib.make_setup(config, mesh)
@@ -54,7 +61,7 @@ def train(config, workdir: str, progress: bool = True, step: int | None = None) 
   sizes = dict(mesh.shape)
   _log(parallel.format_memory_table(parallel.memory_table(setup.abstract, config, sizes), sizes))
   train_step, times['compile'] = step_lib.compile_train_step(config, setup)
-  start = ckpt.resume_step(step)
+  start = ckpt.resume_step(resume_at)
   if start is None:
     start, state = 0, state_lib.init_state(config, setup)
   else:
@@ -122,7 +129,6 @@ def train(config, workdir: str, progress: bool = True, step: int | None = None) 
       writer.write(done, final)
   if pending is not None:
     flush(pending)
-  preempt.close()
   bar.close()
   data_iter.close()  # stops Grain's worker processes / prefetch thread
   t = time.perf_counter()

@@ -28,9 +28,9 @@ def test_keep_every_metadata_and_resuming_a_chosen_step(tmp_path):
   assert meta['config']['model']['embed_dim'] == 32 and meta['config']['total_steps'] == 8
   straight = _losses(tmp_path)
   # resume step 3 (state and input position): the later checkpoints go, the trajectory is the same
-  loop.train(tiny_config(total_steps=8, **ck, **{'checkpoint.step': 3}), str(tmp_path), progress=False)
+  loop.train(tiny_config(total_steps=8, **ck), str(tmp_path), progress=False, step=3)
   assert _losses(tmp_path) == straight
-  with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5 .*saved: \[3, 6, 7, 8\]"):
+  with pytest.raises(FileNotFoundError, match=r"--step: no checkpoint of step 5 .*saved: \[3, 6, 7, 8\]"):
     checkpoint.Checkpointer(str(tmp_path), tiny_config(**ck).checkpoint).resume_step(5)
 
 

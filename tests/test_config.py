@@ -65,6 +65,12 @@ def test_bad_overrides(override, message):
     ('mesh.fsdp=3', 'mesh.data'),
     ('mesh.fsdp=-1', 'mesh'),
     ("data.languages=('en','xx')", 'data.languages'),
+    ('model.remat=some', 'model.remat'),
+    ('model.param_dtype=float16', 'model.param_dtype'),
+    ('accum_steps=0', 'accum_steps'),
+    ('mesh.expert=3', 'mesh.data'),
+    ('checkpoint.keep_every=-1', 'checkpoint.keep_every'),
+    ("mesh_rules=(('embed',),)", 'mesh_rules'),
 ])
 def test_validation_names_the_key(override, key):
   c = config_lib.apply_overrides(config_lib.base_config(), [override])

@@ -116,6 +116,7 @@ def test_remat_keeps_loss_and_gradients(policy):
   assert str(jaxpr).count('remat2[') == 4  # 2 blocks in each tower
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights():
   mesh = parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1})
   config = tiny_config(**{'model.dtype': 'bfloat16'})
@@ -134,6 +135,7 @@ def test_bfloat16_compute_keeps_float32_master_weights():
   assert {x.dtype for x in jax.tree.leaves(setup.abstract['params'])} == {jnp.dtype('bfloat16')}
 
 
+@pytest.mark.slow
 def test_grad_accumulation_is_the_mean_of_micro_batch_losses():
   mesh = parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1})
   config = tiny_config(accum_steps=2)
@@ -152,6 +154,7 @@ def test_grad_accumulation_is_the_mean_of_micro_batch_losses():
     config_lib.validate(tiny_config(accum_steps=3), 8)
 
 
+@pytest.mark.slow
 def test_chunked_loss_in_the_step_gives_the_same_training():
   mesh = parallel.make_mesh({'data': 4, 'fsdp': 2, 'tensor': 1, 'expert': 1})
   whole, _ = _losses(tiny_config(**{'model.head': 'sigmoid'}), mesh, steps=2)

@@ -23,6 +23,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from vlp import config as config_lib
+
 # Config keys a resume must keep: the model (shapes and meaning of the params)
 # and everything that defines the data stream the iterator state points into.
 _IDENTITY_KEYS = ('model', 'seed', 'batch_size', 'data.name', 'data.train', 'data.tfds.name',
@@ -72,7 +74,18 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{workdir} has no config.json: is it a vlp workdir?')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  # On top of today's defaults, so a workdir written before a key existed (e.g. the
+  # expert mesh axis, param_dtype) still loads; JSON lists go back to tuples.
+  config = config_lib.base_config()
+  for key, value in flatten(saved):
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
+    if isinstance(node, ml_collections.ConfigDict) and leaf in node:
+      node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+  return config
 
 
 def versions() -> dict:
@@ -84,7 +97,7 @@ class Checkpointer:
   def __init__(self, workdir: str, cfg, read_only: bool = False):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, save_interval_steps=cfg.every,
-        keep_period=cfg.get('keep_every') or None,  # older workdir configs lack it
+        keep_period=cfg.keep_every or None,
         enable_async_checkpointing=cfg.async_save, read_only=read_only)
     self.manager = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options,
@@ -97,18 +110,20 @@ class Checkpointer:
   def all_steps(self):
     return sorted(self.manager.all_steps())
 
-  def resume_step(self, requested: int = -1):
-    """The step to resume from: the latest (-1) or `requested`, which must have been saved.
+  def resume_step(self, requested: int | None = None):
+    """The step to resume from: the latest (None) or `requested`, which must have been saved.
 
     Resuming an earlier step branches the run: the checkpoints after it are
     deleted, so the new trajectory's checkpoints can take their step numbers.
+    (Hence a flag of one launch, `vlp train --step`, not a config key that a
+    relaunch after a preemption would repeat.)
     """
-    if requested == -1:
+    if requested is None:
       return self.latest_step()
     steps = self.all_steps()
     if requested not in steps:
-      raise FileNotFoundError(f"config key 'checkpoint.step': no checkpoint of step {requested} "
-                              f'in {self.manager.directory} (saved: {steps})')
+      raise FileNotFoundError(f'--step: no checkpoint of step {requested} in {self.manager.directory} '
+                              f'(saved: {steps})')
     for later in (s for s in steps if s > requested):
       if jax.process_index() == 0:
         print(f'resuming step {requested}: deleting the later checkpoint {later}')

@@ -27,7 +27,7 @@ def cmd_train(args, overrides):
   import jax
   from vlp.train import loop
   config = _load_config(args.config, overrides)
-  result = loop.train(config, args.workdir, progress=not args.no_progress)
+  result = loop.train(config, args.workdir, progress=not args.no_progress, step=args.step)
   if jax.process_index() == 0:
     _print_result(result)
 
@@ -105,6 +105,8 @@ def main(argv=None):
   p.add_argument('--config', required=True, help='configs/X.py[:arg]')
   p.add_argument('--workdir', required=True)
   p.add_argument('--no_progress', action='store_true')
+  p.add_argument('--step', type=int, default=None,
+                 help='resume this saved step instead of the latest; deletes the later checkpoints')
   p.add_argument('--coordinator', default=None, help='host:port of process 0 (multi-process; or VLP_COORDINATOR)')
   p.add_argument('--num_processes', type=int, default=None, help='or VLP_NUM_PROCESSES')
   p.add_argument('--process_id', type=int, default=None, help='or VLP_PROCESS_ID')

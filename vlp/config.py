@@ -89,7 +89,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = dict(
       every=500, keep=2, async_save=True,
       keep_every=0,  # > 0: also keep every checkpoint whose step is a multiple of this, forever
-      step=-1,  # resume from this step (-1: the latest); newer checkpoints are deleted
       # False: restore only the train state and start the input pipeline afresh, e.g. on
       # another process count, whose per-process input positions cannot be taken over
       restore_data=True,
@@ -239,7 +238,6 @@ def validate(config, num_devices: int, process_count: int = 1):
   c = config.checkpoint
   _check(c.keep >= 1, 'checkpoint.keep', 'must be >= 1')
   _check(c.keep_every >= 0, 'checkpoint.keep_every', 'must be >= 0')
-  _check(c.step >= -1, 'checkpoint.step', 'must be -1 (latest) or a saved step')
   return sizes
 
 

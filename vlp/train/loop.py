@@ -40,10 +40,17 @@ def _log(*args):
     print(*args, flush=True)
 
 
-def train(config, workdir: str, progress: bool = True) -> dict:
-  """Trains (or resumes) in `workdir`; returns the final eval metrics."""
-  times = collections.Counter()
+def train(config, workdir: str, progress: bool = True, step: int | None = None) -> dict:
+  """Trains (or resumes the latest checkpoint, or `step`) in `workdir`; returns the final eval metrics."""
   preempt = preemption.Preemption()  # from the start: a SIGTERM while compiling still saves after one step
+  try:
+    return _train(config, workdir, progress, step, preempt)
+  finally:
+    preempt.close()
+
+
+def _train(config, workdir, progress, resume_at, preempt):
+  times = collections.Counter()
   mesh = prepare(config, workdir)
   tokenizer = tasks.tokenizer_for(config)
   setup = state_lib.make_setup(config, mesh)
@@ -54,7 +61,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
   sizes = dict(mesh.shape)
   _log(parallel.format_memory_table(parallel.memory_table(setup.abstract, config, sizes), sizes))
   train_step, times['compile'] = step_lib.compile_train_step(config, setup)
-  start = ckpt.resume_step(config.checkpoint.step)
+  start = ckpt.resume_step(resume_at)
   if start is None:
     start, state = 0, state_lib.init_state(config, setup)
   else:
@@ -110,6 +117,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       blocked = time.perf_counter() - t  # an async save returns once the arrays are off the devices
       times['checkpoint'] += blocked
       times['checkpoint_blocked_max'] = max(times['checkpoint_blocked_max'], blocked)
+      writer.write(done, {'checkpoint/blocked_s': blocked})
     if stop:
       _log(f'preempted: saved step {done}, exiting')
       final['preempted_at'] = done
@@ -121,7 +129,6 @@ def train(config, workdir: str, progress: bool = True) -> dict:
       writer.write(done, final)
   if pending is not None:
     flush(pending)
-  preempt.close()
   bar.close()
   data_iter.close()  # stops Grain's worker processes / prefetch thread
   t = time.perf_counter()

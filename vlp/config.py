@@ -233,7 +233,7 @@ def _validate_evals(config):
     allowed = EVAL_DEFAULTS[e.kind]
     for k in e:
       close = difflib.get_close_matches(k, list(allowed), n=1)
-      _check(k in allowed, f'{key}.{k}', f'unknown key' + (f"; did you mean '{key}.{close[0]}'?" if close else ''))
+      _check(k in allowed, f'{key}.{k}', 'unknown key' + (f"; did you mean '{key}.{close[0]}'?" if close else ''))
     for k in allowed:
       _check(k in e, f'{key}.{k}', 'missing (build entries with vlp.config.eval_config)')
     _check(e.data in EVAL_DATA[e.kind], f'{key}.data',

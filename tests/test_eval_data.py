@@ -115,3 +115,23 @@ def test_eval_entries_are_checked_before_compiling():
     config_lib.validate(c, 8)
   with pytest.raises(config_lib.ConfigError, match="no key"):
     config_lib.eval_config('retrieval', templates=('a {}',))
+
+
+def test_tfds_captions_for_retrieval(tmp_path):
+  """coco_captions-shaped TFDS data: every caption of an image, images without captions skipped."""
+  from test_tfds_source import VlpTinyCaptions, examples, png
+
+  class VlpTinyCocoEval(VlpTinyCaptions, skip_registration=True):
+    def _generate_examples(self, split):  # the same, with images big enough to resize
+      for i, ex in enumerate(examples(split)):
+        yield i, {'image': png(np.kron(ex['pixels'], np.ones((8, 8, 1), np.uint8))), 'image/id': ex['image/id'],
+                  'captions': [{'id': 10 * i + j, 'text': t} for j, t in enumerate(ex['texts'])], 'title': ''}
+
+  tfds.disable_progress_bar()
+  VlpTinyCocoEval(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  e = config_lib.ml_collections.ConfigDict(config_lib.eval_config(
+      'retrieval', data='tfds', tfds_name='vlp_tiny_coco_eval', tfds_data_dir=str(tmp_path), split='train'))
+  data = datasets.retrieval_data(e, tiny_config(), tok.builtin_tokenizer())
+  counts = sorted(len(ex['texts']) for ex in examples('train') if ex['texts'])
+  assert sorted(np.bincount(data['text_to_image']).tolist()) == counts
+  assert len(data['image']) == len(counts) and data['skipped'] == {'empty_caption': 1}

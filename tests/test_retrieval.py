@@ -120,3 +120,12 @@ def test_chunked_memory_is_bounded_for_a_million_by_a_million():
     temps[chunk] = compiled.memory_analysis().temp_size_in_bytes
     assert temps[chunk] <= 4 * chunk * n * 4, (chunk, temps[chunk] / 2**20)
   assert temps[64] > 1.5 * temps[32]  # the block grows with the chunk, nothing else is that big
+
+
+def test_bench_retrieval_prints_one_json_line(capsys):
+  import json
+  from vlp import cli
+  assert cli.main(['bench', 'retrieval', '--images=60', '--texts=150', '--dim=16', '--chunk=32', '--repeats=1']) == 0
+  result = json.loads(capsys.readouterr().out.strip())
+  assert result['same_recalls'] and result['texts'] == 150
+  assert result['speedup'] > 0 and result['speedup_vs_dense_topk'] > 0

@@ -170,8 +170,8 @@ def main(argv=None):
     parser.error(f'unrecognized arguments: {" ".join(rest)}')
   if overrides and args.command not in ('train', 'eval', 'bench'):
     parser.error(f'--config.* overrides do not apply to `vlp {args.command}`')
-  # Data tools report bad paths and inputs as ValueError: one line, no traceback.
-  user_errors = (ConfigError, WorkdirMismatch, FileNotFoundError) + ((ValueError,) if args.command == 'data' else ())
+  # Data tools and eval data report bad paths and inputs as ValueError: one line, no traceback.
+  user_errors = (ConfigError, WorkdirMismatch, FileNotFoundError) + ((ValueError,) if args.command in ('data', 'eval') else ())
   try:
     args.fn(args, overrides)
   except user_errors as e:

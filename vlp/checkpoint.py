@@ -42,6 +42,7 @@ def check_workdir(config, workdir: str):
     with open(path) as f:
       saved = json.load(f)
     old, new = dict(flatten(saved)), dict(flatten(current))
+    old.setdefault('ema_decay', 0.0)  # workdirs from before the EMA had none
     for k in sorted(set(old) | set(new), key=lambda k: (not k.startswith('model.'), k)):  # model first
       if k.startswith(_IDENTITY_KEYS) and _norm(old.get(k)) != _norm(new.get(k)):
         what = 'of another model' if k.startswith(('model.', 'ema_decay')) else 'of another data stream'

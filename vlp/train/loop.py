@@ -15,7 +15,6 @@ class Evaluators:
   """The evaluators of config.evals; `run(params)` yields ('<entry>/<metric>', value)."""
 
   def __init__(self, config, setup, tokenizer, task_data=None):
-    self.config = config
     self.evaluators = eval_lib.make(config, setup.graphdef, tokenizer, task_data)
 
   def __bool__(self):

@@ -9,13 +9,17 @@ then top-k) sorts. Rows are processed in chunks inside one `jax.jit`
 there are (1M x 1M fits), and nothing goes back to the host between chunks.
 
 Ties count against the model: a wrong candidate that scores exactly as high as
-the correct one is ranked before it.
+the correct one is ranked before it. (The correct scores come from row-wise
+dot products, the others from the chunk's matmul, so a near-tie within float32
+rounding may go either way.)
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+BLOCK_BYTES = 2**28  # largest [chunk, N] float32 similarity block recall_at_k makes (256 MB)
 
 
 @functools.partial(jax.jit, static_argnames='chunk')
@@ -78,10 +82,12 @@ def recall_at_k(image_emb, text_emb, text_to_image, ks=(1, 5, 10), chunk=256) ->
   `text_to_image[j]` is the image index of caption j. Image->text counts a hit
   when any caption of the image is in its top K (CLIP convention); images
   without captions are left out. Text->image averages over all captions.
+  Captions go `chunk` at a time, fewer when N images would make a block
+  larger than BLOCK_BYTES (64 rows for a million images).
   """
   image_emb, text_emb, text_to_image = _check(image_emb, text_emb, text_to_image)
-  t_ranks, i_ranks = map(np.asarray, ranks(image_emb, text_emb, text_to_image,
-                                            chunk=max(1, min(chunk, len(text_emb)))))
+  chunk = max(1, min(chunk, len(text_emb), BLOCK_BYTES // (4 * max(1, len(image_emb)))))
+  t_ranks, i_ranks = map(np.asarray, ranks(image_emb, text_emb, text_to_image, chunk=chunk))
   i_ranks = i_ranks[np.bincount(text_to_image, minlength=len(image_emb)) > 0]
   out = {}
   for k in ks:

@@ -4,7 +4,7 @@ About five minutes on a 2-core CPU:
   vlp train --config=configs/align_tiny.py --workdir=workdirs/align_tiny
 Overrides use dotted keys, e.g. `--config.total_steps=100 --config.model.head=sigmoid`.
 """
-from vlp.config import base_config
+from vlp.config import base_config, eval_config
 
 
 def get_config(arg=None):
@@ -18,5 +18,7 @@ def get_config(arg=None):
   c.loss.label_smoothing = 0.1  # as in ALIGN
   c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.05)
   c.eval_every = 200
+  # besides the held-out retrieval: zero-shot colour+shape classification of 500 unseen scenes
+  c.evals.zeroshot = eval_config('zeroshot', data='synthetic', num_images=500)
   c.checkpoint.every = 200
   return c

@@ -62,3 +62,70 @@ def test_perfect_embeddings_give_full_recall():
 def test_bad_mapping_is_a_clear_error():
   with pytest.raises(ValueError, match='outside'):
     recall_at_k(np.eye(2), np.eye(2), np.array([0, 2]))
+
+
+def test_duplicate_images_uneven_captions_and_padding_chunk():
+  """Exact ties from duplicated images, 0-4 captions per image, a chunk that does not divide M."""
+  rng = np.random.default_rng(3)
+  img = rng.integers(-2, 3, size=(12, 6)).astype(np.float32)
+  img[5] = img[2]  # an exact duplicate: every score ties
+  t2i = np.concatenate([np.full(n, i) for i, n in enumerate([1, 4, 0, 2, 3, 1, 0, 2, 1, 3, 2, 1])])
+  txt = (img[t2i] + rng.integers(-1, 2, size=(len(t2i), 6))).astype(np.float32)
+  ks = (1, 3, 5)
+  for chunk in (1, 4, 7, 100):
+    assert recall_at_k(img, txt, t2i, ks, chunk=chunk) == pytest.approx(_naive(img, txt, t2i, ks)), chunk
+
+
+def test_dense_references_agree_without_ties():
+  from vlp.eval.retrieval import clip_benchmark_recall_at_k, dense_recall_at_k
+  rng = np.random.default_rng(0)
+  img = rng.normal(size=(40, 16)).astype(np.float32)
+  t2i = rng.integers(0, 40, size=130)
+  txt = (img[t2i] + rng.normal(size=(130, 16))).astype(np.float32)
+  want = _naive(img, txt, t2i, (1, 5, 10))
+  assert dense_recall_at_k(img, txt, t2i) == pytest.approx(want)
+  assert clip_benchmark_recall_at_k(img, txt, t2i, batch_size=16) == pytest.approx(want)
+
+
+def test_rsum_and_per_language_results():
+  from vlp.eval.retrieval import evaluate
+  rng = np.random.default_rng(1)
+  img = rng.normal(size=(10, 8)).astype(np.float32)
+  t2i = np.repeat(np.arange(10), 3)[:-2]  # the last image has one caption: no 'de' or 'fr' one
+  langs = np.array(['en', 'de', 'fr'] * 10)[:-2]
+  txt = (img[t2i] + 1.2 * rng.normal(size=(len(t2i), 8))).astype(np.float32)
+  got = evaluate(img, txt, t2i, langs)
+  want = _naive(img, txt, t2i, (1, 5, 10))
+  assert got['rsum'] == pytest.approx(sum(want.values()))
+  for lang in ('en', 'de', 'fr'):
+    keep = langs == lang
+    img_ids = np.unique(t2i[keep])  # images with a caption in this language
+    per = _naive(img, txt[keep], t2i[keep], (1, 5, 10))  # the naive one skips uncaptioned images
+    assert {k: got[f'{lang}/{k}'] for k in per} == pytest.approx(per), lang
+    assert len(img_ids) == (10 if lang == 'en' else 9)
+  assert 'en/rsum' in got and set(evaluate(img, txt, t2i)) == set(want) | {'rsum'}
+
+
+def test_chunked_memory_is_bounded_for_a_million_by_a_million():
+  """Compiled (not run) for 1M images x 1M captions: the temporaries stay a few
+  chunk x N blocks (the full matrix would be 4 TB)."""
+  import jax
+  import jax.numpy as jnp
+  from vlp.eval.retrieval import ranks
+  n, d = 1_000_000, 512
+  spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+  temps = {}
+  for chunk in (32, 64):
+    compiled = ranks.lower(spec(n, d), spec(n, d), spec(n, dtype=jnp.int32), chunk=chunk).compile()
+    temps[chunk] = compiled.memory_analysis().temp_size_in_bytes
+    assert temps[chunk] <= 4 * chunk * n * 4, (chunk, temps[chunk] / 2**20)
+  assert temps[64] > 1.5 * temps[32]  # the block grows with the chunk, nothing else is that big
+
+
+def test_bench_retrieval_prints_one_json_line(capsys):
+  import json
+  from vlp import cli
+  assert cli.main(['bench', 'retrieval', '--images=60', '--texts=150', '--dim=16', '--chunk=32', '--repeats=1']) == 0
+  result = json.loads(capsys.readouterr().out.strip())
+  assert result['same_recalls'] and result['texts'] == 150
+  assert result['speedup'] > 0 and result['speedup_vs_dense_topk'] > 0

@@ -61,12 +61,13 @@ def test_resume_continues_the_exact_trajectory(tmp_path):
 def test_export_gives_the_training_embeddings(tmp_path):
   result = _train(tmp_path / 'wd', total_steps=3)
   cli.main(['export', f'--workdir={tmp_path / "wd"}', f'--out={tmp_path / "export"}'])
-  assert sorted(os.listdir(tmp_path / 'export')) == ['config.json', 'model.safetensors', 'tokenizer.model']
+  assert sorted(os.listdir(tmp_path / 'export')) == ['config.json', 'image_encoder.jax_exported', 'model.safetensors',
+                                                     'text_encoder.jax_exported', 'tokenizer.model']
   model, tokenizer = export.load(str(tmp_path / 'export'))
   config, params, step = export.restore_params(str(tmp_path / 'wd'))
   assert step == 3
   mesh = parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
-  evaluator = loop.make_evaluator(config, state_lib.make_setup(config, mesh), tokenizer)
+  [(_, _, evaluator)] = loop.make_evaluator(config, state_lib.make_setup(config, mesh), tokenizer).evaluators
   image_emb, text_emb = evaluator.embed(params)
   np.testing.assert_allclose(model.encode_image(evaluator.data['image'][:8]), image_emb[:8], atol=1e-5)
   np.testing.assert_allclose(model.encode_text(evaluator.data['text'][:8]), text_emb[:8], atol=1e-5)

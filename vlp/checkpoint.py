@@ -27,7 +27,7 @@ from vlp import config as config_lib
 
 # Config keys a resume must keep: the model (shapes and meaning of the params)
 # and everything that defines the data stream the iterator state points into.
-_IDENTITY_KEYS = ('model', 'seed', 'batch_size', 'data.name', 'data.train', 'data.tfds.name',
+_IDENTITY_KEYS = ('model', 'ema_decay', 'seed', 'batch_size', 'data.name', 'data.train', 'data.tfds.name',
                   'data.tfds.train_split', 'data.languages', 'data.tokenizer', 'data.num_workers',
                   'data.crop_scale', 'data.flip', 'data.cycle_length', 'data.shuffle_window')
 
@@ -53,9 +53,10 @@ def check_workdir(config, workdir: str):
     with open(path) as f:
       saved = json.load(f)
     old, new = dict(flatten(saved)), dict(flatten(current))
+    old.setdefault('ema_decay', 0.0)  # workdirs from before the EMA had none
     for k in sorted(set(old) | set(new), key=lambda k: (not k.startswith('model.'), k)):  # model first
       if k.startswith(_IDENTITY_KEYS) and _norm(old.get(k)) != _norm(new.get(k)):
-        what = 'of another model' if k.startswith('model.') else 'of another data stream'
+        what = 'of another model' if k.startswith(('model.', 'ema_decay')) else 'of another data stream'
         raise WorkdirMismatch(
             f'workdir {workdir} holds a checkpoint {what} ({k} is {old.get(k)!r} there, '
             f'{new.get(k)!r} here); use a new --workdir or the same config')

@@ -4,6 +4,7 @@ Config overrides are passed as `--config.a.b=value` after the other flags.
 """
 import argparse
 import json
+import os
 import sys
 
 
@@ -34,34 +35,59 @@ def cmd_train(args, overrides):
 
 def cmd_eval(args, overrides):
   import jax
-  from vlp import parallel, tasks, config as config_lib
+  from vlp import parallel, tasks, config as config_lib, eval as eval_lib
   from vlp.export import restore_params
-  from vlp.train import loop, state as state_lib
-  config, params, step = restore_params(args.workdir, args.step)
+  from vlp.train import state as state_lib
+  config, params, step = restore_params(args.workdir, args.step, args.weights)
   if args.config:
     config = _load_config(args.config, overrides)
+  elif 'evals' not in config:  # a workdir from before config.evals: its held-out retrieval
+    config.evals = config_lib.base_config().evals.to_dict()
+  config_lib.validate(config, jax.device_count(), jax.process_count())  # before anything compiles
   mesh = parallel.make_mesh(config_lib.mesh_shape(config, jax.device_count()))
   setup = state_lib.make_setup(config, mesh)
-  evaluator = loop.make_evaluator(config, setup, tasks.tokenizer_for(config))
-  if evaluator is None:
-    raise config_lib.ConfigError("config key 'data.eval': no held-out data to evaluate on")
-  result = dict(evaluator.run(params))
-  result['step'] = step
-  _print_result(result)
+  evaluators = eval_lib.make(config, setup.graphdef, tasks.tokenizer_for(config))
+  if not evaluators:
+    raise config_lib.ConfigError("config key 'evals': no evaluator has data to evaluate on")
+  metrics = eval_lib.run(evaluators, params)
+  print(eval_lib.format_tables(evaluators, metrics))
+  model = f'{os.path.abspath(args.workdir)}@{step}' + ('/ema' if args.weights == 'ema' else '')
+  records = eval_lib.records(evaluators, metrics, config, model, step)
+  out = args.json or os.path.join(args.workdir, f'eval_{step}.json')
+  with open(out, 'w') as f:
+    json.dump(records, f, indent=2, default=float)
+  for r in records:
+    print(json.dumps(r, default=float))
+  print(f'results: {out}')
+  if args.plot:
+    cmd_plot(args, overrides)
+
+
+def cmd_plot(args, overrides):
+  from vlp.eval import plot
+  print(f'plot: {plot.plot(args.workdir, getattr(args, "out", None))}')
 
 
 def _print_result(result):
+  """The final metrics of training: a table per retrieval evaluator, then one JSON line."""
   from vlp.eval import retrieval
-  metrics = {k: v for k, v in result.items() if k.startswith('retrieval/')}
-  if metrics:
-    print(retrieval.format_table(metrics))
+  names = sorted({k.split('/')[0] for k in result if k.endswith('/i2t@1') and k.count('/') == 1})
+  for name in names:
+    print(f'[{name}]\n' + retrieval.format_table({k[len(name) + 1:]: v for k, v in result.items()
+                                                   if k.startswith(name + '/')}))
   print(json.dumps(result, default=float))
 
 
 def cmd_export(args, overrides):
   from vlp import export
-  out = export.export(args.workdir, args.out, step=args.step, dtype=args.dtype)
+  dtype = 'bfloat16' if args.dtype == 'bf16' else args.dtype
+  out = export.export(args.workdir, args.out, step=args.step, dtype=dtype, weights=args.weights)
   print(f'exported to {out}')
+
+
+def cmd_bench_retrieval(args, overrides):
+  from vlp.bench import retrieval
+  retrieval.main(args.rest)
 
 
 def cmd_bench_data(args, overrides):
@@ -111,16 +137,24 @@ def main(argv=None):
   p.add_argument('--num_processes', type=int, default=None, help='or VLP_NUM_PROCESSES')
   p.add_argument('--process_id', type=int, default=None, help='or VLP_PROCESS_ID')
   p.set_defaults(fn=cmd_train)
-  p = sub.add_parser('eval', help='held-out retrieval of a workdir checkpoint')
+  p = sub.add_parser('eval', help="run the config's evaluators (config.evals) on a workdir checkpoint")
   p.add_argument('--workdir', required=True)
-  p.add_argument('--config', default=None, help='optional: evaluate with another config')
+  p.add_argument('--config', default=None, help="optional: another config's evaluators (and overrides)")
   p.add_argument('--step', type=int, default=None)
+  p.add_argument('--weights', default='params', choices=('params', 'ema'))
+  p.add_argument('--json', default=None, help='results file (default WORKDIR/eval_STEP.json)')
+  p.add_argument('--plot', action='store_true', help='also write WORKDIR/metrics.png')
   p.set_defaults(fn=cmd_eval)
-  p = sub.add_parser('export', help='write inference weights (safetensors) + config')
+  p = sub.add_parser('plot', help="PNG of a workdir's loss and eval metrics over steps")
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--out', default=None, help='default WORKDIR/metrics.png')
+  p.set_defaults(fn=cmd_plot)
+  p = sub.add_parser('export', help='write safetensors + config + jax.export encoders')
   p.add_argument('--workdir', required=True)
   p.add_argument('--out', required=True)
   p.add_argument('--step', type=int, default=None)
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'bf16'))
+  p.add_argument('--weights', default='params', choices=('params', 'ema'))
   p.set_defaults(fn=cmd_export)
   bench = sub.add_parser('bench', help='benchmarks: step, matmuls, data').add_subparsers(dest='what', required=True)
   for what, help_ in (('step', 'examples/s, step time, MFU of the train step'),
@@ -133,19 +167,21 @@ def main(argv=None):
     p.set_defaults(fn=cmd_bench)
   p = bench.add_parser('data', help='images/s of the input pipeline (flags: vlp bench data -h)', add_help=False)
   p.set_defaults(fn=cmd_bench_data)  # its flags are parsed by vlp.bench.data
+  p = bench.add_parser('retrieval', help='recall@K: chunked vs dense top-k (flags: -h)', add_help=False)
+  p.set_defaults(fn=cmd_bench_retrieval)
   p = sub.add_parser('data', help='data tools: `vlp data tokenizer|convert|check ...` (-h after the tool for its flags)')
   p.add_argument('tool', choices=('tokenizer', 'convert', 'check'))
   p.add_argument('rest', nargs=argparse.REMAINDER)
   p.set_defaults(fn=cmd_data)
   args, rest = parser.parse_known_args(argv)
-  if args.fn is cmd_bench_data:
+  if args.fn in (cmd_bench_data, cmd_bench_retrieval):
     args.rest = rest
   elif rest:
     parser.error(f'unrecognized arguments: {" ".join(rest)}')
   if overrides and args.command not in ('train', 'eval', 'bench'):
     parser.error(f'--config.* overrides do not apply to `vlp {args.command}`')
-  # Data tools report bad paths and inputs as ValueError: one line, no traceback.
-  user_errors = (ConfigError, WorkdirMismatch, FileNotFoundError) + ((ValueError,) if args.command == 'data' else ())
+  # Data tools and eval data report bad paths and inputs as ValueError: one line, no traceback.
+  user_errors = (ConfigError, WorkdirMismatch, FileNotFoundError) + ((ValueError,) if args.command in ('data', 'eval') else ())
   try:
     args.fn(args, overrides)
   except user_errors as e:

@@ -86,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh_rules = ()
   c.log_every = 25
   c.eval_every = 500  # 0 disables periodic eval; eval still runs at the end
+  # Evaluators run every eval_every steps and by `vlp eval`; metrics are named
+  # '<entry name>/<metric>'. Add more with `c.evals.NAME = eval_config(kind, ...)`.
+  c.evals = dict(retrieval=eval_config('retrieval'))
+  c.ema_decay = 0.0  # > 0 keeps an exponential moving average of the params (`vlp export --weights=ema`)
   c.checkpoint = dict(
       every=500, keep=2, async_save=True,
       keep_every=0,  # > 0: also keep every checkpoint whose step is a multiple of this, forever
@@ -94,7 +98,34 @@ def base_config() -> ml_collections.ConfigDict:
       restore_data=True,
   )
   c.lock()
+  c.evals.unlock()  # a config may add evaluators; their keys are checked by validate
   return c
+
+
+# Every key an evaluator entry may have, with its default. data:
+#   retrieval: 'task' (the held-out split of config.data), 'synthetic', 'karpathy'
+#              (path = dataset_coco.json / dataset_flickr30k.json, image_dir), 'tfds'
+#   zeroshot:  'synthetic' (built-in labels), 'folder' (path: one subfolder per class), 'tfds'
+_EVAL_COMMON = dict(data='task', path='', image_dir='', split='test', num_images=0,
+                    tfds_name='', tfds_data_dir='', image_key='image', batch_size=256)
+EVAL_DEFAULTS = {
+    'retrieval': dict(_EVAL_COMMON, kind='retrieval', caption_key='captions/text', ks=(1, 5, 10),
+                      by_language=True),
+    'zeroshot': dict(_EVAL_COMMON, kind='zeroshot', data='synthetic', label_key='label',
+                     class_names=(), templates=()),
+}
+EVAL_DATA = {'retrieval': ('task', 'synthetic', 'karpathy', 'tfds'),
+             'zeroshot': ('synthetic', 'folder', 'tfds')}
+
+
+def eval_config(kind: str, **overrides) -> dict:
+  """An evaluator entry for `config.evals`: the defaults of `kind` updated by overrides."""
+  if kind not in EVAL_DEFAULTS:
+    raise ConfigError(f'unknown evaluator kind {kind!r}; known: {", ".join(EVAL_DEFAULTS)}')
+  unknown = set(overrides) - set(EVAL_DEFAULTS[kind])
+  if unknown:
+    raise ConfigError(f'evaluator {kind!r} has no key(s) {sorted(unknown)}; known: {sorted(EVAL_DEFAULTS[kind])}')
+  return dict(EVAL_DEFAULTS[kind], **overrides)
 
 
 def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -221,6 +252,8 @@ def validate(config, num_devices: int, process_count: int = 1):
     for a in axis if isinstance(axis, (tuple, list)) else (axis,):
       _check(a is None or a in MESH_AXES, f'mesh_rules.{name}', f'{a!r} is not a mesh axis {MESH_AXES}')
   _validate_data(config.data)
+  _check(0.0 <= config.ema_decay < 1.0, 'ema_decay', 'must be in [0, 1)')
+  _validate_evals(config)
   sizes = mesh_shape(config, num_devices)
   batch_shards = sizes['data'] * sizes['fsdp']
   _check(config.batch_size % batch_shards == 0, 'batch_size',
@@ -260,6 +293,29 @@ def _validate_data(d):
          'cycle_length and shuffle_window must be >= 1')
   _check(d.num_workers >= 0 and d.prefetch >= 1, 'data.num_workers',
          'num_workers must be >= 0 and prefetch >= 1')
+
+
+def _validate_evals(config):
+  for name, e in config.evals.items():
+    key = f'evals.{name}'
+    _check(isinstance(e, ml_collections.ConfigDict) and e.get('kind') in EVAL_DEFAULTS, f'{key}.kind',
+           f'{e.get("kind") if isinstance(e, ml_collections.ConfigDict) else e!r}: '
+           f'known kinds: {", ".join(EVAL_DEFAULTS)} (use vlp.config.eval_config)')
+    allowed = EVAL_DEFAULTS[e.kind]
+    for k in e:
+      close = difflib.get_close_matches(k, list(allowed), n=1)
+      _check(k in allowed, f'{key}.{k}', 'unknown key' + (f"; did you mean '{key}.{close[0]}'?" if close else ''))
+    for k in allowed:
+      _check(k in e, f'{key}.{k}', 'missing (build entries with vlp.config.eval_config)')
+    _check(e.data in EVAL_DATA[e.kind], f'{key}.data',
+           f'{e.data!r} not in {"/".join(EVAL_DATA[e.kind])}')
+    _check(e.data != 'karpathy' or (e.path and e.image_dir), f'{key}.path',
+           "data='karpathy' needs path (the Karpathy JSON) and image_dir")
+    _check(e.data != 'folder' or bool(e.path), f'{key}.path', "data='folder' needs path (one subfolder per class)")
+    _check(e.data != 'tfds' or bool(e.tfds_name), f'{key}.tfds_name', "data='tfds' needs a TFDS dataset name")
+    _check(e.num_images >= 0 and e.batch_size > 0, f'{key}.num_images', 'num_images >= 0, batch_size > 0')
+    if e.kind == 'zeroshot':
+      _check(all('{}' in t for t in e.templates), f'{key}.templates', "every template needs a '{}' for the class name")
 
 
 def paths(value: str) -> list[str]:

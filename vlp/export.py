@@ -1,9 +1,16 @@
-"""Inference weights: safetensors + model config + tokenizer, loadable without the train state."""
+"""Inference weights: safetensors + model config + tokenizer + jax.export'ed encoders.
+
+The encoders are serialized StableHLO (`jax.export`) with the weights as
+arguments, in `param_keys` order, and a symbolic batch dimension: anyone with
+jax can run them on any batch size without vlp's model code
+(`vlp.pretrained`), for CPU, GPU and TPU.
+"""
 import json
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import safetensors.numpy
@@ -13,6 +20,8 @@ from vlp import checkpoint, config as config_lib, models, parallel, tasks
 from vlp.train import state as state_lib
 
 WEIGHTS, CONFIG, TOKENIZER = 'model.safetensors', 'config.json', 'tokenizer.model'
+IMAGE_ENCODER, TEXT_ENCODER = 'image_encoder.jax_exported', 'text_encoder.jax_exported'
+PLATFORMS = ('cpu', 'cuda', 'tpu')
 
 
 def _unflatten(flat):
@@ -26,9 +35,13 @@ def _unflatten(flat):
   return tree
 
 
-def restore_params(workdir: str, step=None):
-  """Params of a workdir's checkpoint (latest, or `step`) and its config."""
+def restore_params(workdir: str, step=None, weights: str = 'params'):
+  """Params of a workdir's checkpoint (latest, or `step`) and its config;
+  weights='ema' gives the moving average of the params instead."""
   config = checkpoint.load_workdir_config(workdir)
+  if weights == 'ema' and not state_lib.has_ema(config):
+    raise config_lib.ConfigError(f"config key 'ema_decay': {workdir} was trained without an EMA of the params "
+                                 '(ema_decay=0); train with --config.ema_decay=0.999 or export --weights=params')
   mesh = parallel.make_mesh(config_lib.mesh_shape(config, jax.device_count()))
   setup = state_lib.make_setup(config, mesh)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, read_only=True)
@@ -37,17 +50,49 @@ def restore_params(workdir: str, step=None):
     raise FileNotFoundError(f'{workdir} has no checkpoint to export')
   state = ckpt.restore(step, setup.abstract)
   ckpt.close()
-  return config, state['params'], step
+  return config, state['ema_params' if weights == 'ema' else 'params'], step
 
 
-def export(workdir: str, out: str, step=None, dtype: str = 'float32') -> str:
-  config, params, step = restore_params(workdir, step)
+def export_encoders(model_cfg, keys, dtype, platforms=PLATFORMS) -> dict:
+  """{file name: serialized jax.export} of the image and text encoders.
+
+  Each is f(weights, inputs): weights a list in `keys` order, stored dtype
+  (cast to float32 inside, as `load` does); inputs images float32
+  [B, S, S, 3] in [-1, 1] or tokens int32 [B, L], B symbolic.
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: models.build(model_cfg)), nnx.Param)
+  shapes = dict(checkpoint.flatten(nnx.to_pure_dict(abstract)))
+  weights = [jax.ShapeDtypeStruct(shapes[k].shape, jnp.dtype(dtype)) for k in keys]
+  (b,) = jax.export.symbolic_shape('b')
+  size, length = model_cfg.image.image_size, model_cfg.text.context_length
+
+  def encoder(method):
+    def fn(flat, x):
+      params = _unflatten({k: v.astype(jnp.float32) for k, v in zip(keys, flat)})
+      return getattr(nnx.merge(graphdef, params), method)(x)
+    return jax.jit(fn)
+
+  out = {}
+  for name, method, spec in ((IMAGE_ENCODER, 'encode_image', jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)),
+                             (TEXT_ENCODER, 'encode_text', jax.ShapeDtypeStruct((b, length), jnp.int32))):
+    out[name] = jax.export.export(encoder(method), platforms=platforms)(weights, spec).serialize()
+  return out
+
+
+def export(workdir: str, out: str, step=None, dtype: str = 'float32', weights: str = 'params') -> str:
+  config, params, step = restore_params(workdir, step, weights)
   os.makedirs(out, exist_ok=True)
   flat = {k: np.asarray(jax.device_get(v)).astype(dtype) for k, v in checkpoint.flatten(params)}
   safetensors.numpy.save_file(flat, os.path.join(out, WEIGHTS), metadata={'step': str(step)})
   shutil.copyfile(tasks.tokenizer_for(config).model_path, os.path.join(out, TOKENIZER))
+  keys = sorted(flat)
+  for name, blob in export_encoders(config.model, keys, dtype).items():
+    with open(os.path.join(out, name), 'wb') as f:
+      f.write(blob)
   with open(os.path.join(out, CONFIG), 'w') as f:
-    json.dump({'model': config.model.to_dict(), 'step': step, 'dtype': dtype}, f, indent=2, default=list)
+    json.dump({'model': config.model.to_dict(), 'step': step, 'dtype': dtype, 'weights': weights,
+               'param_keys': keys, 'image_encoder': IMAGE_ENCODER, 'text_encoder': TEXT_ENCODER},
+              f, indent=2, default=list)
   return out
 
 

@@ -189,21 +189,22 @@ def eval_arrays(source, tokenizer: tokenizer_lib.Tokenizer, *, num_images: int,
   scenes, TFDS COCO) gives every caption of record i; otherwise records whose
   image bytes are identical are one image with several captions (image-caption
   pairs as converted to ArrayRecord). Images are resized and centre-cropped.
-  Returns image float32 [N,H,W,3], text int32 [M,L] and text_to_image int32
-  [M] (the image of every caption), and 'skipped': {reason: count} of the
-  records that could not be used.
+  Returns image float32 [N,H,W,3], text int32 [M,L], text_to_image int32
+  [M] (the image of every caption), language [M] (str, '' when unknown), and
+  'skipped': {reason: count} of the records that could not be used.
   """
   prep = Preprocess(tokenizer, context_length, image_size, train=False, max_pixels=max_pixels)
-  images, texts, text_to_image, skipped = [], [], [], collections.Counter()
+  images, texts, text_to_image, languages, skipped = [], [], [], [], collections.Counter()
   seen = {}  # image bytes -> image index
   for i in range(len(source)):
     record = source[i]
     if records.is_skipped(record):
       skipped[record[records.SKIP]] += 1
       continue
-    captions = [c for _, c in source.captions(i)] if hasattr(source, 'captions') else [record['caption']]
-    captions = [' '.join(str(c).split()) for c in captions]
-    if not any(captions):
+    captions = (source.captions(i) if hasattr(source, 'captions')
+                else [(record.get('language') or '', record['caption'])])
+    captions = [(lang or '', ' '.join(str(c).split())) for lang, c in captions]
+    if not any(c for _, c in captions):
       skipped['empty_caption'] += 1
       continue
     image = record['image']
@@ -220,14 +221,17 @@ def eval_arrays(source, tokenizer: tokenizer_lib.Tokenizer, *, num_images: int,
       images.append(transforms.normalize_image(pixels))
       if isinstance(image, bytes):
         seen[image] = j
-    for caption in filter(None, captions):
-      texts.append(caption)
-      text_to_image.append(j)
+    for lang, caption in captions:
+      if caption:
+        texts.append(caption)
+        text_to_image.append(j)
+        languages.append(lang)
   if not images:
     raise NoUsableData(f'no usable eval image in {source!r} (skipped: {dict(skipped)})')
   return {
       'image': np.stack(images),
       'text': tokenizer.encode(texts, context_length),
       'text_to_image': np.asarray(text_to_image, np.int32),
+      'language': np.asarray(languages, str),
       'skipped': dict(skipped),
   }

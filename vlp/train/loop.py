@@ -7,24 +7,28 @@ import time
 
 import jax
 import tqdm
-from flax import nnx
 
-from vlp import checkpoint, config as config_lib, parallel, tasks
-from vlp.eval import retrieval
+from vlp import checkpoint, config as config_lib, eval as eval_lib, parallel, tasks
 from vlp.train import metrics as metrics_lib, preemption, state as state_lib, step as step_lib
 
 
+class Evaluators:
+  """The evaluators of config.evals; `run(params)` yields ('<entry>/<metric>', value)."""
+
+  def __init__(self, config, setup, tokenizer, task_data=None):
+    self.evaluators = eval_lib.make(config, setup.graphdef, tokenizer, task_data)
+
+  def __bool__(self):
+    return bool(self.evaluators)
+
+  def run(self, params):
+    yield from eval_lib.run(self.evaluators, params).items()
+
+
 def make_evaluator(config, setup, tokenizer, data=None):
-  """Retrieval on the held-out data, or None when the config names none."""
-  graphdef = setup.graphdef
-  data = data if data is not None else tasks.eval_data(config, tokenizer)
-  if data is None:
-    return None
-  if data.get('skipped'):
-    print(f"eval data: skipped {data['skipped']}")
-  return retrieval.Evaluator(
-      lambda params, x: nnx.merge(graphdef, params).encode_image(x),
-      lambda params, t: nnx.merge(graphdef, params).encode_text(t), data)
+  """The config's evaluators, or None when none has data."""
+  evaluators = Evaluators(config, setup, tokenizer, data)
+  return evaluators or None
 
 
 def prepare(config, workdir, mesh=None):

@@ -1,4 +1,7 @@
-"""The train state: a plain dict {step, params, opt_state}, sharded by logical rules.
+"""The train state: a plain dict {step, params, opt_state[, ema_params]}, sharded by logical rules.
+
+With `config.ema_decay > 0` the state also holds an exponential moving
+average of the params (sharded like them), updated in the step, for export.
 
 Shapes and shardings come from `jax.eval_shape` before anything is allocated
 (MaxText style); the real state is then created directly in its sharded layout.
@@ -46,16 +49,23 @@ def make_setup(config, mesh) -> Setup:
       'params': param_sh,
       'opt_state': parallel.like_params_shardings(abstract_opt, param_sh, mesh),
   }
-  abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params, 'opt_state': abstract_opt},
-      shardings)
+  shapes = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params, 'opt_state': abstract_opt}
+  if has_ema(config):
+    shardings['ema_params'], shapes['ema_params'] = param_sh, abstract_params
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
   return Setup(graphdef, tx, lr, abstract, shardings, mesh, rules)
+
+
+def has_ema(config) -> bool:
+  return config.get('ema_decay', 0.0) > 0  # configs saved before EMA existed have no key
 
 
 def init_state(config, setup: Setup) -> dict:
   """Initialises params and optimizer state directly in their sharded layout."""
   def init():
     params = _params_of(models.build(config.model, config.seed), config.model.param_dtype)
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': setup.tx.init(params)}
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': setup.tx.init(params)}
+    if has_ema(config):
+      state['ema_params'] = params
+    return state
   return jax.jit(init, out_shardings=setup.shardings)()

@@ -76,7 +76,10 @@ def make_train_step(config, setup):
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': lr_schedule(state['step']), **aux}
-    return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
+    new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+    if 'ema_params' in state:
+      new['ema_params'] = optax.incremental_update(params, state['ema_params'], 1.0 - config.ema_decay)
+    return new, metrics
 
   return train_step
 

@@ -1,0 +1,62 @@
+"""Exported encoders for Python users: `vlp.load_pretrained(PATH)`.
+
+Runs the jax.export'ed StableHLO of `vlp export` with its safetensors
+weights: it needs jax, numpy, safetensors and the SentencePiece tokenizer,
+not vlp's model code (nor flax), so a checkpoint keeps working when the model
+code changes.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+import safetensors.numpy
+
+
+class Encoders:
+  """encode_image(images) / encode_text(texts or tokens) -> L2-normalised [B, D] float32.
+
+  Images are float [B, S, S, 3] scaled to [-1, 1] (`preprocess` makes them
+  from uint8 pixels); texts are strings, tokenized to `context_length`.
+  """
+
+  def __init__(self, path: str):
+    from vlp.data.tokenizer import Tokenizer
+    with open(os.path.join(path, 'config.json')) as f:
+      self.config = json.load(f)
+    if 'image_encoder' not in self.config:
+      raise ValueError(f'{path} has no exported encoders: export it again with this version of `vlp export`')
+    flat = safetensors.numpy.load_file(os.path.join(path, 'model.safetensors'))
+    self.weights = [jax.device_put(flat[k]) for k in self.config['param_keys']]
+    self._image, self._text = (self._load(os.path.join(path, self.config[k]))
+                               for k in ('image_encoder', 'text_encoder'))
+    self.tokenizer = Tokenizer(os.path.join(path, 'tokenizer.model'))
+    model = self.config['model']
+    self.image_size, self.context_length = model['image']['image_size'], model['text']['context_length']
+
+  @staticmethod
+  def _load(file):
+    with open(file, 'rb') as f:
+      exported = jax.export.deserialize(bytearray(f.read()))
+    return jax.jit(exported.call)
+
+  def preprocess(self, images) -> np.ndarray:
+    """Encoded image files (bytes) or uint8 arrays -> float32 [B, S, S, 3] in [-1, 1],
+    resized and centre-cropped as in evaluation."""
+    from vlp.data import transforms
+    return np.stack([transforms.normalize_image(
+        x if isinstance(x, np.ndarray) else transforms.resize_center_crop(x, self.image_size)) for x in images])
+
+  def tokenize(self, texts) -> np.ndarray:
+    return self.tokenizer.encode(list(texts), self.context_length)
+
+  def encode_image(self, images) -> np.ndarray:
+    return np.asarray(self._image(self.weights, np.asarray(images, np.float32)))
+
+  def encode_text(self, texts) -> np.ndarray:
+    tokens = texts if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i' else self.tokenize(texts)
+    return np.asarray(self._text(self.weights, np.asarray(tokens, np.int32)))
+
+
+def load(path: str) -> Encoders:
+  return Encoders(path)

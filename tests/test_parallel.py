@@ -22,7 +22,7 @@ def _losses(config, mesh, steps=3):
   for _ in range(steps):
     state, m = train_step(state, batch)
     out.append(float(m['loss']))
-  return out, state
+  return out, state, train_step
 
 
 def _block(params):
@@ -33,8 +33,8 @@ def test_tensor_parallel_step_matches_single_device():
   config = tiny_config()
   one = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1}, devices=jax.devices()[:1])
   tp = parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1})
-  single, _ = _losses(config, one)
-  sharded, state = _losses(config, tp)
+  single, *_ = _losses(config, one)
+  sharded, state, train_step = _losses(config, tp)
   np.testing.assert_allclose(sharded, single, rtol=0, atol=1e-5)
   block = _block(state['params'])
   # heads split over tensor, model width over fsdp: QKV [32, 3, 2 heads, 16] -> [16, 3, 1, 16] per device
@@ -43,6 +43,11 @@ def test_tensor_parallel_step_matches_single_device():
   # MLP hidden units split over tensor: fc1 [32, 64] -> [16, 32], fc2 [64, 32] -> [32, 16]
   assert block['mlp']['fc1']['kernel'].addressable_shards[0].data.shape == (16, 32)
   assert block['mlp']['fc2']['kernel'].sharding.spec == P('tensor', 'fsdp')
+  # and so are the activations: per device, 4 of 16 examples x 17 image tokens x 32 of
+  # 64 MLP hidden units, and attention logits of 1 of the 2 heads
+  hlo = train_step.as_text()
+  assert 'f32[4,17,32]' in hlo and 'f32[4,17,64]' not in hlo
+  assert 'f32[4,1,17,17]' in hlo and 'f32[4,2,17,17]' not in hlo
 
 
 def _hand_bytes(config, fsdp):
@@ -120,7 +125,7 @@ def test_remat_keeps_loss_and_gradients(policy):
 def test_bfloat16_compute_keeps_float32_master_weights():
   mesh = parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1})
   config = tiny_config(**{'model.dtype': 'bfloat16'})
-  bf16, state = _losses(config, mesh, steps=2)
+  bf16, state, _ = _losses(config, mesh, steps=2)
   assert {x.dtype for x in jax.tree.leaves(state['params'])} == {jnp.dtype('float32')}
   mu = _block(state['opt_state'][1][0].mu)['mlp']['fc1']['kernel']
   assert mu.dtype == jnp.float32
@@ -128,7 +133,7 @@ def test_bfloat16_compute_keeps_float32_master_weights():
   hlo = jax.jit(step_lib.make_train_step(config, setup)).lower(
       setup.abstract, step_lib.batch_spec(config, mesh)).as_text()
   assert 'bf16' in hlo and 'dot_general' in hlo
-  f32, _ = _losses(tiny_config(), mesh, steps=2)
+  f32, *_ = _losses(tiny_config(), mesh, steps=2)
   np.testing.assert_allclose(bf16, f32, rtol=2e-2)  # the same training within bf16 rounding
   config = tiny_config(**{'model.dtype': 'bfloat16', 'model.param_dtype': 'bfloat16'})
   setup = state_lib.make_setup(config, mesh)
@@ -148,7 +153,7 @@ def test_grad_accumulation_is_the_mean_of_micro_batch_losses():
   whole, _ = _loss_and_grads(config, batch)
   assert abs(float(whole) - float(loss)) > 1e-3  # a contrastive loss of 16 is not the mean of two of 8
   # and the compiled, sharded step computes the same
-  losses, _ = _losses(config, mesh, steps=1)
+  losses, *_ = _losses(config, mesh, steps=1)
   np.testing.assert_allclose(losses[0], loss, atol=1e-5)
   with pytest.raises(config_lib.ConfigError, match="'accum_steps'"):
     config_lib.validate(tiny_config(accum_steps=3), 8)
@@ -157,8 +162,8 @@ def test_grad_accumulation_is_the_mean_of_micro_batch_losses():
 @pytest.mark.slow
 def test_chunked_loss_in_the_step_gives_the_same_training():
   mesh = parallel.make_mesh({'data': 4, 'fsdp': 2, 'tensor': 1, 'expert': 1})
-  whole, _ = _losses(tiny_config(**{'model.head': 'sigmoid'}), mesh, steps=2)
-  chunked, _ = _losses(tiny_config(**{'model.head': 'sigmoid', 'loss.chunk_size': 4}), mesh, steps=2)
+  whole, *_ = _losses(tiny_config(**{'model.head': 'sigmoid'}), mesh, steps=2)
+  chunked, *_ = _losses(tiny_config(**{'model.head': 'sigmoid', 'loss.chunk_size': 4}), mesh, steps=2)
   np.testing.assert_allclose(chunked, whole, atol=1e-5)
   with pytest.raises(config_lib.ConfigError, match="'loss.chunk_size'"):
     config_lib.validate(tiny_config(**{'loss.chunk_size': 5}), 8)

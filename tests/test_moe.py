@@ -157,7 +157,7 @@ def test_moe_layer_with_remat_reports_the_same_aux():
   y, plain = nnx.capture(lambda m, x: m(x), nnx.Intermediate)(m, x)
   y2, remat = nnx.capture(nnx.remat(lambda m, x: m(x)), nnx.Intermediate)(m, x)
   np.testing.assert_allclose(y2, y, rtol=1e-6)
-  (total, plain), (total2, remat) = moe.aux_losses(plain, weights), moe.aux_losses(remat, weights)
+  (total, plain), (_, remat) = moe.aux_losses(plain, weights), moe.aux_losses(remat, weights)
   assert plain.keys() == remat.keys() == {'moe/load_balance', 'moe/router_z', 'moe/drop_rate',
                                           'moe/max_expert_load'}
   for k in plain:

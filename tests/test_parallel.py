@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, train_losses
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -14,14 +14,7 @@ from vlp.train import state as state_lib, step as step_lib
 
 
 def _losses(config, mesh, steps=3):
-  setup = state_lib.make_setup(config, mesh)
-  state = state_lib.init_state(config, setup)
-  train_step, _ = step_lib.compile_train_step(config, setup)
-  batch = random_batch(config, mesh)
-  out = []
-  for _ in range(steps):
-    state, m = train_step(state, batch)
-    out.append(float(m['loss']))
+  out, state, _, train_step = train_losses(config, mesh, steps)
   return out, state, train_step
 
 

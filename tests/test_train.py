@@ -1,28 +1,18 @@
 """Training end to end: sharding, exact resume, export, and clear errors."""
-import json
 import os
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, train_losses
 from jax.sharding import PartitionSpec as P
 
 from vlp import cli, export, parallel
-from vlp.bench.step import random_batch
-from vlp.train import loop, metrics as metrics_lib, state as state_lib, step as step_lib
+from vlp.train import loop, metrics as metrics_lib, state as state_lib
 
 
 def _losses(config, mesh, steps=3):
-  setup = state_lib.make_setup(config, mesh)
-  state = state_lib.init_state(config, setup)
-  train_step, _ = step_lib.compile_train_step(config, setup)
-  batch = random_batch(config, mesh)
-  out = []
-  for _ in range(steps):
-    state, m = train_step(state, batch)
-    out.append(float(m['loss']))
-  return out, state
+  return train_losses(config, mesh, steps)[:2]
 
 
 def test_sharded_step_matches_single_device():

@@ -58,5 +58,5 @@ def decode(data: bytes) -> dict[str, Any]:
     record = json.loads(data[_HEADER.size:end].decode('utf-8'))
     record['image'] = data[end:]
     return record
-  except (struct.error, ValueError, UnicodeDecodeError) as e:
+  except (struct.error, ValueError, UnicodeDecodeError):
     return skipped('?', 'bad_record')

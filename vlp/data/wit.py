@@ -158,7 +158,7 @@ def read_tsv(path: str, policy: CaptionPolicy = CaptionPolicy()) -> Iterator[dic
         raise ValueError(f'{path}: not a WIT TSV, the header lacks {", ".join(missing)}')
       for row_number, row in enumerate(reader):
         yield _row_record(f'{name}:{row_number}', row, policy)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+    except (EOFError, zlib.error, gzip.BadGzipFile):
       yield records.skipped(f'{name}:{row_number}', 'truncated_file')
 
 

@@ -9,8 +9,9 @@ import time
 import jax
 import numpy as np
 
-from vlp import config as config_lib, parallel
+from vlp import config as config_lib, models, parallel
 from vlp.bench import flops, peak
+from vlp.data import transforms
 from vlp.train import state as state_lib, step as step_lib
 
 
@@ -22,6 +23,9 @@ def random_batch(config, mesh, seed=0):
       'image': rng.normal(size=(b, im.image_size, im.image_size, 3)).astype(np.float32),
       'text': rng.integers(5, tx.vocab_size, size=(b, tx.context_length)).astype(np.int32),
   }
+  if 'mlm_text' in models.module(config.model).BATCH_KEYS:
+    batch['mlm_text'], batch['mlm_labels'] = transforms.mlm_mask(
+        batch['text'], rng, vocab_size=tx.vocab_size, prob=config.albef.mlm_prob)
   return jax.device_put(batch, parallel.batch_sharding(mesh))
 
 

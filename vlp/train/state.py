@@ -1,4 +1,8 @@
-"""The train state: a plain dict {step, params, opt_state}, sharded by logical rules.
+"""The train state: a plain dict {step, params, opt_state, ...}, sharded by logical rules.
+
+The model's module may add entries (`init_extra_state`: ALBEF's momentum
+params and feature queues); an entry whose path ends like a parameter's takes
+that parameter's sharding, anything else (the queues) is replicated.
 
 Shapes and shardings come from `jax.eval_shape` before anything is allocated
 (MaxText style); the real state is then created directly in its sharded layout.
@@ -41,14 +45,18 @@ def make_setup(config, mesh) -> Setup:
                                  nnx.to_pure_dict(abstract_vars))
   param_sh = parallel.tree_shardings(logical, abstract_params, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  abstract_extra = jax.eval_shape(lambda p: models.module(config.model).init_extra_state(config, p),
+                                  abstract_params)
   shardings = {
       'step': parallel.replicated(mesh),
       'params': param_sh,
       'opt_state': parallel.like_params_shardings(abstract_opt, param_sh, mesh),
+      **parallel.like_params_shardings(abstract_extra, param_sh, mesh),
   }
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params, 'opt_state': abstract_opt},
+      {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params, 'opt_state': abstract_opt,
+       **abstract_extra},
       shardings)
   return Setup(graphdef, tx, lr, abstract, shardings, mesh, rules)
 
@@ -57,5 +65,6 @@ def init_state(config, setup: Setup) -> dict:
   """Initialises params and optimizer state directly in their sharded layout."""
   def init():
     params = _params_of(models.build(config.model, config.seed), config.model.param_dtype)
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': setup.tx.init(params)}
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': setup.tx.init(params),
+            **models.module(config.model).init_extra_state(config, params)}
   return jax.jit(init, out_shardings=setup.shardings)()

@@ -52,9 +52,10 @@ def cmd_eval(args, overrides):
 
 def _print_result(result):
   from vlp.eval import retrieval
-  metrics = {k: v for k, v in result.items() if k.startswith('retrieval/')}
-  if metrics:
-    print(retrieval.format_table(metrics))
+  for prefix in ('retrieval/', 'retrieval_itm/'):  # ALBEF adds ITM re-ranking
+    metrics = {k.removeprefix(prefix): v for k, v in result.items() if k.startswith(prefix)}
+    if metrics:
+      print(f'{prefix[:-1]}:\n' + retrieval.format_table(metrics))
   print(json.dumps(result, default=float))
 
 

@@ -46,7 +46,7 @@ def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = Non
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
-  model_flops = flops.align_train_flops(config.model, config.batch_size)
+  model_flops = flops.train_flops(config)
   # Simulated CPU devices share the host's cores: the host peak is the peak.
   per_host = jax.default_backend() == 'cpu'
   peak_flops = peak_flops or peak.measure_matmul_peak() * (1 if per_host else jax.device_count())

@@ -10,7 +10,7 @@ import tqdm
 from flax import nnx
 
 from vlp import checkpoint, config as config_lib, parallel, tasks
-from vlp.eval import retrieval
+from vlp.eval import itm_rerank, retrieval
 from vlp.train import metrics as metrics_lib, preemption, state as state_lib, step as step_lib
 
 
@@ -22,6 +22,8 @@ def make_evaluator(config, setup, tokenizer, data=None):
     return None
   if data.get('skipped'):
     print(f"eval data: skipped {data['skipped']}")
+  if config.model.name == 'albef':  # ITC retrieval, then re-ranked by ITM
+    return itm_rerank.Evaluator(graphdef, data, config.albef.rerank_k)
   return retrieval.Evaluator(
       lambda params, x: nnx.merge(graphdef, params).encode_image(x),
       lambda params, t: nnx.merge(graphdef, params).encode_text(t), data)

@@ -167,12 +167,14 @@ def test_model_parameters_carry_logical_axes_and_momentum_is_sharded_like_params
   setup = state_lib.make_setup(config, mesh)
   kernel = ['text', 'fusion_blocks', 0, 'cross', 'kv']
   get = lambda tree: tree[kernel[0]][kernel[1]][kernel[2]][kernel[3]][kernel[4]]
-  assert get(setup.shardings['params']).spec == get(setup.shardings['momentum']).spec == ('fsdp',)
+  assert get(setup.shardings['params']).spec == get(setup.shardings['momentum']).spec
+  assert get(setup.shardings['momentum']).spec[0] == 'fsdp'  # image width ('embed') over FSDP
   assert 'itm_head' not in setup.shardings['momentum'] and 'temp' not in setup.shardings['momentum']
   assert setup.abstract['image_queue'].shape == (32, 32)
-  assert setup.shardings['image_queue'].spec == ()  # queues replicated
+  assert setup.shardings['image_queue'].is_fully_replicated
 
 
+@pytest.mark.slow  # five small jit compilations: ~30 s CPU, minutes on a busy machine
 def test_itm_rerank_with_every_candidate_is_the_full_itm_ranking():
   from flax import nnx
   from vlp.eval import itm_rerank, retrieval
@@ -187,11 +189,10 @@ def test_itm_rerank_with_every_candidate_is_the_full_itm_ranking():
           'text_to_image': np.repeat(np.arange(4), 2).astype(np.int32)}
   evaluator = itm_rerank.Evaluator(graphdef, data, rerank_k=8, batch_size=8)
   result = dict(evaluator.run(params))
-  # naive: the ITM match logit of every (caption, image) pair
-  tokens = data['image'], data['text']
-  image_tokens, hidden = model.image.tokens(tokens[0]), model.text.encode(tokens[1])
-  full = np.array([[float(model.itm_logits(hidden[t:t + 1], tokens[1][t:t + 1] != 0, image_tokens[i:i + 1])[0, 1])
-                    for t in range(8)] for i in range(4)])
+  # naive: the ITM match logit of every (caption, image) pair, in one batch of all 32 pairs
+  image_tokens, hidden = model.image.tokens(data['image']), model.text.encode(data['text'])
+  t, i = np.repeat(np.arange(8), 4), np.tile(np.arange(4), 8)
+  full = np.asarray(model.itm_logits(hidden[t], data['text'][t] != 0, image_tokens[i])[:, 1]).reshape(8, 4).T
   expected = retrieval.recall_at_k_from_scores(full, full.T, data['text_to_image'])
   for key, value in expected.items():
     assert result[f'retrieval_itm/{key}'] == pytest.approx(value)
@@ -221,6 +222,7 @@ def test_resume_continues_the_exact_trajectory(tmp_path):
   assert [resumed[s] for s in range(1, 7)] == [straight[s] for s in range(1, 7)]  # bit for bit
 
 
+@pytest.mark.slow  # ~17 s CPU tracing ViT-B + BERT-base; longer on a busy machine
 def test_albef_base_lowers_with_abstract_shapes_only():
   """The paper's sizes: the whole train step is traced and lowered for 8 devices
   (FSDP over 8) without allocating a parameter."""

@@ -241,3 +241,16 @@ def test_albef_base_lowers_with_abstract_shapes_only():
     lowered = jitted.lower(setup.abstract, step_lib.batch_spec(config, setup.mesh))
   assert 'mlm_labels' in str(step_lib.batch_spec(config, setup.mesh).keys())
   assert lowered.as_text()  # StableHLO of the sharded step
+
+
+def test_workdir_of_an_older_align_run_still_resumes(tmp_path):
+  """A config.json written before ALBEF's keys existed has their defaults; a changed one is refused."""
+  import json
+  from vlp import checkpoint
+  saved = json.loads(tiny_config().to_json())
+  del saved['model']['fusion_layer'], saved['albef']
+  (tmp_path / 'checkpoints').mkdir()
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  checkpoint.check_workdir(tiny_config(), str(tmp_path))
+  with pytest.raises(checkpoint.WorkdirMismatch, match='albef.queue_size'):
+    checkpoint.check_workdir(tiny_config(**{'albef.queue_size': 1024}), str(tmp_path))

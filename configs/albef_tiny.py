@@ -11,7 +11,7 @@ from vlp.config import base_config
 def get_config(arg=None):
   del arg
   c = base_config()
-  c.total_steps = 120  # about the wall-clock of align_tiny's 400 steps (3.3x the FLOPs per step)
+  c.total_steps = 160  # about the wall-clock of align_tiny's 400 steps (2.5x its step time)
   c.batch_size = 128
   c.model.name = 'albef'
   c.model.image.update(image_size=32, patch_size=4, width=128, depth=3, num_heads=4, mlp_dim=512)
@@ -19,7 +19,9 @@ def get_config(arg=None):
   c.model.text.update(vocab_size=1024, context_length=32, width=128, depth=5, num_heads=4, mlp_dim=512)
   c.model.fusion_layer = 3
   c.model.embed_dim = 128
-  c.albef.update(queue_size=4096, alpha_warmup_steps=50, rerank_k=16)
+  # ALBEF's m = 0.995 lags ~200 steps and its queue (65536 / 512) 128 steps, out of
+  # ~800k steps; a run of 160 steps needs a momentum model and queue that keep up.
+  c.albef.update(momentum=0.9, queue_size=1024, alpha_warmup_steps=50, rerank_k=16)
   c.optim.update(lr=1e-3, warmup_steps=30, weight_decay=0.02)
   c.eval_every = 0
   c.checkpoint.every = 200

@@ -11,7 +11,7 @@ from vlp.config import base_config
 def get_config(arg=None):
   del arg
   c = base_config()
-  c.total_steps = 160  # about the wall-clock of align_tiny's 400 steps (2.5x its step time)
+  c.total_steps = 160  # about the wall-clock of align_tiny's 400 steps (~3x its step time)
   c.batch_size = 128
   c.model.name = 'albef'
   c.model.image.update(image_size=32, patch_size=4, width=128, depth=3, num_heads=4, mlp_dim=512)

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from vlp import config as config_lib, models, parallel
 from vlp.bench.step import random_batch
+from vlp.models import align
 from vlp.train import state as state_lib, step as step_lib
 
 
@@ -94,7 +95,7 @@ def _loss_and_grads(config, batch, accum_steps=1):
   model = models.build(config.model)
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
-  loss_fn = lambda p, b: step_lib.contrastive_loss(nnx.merge(graphdef, p), b, config.model, config.loss)
+  loss_fn = lambda p, b: align.contrastive_loss(nnx.merge(graphdef, p), b, config.model, config.loss)
   (loss, _), grads = jax.jit(lambda p, b: step_lib.loss_and_grads(loss_fn, p, b, accum_steps))(params, batch)
   return loss, grads
 

@@ -29,7 +29,8 @@ from vlp import config as config_lib
 # and everything that defines the data stream the iterator state points into.
 _IDENTITY_KEYS = ('model', 'ema_decay', 'seed', 'batch_size', 'data.name', 'data.train', 'data.tfds.name',
                   'data.tfds.train_split', 'data.languages', 'data.tokenizer', 'data.num_workers',
-                  'data.crop_scale', 'data.flip', 'data.cycle_length', 'data.shuffle_window')
+                  'data.crop_scale', 'data.flip', 'data.cycle_length', 'data.shuffle_window',
+                  'albef.queue_size', 'albef.mlm_prob')
 
 
 class WorkdirMismatch(ValueError):
@@ -52,8 +53,9 @@ def check_workdir(config, workdir: str):
   if os.path.exists(path) and os.path.isdir(os.path.join(workdir, 'checkpoints')):
     with open(path) as f:
       saved = json.load(f)
-    old, new = dict(flatten(saved)), dict(flatten(current))
-    old.setdefault('ema_decay', 0.0)  # workdirs from before the EMA had none
+    # a key the saved config lacks was added to vlp since: that run had its default
+    defaults = json.loads(config_lib.base_config().to_json())
+    old, new = {**dict(flatten(defaults)), **dict(flatten(saved))}, dict(flatten(current))
     for k in sorted(set(old) | set(new), key=lambda k: (not k.startswith('model.'), k)):  # model first
       if k.startswith(_IDENTITY_KEYS) and _norm(old.get(k)) != _norm(new.get(k)):
         what = 'of another model' if k.startswith(('model.', 'ema_decay')) else 'of another data stream'

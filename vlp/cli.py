@@ -75,6 +75,9 @@ def _print_result(result):
   for name in names:
     print(f'[{name}]\n' + retrieval.format_table({k[len(name) + 1:]: v for k, v in result.items()
                                                    if k.startswith(name + '/')}))
+    if f'{name}/itm/i2t@1' in result:  # ALBEF: re-ranked by ITM
+      print(f'[{name}] re-ranked by ITM\n' + retrieval.format_table(
+          {k[len(name) + 5:]: v for k, v in result.items() if k.startswith(name + '/itm/')}))
   print(json.dumps(result, default=float))
 
 

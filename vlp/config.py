@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+MODELS = ('align', 'albef')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable')
 
 
@@ -42,6 +43,18 @@ def base_config() -> ml_collections.ConfigDict:
       # master params and optimizer state; 'float32' keeps bf16 training exact in the update
       param_dtype='float32',
       remat='none',  # rematerialise Transformer blocks: 'none', 'full' or 'dots_saveable'
+      # ALBEF: text layers below it encode text alone, layers from it on (up to
+      # text.depth) add cross-attention to the image tokens. Unused by ALIGN.
+      fusion_layer=2,
+  )
+  # ALBEF training (Li et al. 2021, configs/Pretrain.yaml); unused by ALIGN.
+  c.albef = dict(
+      momentum=0.995,  # EMA factor of the momentum model
+      queue_size=65536,  # momentum features kept per modality; a multiple of batch_size
+      alpha=0.4,  # distillation weight after the ramp
+      alpha_warmup_steps=1000,  # linear ramp of alpha from 0 (ALBEF: the first epoch)
+      mlm_prob=0.15,  # share of non-special tokens masked (80% [MASK], 10% random, 10% kept)
+      rerank_k=16,  # retrieval eval: ITC candidates re-ranked by the ITM score
   )
   # chunk_size > 0: the loss walks the global batch in blocks of that many rows, so
   # at most chunk_size x batch logits exist at once (also in the backward pass).
@@ -215,7 +228,7 @@ def _check(ok: bool, key: str, message: str):
 def validate(config, num_devices: int, process_count: int = 1):
   """Checks the config before anything is built; raises ConfigError naming the key."""
   m = config.model
-  _check(m.name == 'align', 'model.name', f"unknown model {m.name!r}; known: 'align'")
+  _check(m.name in MODELS, 'model.name', f"unknown model {m.name!r}; known: {', '.join(MODELS)}")
   _check(m.head in ('softmax', 'sigmoid'), 'model.head', f"{m.head!r} not in softmax/sigmoid")
   _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', f'{m.dtype!r} not in float32/bfloat16')
   for tower in ('image', 'text'):
@@ -254,6 +267,8 @@ def validate(config, num_devices: int, process_count: int = 1):
   _validate_data(config.data)
   _check(0.0 <= config.ema_decay < 1.0, 'ema_decay', 'must be in [0, 1)')
   _validate_evals(config)
+  if m.name == 'albef':
+    _validate_albef(config)
   sizes = mesh_shape(config, num_devices)
   batch_shards = sizes['data'] * sizes['fsdp']
   _check(config.batch_size % batch_shards == 0, 'batch_size',
@@ -272,6 +287,27 @@ def validate(config, num_devices: int, process_count: int = 1):
   _check(c.keep >= 1, 'checkpoint.keep', 'must be >= 1')
   _check(c.keep_every >= 0, 'checkpoint.keep_every', 'must be >= 0')
   return sizes
+
+
+def _validate_albef(config):
+  for tower in ('image', 'text'):
+    _check(not config.model[tower].moe.num_experts, f'model.{tower}.moe.num_experts',
+           'Mixture-of-Experts towers are not wired into ALBEF (its loss does not add their aux losses)')
+  m, a = config.model, config.albef
+  _check(isinstance(m.fusion_layer, int) and 0 <= m.fusion_layer < m.text.depth, 'model.fusion_layer',
+         f'{m.fusion_layer!r} must be in [0, text.depth = {m.text.depth}): at least one fusion layer')
+  _check(config.batch_size >= 2, 'batch_size', 'ALBEF draws in-batch hard negatives: needs >= 2')
+  _check(a.queue_size > 0 and a.queue_size % config.batch_size == 0, 'albef.queue_size',
+         f'{a.queue_size} is not a positive multiple of batch_size {config.batch_size} '
+         '(each step enqueues one global batch)')
+  _check(0.0 <= a.momentum < 1.0, 'albef.momentum', 'must be in [0, 1)')
+  _check(0.0 <= a.alpha <= 1.0, 'albef.alpha', 'must be in [0, 1]')
+  _check(a.alpha_warmup_steps >= 0, 'albef.alpha_warmup_steps', 'must be >= 0')
+  _check(0.0 < a.mlm_prob < 1.0, 'albef.mlm_prob', 'must be in (0, 1)')
+  _check(a.rerank_k >= 1, 'albef.rerank_k', 'must be >= 1')
+  # the momentum model and the queues move once per step, not per micro-batch
+  _check(config.accum_steps == 1, 'accum_steps', 'ALBEF updates momentum and queues per step: must be 1')
+  _check(config.loss.chunk_size == 0, 'loss.chunk_size', 'ALIGN only; ALBEF contrasts against its queues')
 
 
 DATASETS = ('synthetic', 'arrayrecord', 'webdataset', 'tfds')

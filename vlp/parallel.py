@@ -162,9 +162,14 @@ def activation_bytes_estimate(config, sizes) -> int:
 
 def memory_table(abstract_state, config, sizes) -> dict:
   """Per-device bytes: params, optimizer state (from their shardings) and an activation estimate."""
-  return {'params': bytes_per_device(abstract_state['params']),
-          'opt_state': bytes_per_device(abstract_state['opt_state']),
-          'activations (est.)': activation_bytes_estimate(config, sizes)}
+  table = {'params': bytes_per_device(abstract_state['params']),
+           'opt_state': bytes_per_device(abstract_state['opt_state'])}
+  extra = {k: v for k, v in abstract_state.items() if k not in ('step', 'params', 'opt_state')}
+  if extra:  # the model's own state (ALBEF: momentum params, feature queues)
+    table['model state'] = bytes_per_device(extra)
+  # ALIGN's estimate: ALBEF's fusion passes (3B ITM pairs, MLM) are not in it
+  table['activations (est.)'] = activation_bytes_estimate(config, sizes)
+  return table
 
 
 def format_memory_table(table: dict, sizes: dict) -> str:

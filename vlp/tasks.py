@@ -8,7 +8,7 @@ import itertools
 
 import jax
 
-from vlp import config as config_lib
+from vlp import config as config_lib, models
 from vlp.config import ConfigError
 from vlp.data import arrayrecord, pipeline, synthetic, tokenizer as tok, webdataset
 
@@ -57,9 +57,10 @@ def _random_access_source(config, split: str):
 
 def preprocess(config, tokenizer, train: bool) -> pipeline.Preprocess:
   d = config.data
+  mlm = train and 'mlm_text' in models.module(config.model).BATCH_KEYS
   return pipeline.Preprocess(tokenizer, config.model.text.context_length, config.model.image.image_size,
                              train=train, crop_scale=tuple(d.crop_scale), flip=d.flip,
-                             max_pixels=d.max_pixels)
+                             max_pixels=d.max_pixels, mlm_prob=config.albef.mlm_prob if mlm else 0.0)
 
 
 def train_iterator(config, tokenizer):

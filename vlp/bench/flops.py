@@ -131,6 +131,47 @@ def align_train_flops(model_cfg: Any, batch_size: int) -> float:
   return 3.0 * align_forward_flops(model_cfg, batch_size)
 
 
+def cross_attention_forward_flops(q_len: int, kv_len: int, width: int, kv_width: int) -> float:
+  """Q projection, K/V projections of the other sequence, scores, values, output projection."""
+  s, t, w = q_len, kv_len, width
+  return (matmul_flops(s, w, w) + 2 * matmul_flops(t, w, kv_width) + matmul_flops(s, t, w)
+          + matmul_flops(s, w, t) + matmul_flops(s, w, w))
+
+
+def albef_train_flops(model_cfg: Any, batch_size: int, queue_size: int) -> float:
+  """One ALBEF step (vlp.models.albef.loss_fn): 3 x the online forward + 1 x the
+  momentum forward (no backward).
+
+  Online: ViT + projection; text-only layers + projection; ITC logits against
+  [batch ; queue] in both directions; the fusion layers on 3B ITM pairs and the
+  ITM head; the whole text stack on the masked text with fusion and the MLM
+  head (dense + tied decoder over the vocabulary at every position).
+  Momentum: ViT + projection, text-only layers + projection, its own ITC
+  logits, and the whole stack + MLM head on the masked text.
+  """
+  im, tx, e = _get(model_cfg, "image"), _get(model_cfg, "text"), _get(model_cfg, "embed_dim")
+  fusion = _get(model_cfg, "fusion_layer")
+  seq, w, mlp = _get(tx, "context_length"), _get(tx, "width"), _get(tx, "mlp_dim")
+  n_img = vit_seq_len(im)
+  text_only = fusion * block_forward_flops(seq, w, mlp) + matmul_flops(1, e, w)
+  fusion_layers = (_get(tx, "depth") - fusion) * (
+      block_forward_flops(seq, w, mlp) + cross_attention_forward_flops(seq, n_img, w, _get(im, "width")))
+  mlm_head = matmul_flops(seq, w, w) + matmul_flops(seq, _get(tx, "vocab_size"), w)
+  itc = 2 * matmul_flops(batch_size, batch_size + queue_size, e)
+  vit = vit_forward_flops(im, e)
+  per_example = vit + text_only + 3 * (fusion_layers + matmul_flops(1, 2, w)) + text_only + fusion_layers + mlm_head
+  online = batch_size * per_example + itc
+  momentum = batch_size * (vit + 2 * text_only + fusion_layers + mlm_head) + itc
+  return 3.0 * online + momentum
+
+
+def train_flops(config: Any) -> float:
+  """Training FLOPs of one step of the config's model."""
+  if config.model.name == "albef":
+    return albef_train_flops(config.model, config.batch_size, config.albef.queue_size)
+  return align_train_flops(config.model, config.batch_size)
+
+
 def mfu(train_flops_per_step: float, step_seconds: float,
         peak_flops_per_sec: float) -> float:
   """Model FLOPs utilisation: achieved model FLOP/s over the peak."""

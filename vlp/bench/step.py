@@ -9,8 +9,9 @@ import time
 import jax
 import numpy as np
 
-from vlp import config as config_lib, parallel
+from vlp import config as config_lib, models, parallel
 from vlp.bench import flops, peak
+from vlp.data import transforms
 from vlp.train import state as state_lib, step as step_lib
 
 
@@ -22,6 +23,9 @@ def random_batch(config, mesh, seed=0):
       'image': rng.normal(size=(b, im.image_size, im.image_size, 3)).astype(np.float32),
       'text': rng.integers(5, tx.vocab_size, size=(b, tx.context_length)).astype(np.int32),
   }
+  if 'mlm_text' in models.module(config.model).BATCH_KEYS:
+    batch['mlm_text'], batch['mlm_labels'] = transforms.mlm_mask(
+        batch['text'], rng, vocab_size=tx.vocab_size, prob=config.albef.mlm_prob)
   return jax.device_put(batch, parallel.batch_sharding(mesh))
 
 
@@ -42,7 +46,7 @@ def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = Non
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
-  model_flops = flops.align_train_flops(config.model, config.batch_size)
+  model_flops = flops.train_flops(config)
   # Simulated CPU devices share the host's cores: the host peak is the peak.
   per_host = jax.default_backend() == 'cpu'
   peak_flops = peak_flops or peak.measure_matmul_peak() * (1 if per_host else jax.device_count())

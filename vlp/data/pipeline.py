@@ -41,8 +41,9 @@ class Preprocess:
   def __init__(self, tokenizer: tokenizer_lib.Tokenizer, context_length: int,
                image_size: int | None = None, *, train: bool = True,
                crop_scale: tuple[float, float] = (0.5, 1.0), flip: bool = False,
-               max_pixels: int = transforms.MAX_PIXELS):
+               max_pixels: int = transforms.MAX_PIXELS, mlm_prob: float = 0.0):
     self.tokenizer, self.context_length, self.image_size = tokenizer, context_length, image_size
+    self.mlm_prob = mlm_prob
     self.train, self.crop_scale, self.flip, self.max_pixels = train, tuple(crop_scale), flip, max_pixels
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -55,10 +56,13 @@ class Preprocess:
       pixels = self.pixels(record['image'], rng)
     except transforms.BadImage as e:
       return records.skipped(record.get('key', '?'), e.reason)
-    return {
-        'image': transforms.normalize_image(pixels),
-        'text': self.tokenizer.encode([caption], self.context_length)[0],
-    }
+    text = self.tokenizer.encode([caption], self.context_length)[0]
+    example = {'image': transforms.normalize_image(pixels), 'text': text}
+    if self.mlm_prob:  # ALBEF's MLM inputs, masked with this example's own rng: resumable
+      example['mlm_text'], example['mlm_labels'] = transforms.mlm_mask(
+          text, rng, vocab_size=self.tokenizer.vocab_size, mask_id=self.tokenizer.mask_id,
+          prob=self.mlm_prob)
+    return example
 
   def pixels(self, image, rng: np.random.Generator | None) -> np.ndarray:
     """uint8 [S,S,3] of an encoded image or an array; raises transforms.BadImage."""

@@ -6,7 +6,7 @@ predict_fns = {'image': f(params, images), 'text': f(params, tokens)} return
 L2-normalised embeddings. Results are named '<entry>/<metric>' in training
 metrics, and written as clip_benchmark-style records by `vlp eval`.
 """
-from vlp.eval import datasets, retrieval, zeroshot
+from vlp.eval import datasets, itm_rerank, retrieval, zeroshot
 
 # clip_benchmark's metric names for ours.
 _CLIP_BENCHMARK_NAMES = {'i2t': 'text_retrieval_recall', 't2i': 'image_retrieval_recall'}
@@ -42,7 +42,11 @@ def make(config, graphdef, tokenizer, task_data=None) -> list:
         continue
       if data.get('skipped'):
         print(f"eval {name}: skipped {data['skipped']}")
-      ev = retrieval.Evaluator(fns, data, batch_size=e.batch_size, ks=tuple(e.ks), by_language=e.by_language)
+      if config.model.name == 'albef':  # ITC retrieval, then the top candidates re-ranked by ITM
+        ev = itm_rerank.Evaluator(graphdef, data, config.albef.rerank_k, batch_size=e.batch_size,
+                                  ks=tuple(e.ks), by_language=e.by_language)
+      else:
+        ev = retrieval.Evaluator(fns, data, batch_size=e.batch_size, ks=tuple(e.ks), by_language=e.by_language)
     else:
       data = datasets.classification_data(e, config)
       templates = tuple(e.templates) or (zeroshot.SYNTHETIC_TEMPLATES if e.data == 'synthetic'
@@ -83,7 +87,10 @@ def format_tables(evaluators, metrics: dict) -> str:
     mine = {k[len(name) + 1:]: v for k, v in metrics.items() if k.startswith(name + '/')}
     if e.kind == 'retrieval':
       table = retrieval.format_table(mine, tuple(e.ks))
-      langs = sorted({k.split('/')[0] for k in mine if '/' in k})
+      itm = {k[len('itm/'):]: v for k, v in mine.items() if k.startswith('itm/')}
+      if itm:  # ALBEF: the same candidates re-ranked by the ITM head
+        table += '\nre-ranked by ITM:\n' + retrieval.format_table(itm, tuple(e.ks))
+      langs = sorted({k.split('/')[0] for k in mine if '/' in k} - {'itm'})
       table += ''.join(f'\n  {lang}: RSUM {mine[f"{lang}/rsum"]:.1f}' for lang in langs)
     else:
       table = '  '.join(f'{k} {v:6.2f}' for k, v in mine.items())

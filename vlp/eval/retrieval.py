@@ -176,6 +176,30 @@ def _pad_rows(x, n):
   return np.pad(x, [(0, n - len(x))] + [(0, 0)] * (x.ndim - 1))
 
 
+def recall_at_k_from_scores(i2t_scores, t2i_scores, text_to_image, ks=(1, 5, 10)) -> dict:
+  """recall_at_k for given score matrices: i2t [images, captions], t2i [captions, images].
+
+  For rankings that are not one dot product, such as ITC candidates re-ranked
+  by an ITM head. Same conventions and keys as recall_at_k (ties count against).
+  """
+  i2t, t2i = np.asarray(i2t_scores, np.float32), np.asarray(t2i_scores, np.float32)
+  text_to_image = np.asarray(text_to_image, np.int32)
+  n_img, n_txt = i2t.shape
+  if t2i.shape != (n_txt, n_img) or text_to_image.shape != (n_txt,):
+    raise ValueError(f'shapes i2t {i2t.shape}, t2i {t2i.shape}, text_to_image {text_to_image.shape} disagree')
+  correct = t2i[np.arange(n_txt), text_to_image]
+  t_ranks = np.sum(t2i >= correct[:, None], axis=1) - 1
+  positive = text_to_image[None, :] == np.arange(n_img)[:, None]
+  has_caption = positive.any(axis=1)
+  best = np.max(np.where(positive, i2t, -np.inf), axis=1, keepdims=True)
+  i_ranks = np.sum(~positive & (i2t >= best), axis=1)[has_caption]
+  out = {}
+  for k in ks:
+    out[f'i2t@{k}'] = 100.0 * float(np.mean(i_ranks < k))
+    out[f't2i@{k}'] = 100.0 * float(np.mean(t_ranks < k))
+  return out
+
+
 def embed_in_batches(encode, params, x, batch_size):
   """Runs a jitted encoder over x in fixed-size (padded) batches: one compilation."""
   out = []

@@ -1,12 +1,21 @@
-"""ALIGN-style dual encoder with a softmax (ALIGN/CLIP) or sigmoid (SigLIP) head."""
+"""ALIGN-style dual encoder with a softmax (ALIGN/CLIP) or sigmoid (SigLIP) head.
+
+`init_extra_state` and `loss_fn` are the model's hooks into vlp.train: a dual
+encoder keeps nothing in the train state besides its params.
+"""
 import math
 
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp.models import layers
+from vlp import losses
+from vlp.models import layers, moe
 from vlp.models.text import TextEncoder
 from vlp.models.vit import ViT
+
+
+BATCH_KEYS = ('image', 'text')  # what a training batch holds
+MAX_LOGIT_SCALE = 100.0  # as CLIP: keeps a runaway temperature from destabilising training
 
 
 def _l2_normalize(x):
@@ -46,3 +55,38 @@ class Model(nnx.Module):
 
   def logit_bias(self):
     return self.bias[...] if self.bias is not None else None
+
+
+def contrastive_loss(model, batch, model_cfg, loss_cfg):
+  # capture: what MoE layers report of the pass (vlp.models.moe)
+  (image_emb, text_emb), intermediates = nnx.capture(lambda m, i, t: m(i, t), nnx.Intermediate)(
+      model, batch['image'], batch['text'])
+  scale = jnp.minimum(model.logit_scale(), MAX_LOGIT_SCALE)
+  chunk = loss_cfg.chunk_size
+  if model_cfg.head == 'softmax':
+    if chunk:
+      loss = losses.chunked_softmax_contrastive(image_emb, text_emb, scale, loss_cfg.label_smoothing, chunk)
+    else:
+      loss = losses.softmax_contrastive(image_emb, text_emb, scale, loss_cfg.label_smoothing)
+  elif chunk:
+    loss = losses.chunked_sigmoid_contrastive(image_emb, text_emb, scale, model.logit_bias(), chunk)
+  else:
+    loss = losses.sigmoid_contrastive(image_emb, text_emb, scale, model.logit_bias())
+  moe_loss, moe_metrics = moe.aux_losses(intermediates, {'load_balance': loss_cfg.moe_load_balance,
+                                                         'router_z': loss_cfg.moe_router_z})
+  metrics = {'logit_scale': scale}
+  if moe_metrics:  # an MoE model: the loss includes its auxiliary losses
+    metrics.update(contrastive_loss=loss, **moe_metrics)
+  return loss + moe_loss, metrics
+
+
+def init_extra_state(config, params):
+  del config, params
+  return {}
+
+
+def loss_fn(graphdef, params, extra, batch, step, config):
+  """Returns (loss, (metrics, new extra state)) as every model's loss_fn."""
+  del step
+  loss, metrics = contrastive_loss(nnx.merge(graphdef, params), batch, config.model, config.loss)
+  return loss, (metrics, extra)

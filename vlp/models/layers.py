@@ -81,6 +81,35 @@ class SelfAttention(nnx.Module):
     return jnp.einsum('bqhk,hkd->bqd', y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
 
 
+class CrossAttention(nnx.Module):
+  """Multi-head attention of queries x [B, L, D] to another sequence kv [B, S, D_kv]
+  (ALBEF's fusion layers: text queries, image-token keys and values)."""
+
+  def __init__(self, width, kv_width, num_heads, *, rngs, dtype=jnp.float32):
+    head_dim = width // num_heads
+    self.q = param(rngs, nnx.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)),
+                   (width, num_heads, head_dim), ('embed', 'heads', 'kv'))
+    self.q_bias = param(rngs, nnx.initializers.zeros, (num_heads, head_dim), ('heads', 'kv'))
+    init = nnx.initializers.xavier_uniform(in_axis=0, out_axis=(2, 3), batch_axis=(1,))
+    self.kv = param(rngs, init, (kv_width, 2, num_heads, head_dim), ('embed', None, 'heads', 'kv'))
+    self.kv_bias = param(rngs, nnx.initializers.zeros, (2, num_heads, head_dim), (None, 'heads', 'kv'))
+    out_init = nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+    self.out = param(rngs, out_init, (num_heads, head_dim, width), ('heads', 'kv', 'embed'))
+    self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ('embed',))
+    self.dtype = dtype
+
+  def __call__(self, x, kv):
+    dt = self.dtype
+    q = jnp.einsum('bld,dhk->blhk', x.astype(dt), self.q[...].astype(dt)) + self.q_bias[...].astype(dt)
+    kv = jnp.einsum('bsd,dthk->tbshk', kv.astype(dt), self.kv[...].astype(dt))
+    kv = kv + self.kv_bias[...].astype(dt)[:, None, None]
+    q, k, v = (parallel.constrain(t, ('batch', None, 'heads', None)) for t in (q, kv[0], kv[1]))
+    logits = jnp.einsum('bqhk,bshk->bhqs', q, k) * (q.shape[-1] ** -0.5)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
+    y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
+    return jnp.einsum('bqhk,hkd->bqd', y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+
+
 class Mlp(nnx.Module):
   def __init__(self, width, mlp_dim, *, rngs, dtype=jnp.float32):
     self.fc1 = Dense(width, mlp_dim, ('embed', 'mlp'), rngs=rngs, dtype=dtype)
@@ -106,6 +135,25 @@ class Block(nnx.Module):
   def __call__(self, x, mask=None):
     x = parallel.constrain(x, ('batch', None, None))
     x = x + self.attn(self.ln1(x), mask)
+    return x + self.mlp(self.ln2(x))
+
+
+class FusionBlock(nnx.Module):
+  """Pre-LayerNorm block with cross-attention to other tokens between self-attention and MLP
+  (the layout of ALBEF's fusion layers, BERT's layers with `add_cross_attention`)."""
+
+  def __init__(self, width, num_heads, mlp_dim, kv_width, *, rngs, dtype=jnp.float32):
+    self.ln1 = LayerNorm(width, rngs=rngs, dtype=dtype)
+    self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype)
+    self.ln_cross = LayerNorm(width, rngs=rngs, dtype=dtype)
+    self.cross = CrossAttention(width, kv_width, num_heads, rngs=rngs, dtype=dtype)
+    self.ln2 = LayerNorm(width, rngs=rngs, dtype=dtype)
+    self.mlp = Mlp(width, mlp_dim, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x, mask, kv):
+    x = parallel.constrain(x, ('batch', None, None))
+    x = x + self.attn(self.ln1(x), mask)
+    x = x + self.cross(self.ln_cross(x), kv)
     return x + self.mlp(self.ln2(x))
 
 
@@ -139,9 +187,13 @@ class Encoder(nnx.Module):
     self.remat = remat
 
   def __call__(self, x, mask=None):
-    apply = lambda block, x, mask: block(x, mask)
-    if self.remat != 'none':
-      apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
+    apply = remat_apply(self.remat)
     for block in self.blocks:
       x = apply(block, x, mask)
     return self.ln(x)
+
+
+def remat_apply(remat):
+  """`apply(block, *args)` calling the block, rematerialised with policy `remat` unless 'none'."""
+  apply = lambda block, *args: block(*args)
+  return apply if remat == 'none' else nnx.remat(apply, policy=REMAT_POLICIES[remat])

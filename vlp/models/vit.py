@@ -32,11 +32,17 @@ class ViT(nnx.Module):
 
   def __call__(self, images):
     """images: float [B, H, W, 3] -> pooled features [B, width]."""
+    return self.pool_tokens(self.tokens(images))
+
+  def pool_tokens(self, x):
+    return x[:, 0] if self.pool == 'cls' else x[:, 1:].mean(axis=1)
+
+  def tokens(self, images):
+    """images: float [B, H, W, 3] -> encoded tokens [B, 1 + patches, width], CLS first."""
     p = self.patch_size
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f'image size {images.shape[1:3]} is not divisible by patch size {p}')
     patches = einops.rearrange(images, 'b (h p) (w q) c -> b (h w) (p q c)', p=p, q=p)
     x = self.patch_embed(patches) + self.position_embeddings(images.shape[1] // p, images.shape[2] // p).astype(self.dtype)
     cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
-    x = self.encoder(jnp.concatenate([cls, x], axis=1))
-    return x[:, 0] if self.pool == 'cls' else x[:, 1:].mean(axis=1)
+    return self.encoder(jnp.concatenate([cls, x], axis=1))

@@ -1,7 +1,10 @@
-"""The train state: a plain dict {step, params, opt_state[, ema_params]}, sharded by logical rules.
+"""The train state: a plain dict {step, params, opt_state, [ema_params], ...}, sharded by logical rules.
 
 With `config.ema_decay > 0` the state also holds an exponential moving
 average of the params (sharded like them), updated in the step, for export.
+The model's module may add entries (`init_extra_state`: ALBEF's momentum
+params and feature queues); an entry whose path ends like a parameter's takes
+that parameter's sharding, anything else (the queues) is replicated.
 
 Shapes and shardings come from `jax.eval_shape` before anything is allocated
 (MaxText style); the real state is then created directly in its sharded layout.
@@ -44,12 +47,16 @@ def make_setup(config, mesh) -> Setup:
                                  nnx.to_pure_dict(abstract_vars))
   param_sh = parallel.tree_shardings(logical, abstract_params, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  abstract_extra = jax.eval_shape(lambda p: models.module(config.model).init_extra_state(config, p),
+                                  abstract_params)
   shardings = {
       'step': parallel.replicated(mesh),
       'params': param_sh,
       'opt_state': parallel.like_params_shardings(abstract_opt, param_sh, mesh),
+      **parallel.like_params_shardings(abstract_extra, param_sh, mesh),
   }
-  shapes = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params, 'opt_state': abstract_opt}
+  shapes = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params, 'opt_state': abstract_opt,
+            **abstract_extra}
   if has_ema(config):
     shardings['ema_params'], shapes['ema_params'] = param_sh, abstract_params
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
@@ -64,7 +71,8 @@ def init_state(config, setup: Setup) -> dict:
   """Initialises params and optimizer state directly in their sharded layout."""
   def init():
     params = _params_of(models.build(config.model, config.seed), config.model.param_dtype)
-    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': setup.tx.init(params)}
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': setup.tx.init(params),
+             **models.module(config.model).init_extra_state(config, params)}
     if has_ema(config):
       state['ema_params'] = params
     return state

@@ -5,35 +5,11 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from vlp import losses, parallel
-from vlp.models import moe
+from vlp import models, parallel
 
-MAX_LOGIT_SCALE = 100.0  # as CLIP: keeps a runaway temperature from destabilising training
-
-
-def contrastive_loss(model, batch, model_cfg, loss_cfg):
-  # capture: what MoE layers report of the pass (vlp.models.moe)
-  (image_emb, text_emb), intermediates = nnx.capture(lambda m, i, t: m(i, t), nnx.Intermediate)(
-      model, batch['image'], batch['text'])
-  scale = jnp.minimum(model.logit_scale(), MAX_LOGIT_SCALE)
-  chunk = loss_cfg.chunk_size
-  if model_cfg.head == 'softmax':
-    if chunk:
-      loss = losses.chunked_softmax_contrastive(image_emb, text_emb, scale, loss_cfg.label_smoothing, chunk)
-    else:
-      loss = losses.softmax_contrastive(image_emb, text_emb, scale, loss_cfg.label_smoothing)
-  elif chunk:
-    loss = losses.chunked_sigmoid_contrastive(image_emb, text_emb, scale, model.logit_bias(), chunk)
-  else:
-    loss = losses.sigmoid_contrastive(image_emb, text_emb, scale, model.logit_bias())
-  moe_loss, moe_metrics = moe.aux_losses(intermediates, {'load_balance': loss_cfg.moe_load_balance,
-                                                         'router_z': loss_cfg.moe_router_z})
-  metrics = {'logit_scale': scale}
-  if moe_metrics:  # an MoE model: the loss includes its auxiliary losses
-    metrics.update(contrastive_loss=loss, **moe_metrics)
-  return loss + moe_loss, metrics
+# The rest of the state is the model's own (ALBEF's momentum params and queues).
+CORE_KEYS = ('step', 'params', 'opt_state', 'ema_params')
 
 
 def micro_batches(batch, k: int):
@@ -67,16 +43,20 @@ def loss_and_grads(loss_fn, params, batch, accum_steps: int):
 
 def make_train_step(config, setup):
   graphdef, tx, lr_schedule = setup.graphdef, setup.tx, setup.lr_schedule
+  model_loss = models.module(config.model).loss_fn
 
   def train_step(state, batch):
-    def loss_fn(params, batch):
-      return contrastive_loss(nnx.merge(graphdef, params), batch, config.model, config.loss)
+    extra = {k: v for k, v in state.items() if k not in CORE_KEYS}
 
-    (loss, aux), grads = loss_and_grads(loss_fn, state['params'], batch, config.accum_steps)
+    def loss_fn(params, batch):
+      return model_loss(graphdef, params, extra, batch, state['step'], config)
+
+    # config validation keeps models with extra state at accum_steps == 1
+    (loss, (aux, extra)), grads = loss_and_grads(loss_fn, state['params'], batch, config.accum_steps)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': lr_schedule(state['step']), **aux}
-    new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+    new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state, **extra}
     if 'ema_params' in state:
       new['ema_params'] = optax.incremental_update(params, state['ema_params'], 1.0 - config.ema_decay)
     return new, metrics
@@ -89,10 +69,10 @@ def batch_spec(config, mesh):
   b = config.batch_size
   im, tx = config.model.image, config.model.text
   sh = parallel.batch_sharding(mesh)
-  return {
-      'image': jax.ShapeDtypeStruct((b, im.image_size, im.image_size, 3), jnp.float32, sharding=sh),
-      'text': jax.ShapeDtypeStruct((b, tx.context_length), jnp.int32, sharding=sh),
-  }
+  text = jax.ShapeDtypeStruct((b, tx.context_length), jnp.int32, sharding=sh)
+  spec = {'image': jax.ShapeDtypeStruct((b, im.image_size, im.image_size, 3), jnp.float32, sharding=sh)}
+  # every other key (text, MLM inputs and labels) is a row of token ids
+  return spec | {k: text for k in models.module(config.model).BATCH_KEYS if k != 'image'}
 
 
 def compile_train_step(config, setup):

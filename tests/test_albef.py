@@ -1,0 +1,256 @@
+"""ALBEF: losses against naive numpy of the paper's formulas, momentum, queues,
+hard negatives, MLM masking, config checks, ITM re-ranking, resume, base compile."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from vlp import config as config_lib, losses_albef, models, parallel
+from vlp.data import pipeline, synthetic, tokenizer as tok
+from vlp.data.transforms import IGNORE_INDEX
+from vlp.models import albef
+
+CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
+
+
+def _unit(rng, n, d):
+  x = rng.normal(size=(n, d))
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _log_softmax(row):
+  m = max(row)
+  return [v - m - np.log(sum(np.exp(u - m) for u in row)) for v in row]
+
+
+def _naive_itc(img, txt, img_m, txt_m, q_img, q_txt, temp, alpha):
+  """ALBEF's loss_ita written out element by element."""
+  b = len(img)
+  txt_all = list(txt_m) + list(q_txt)
+  img_all = list(img_m) + list(q_img)
+  total = 0.0
+  for a, a_m, cands in ((img, img_m, txt_all), (txt, txt_m, img_all)):
+    for i in range(b):
+      sim = [float(np.dot(a[i], c)) / temp for c in cands]
+      sim_m = [float(np.dot(a_m[i], c)) / temp for c in cands]
+      p_m = np.exp(_log_softmax(sim_m))
+      logp = _log_softmax(sim)
+      for j in range(len(cands)):
+        target = alpha * p_m[j] + (1 - alpha) * (i == j)
+        total -= target * logp[j] / b
+  return total / 2
+
+
+@pytest.mark.parametrize('b,q,d,temp,alpha', [(3, 6, 5, 0.07, 0.0), (4, 8, 8, 0.1, 0.4), (2, 2, 3, 0.5, 1.0)])
+def test_itc_matches_naive(b, q, d, temp, alpha):
+  rng = np.random.default_rng(b * 10 + q)
+  feats = [_unit(rng, n, d) for n in (b, b, b, b, q, q)]
+  loss, sim_i2t, sim_t2i = losses_albef.itc_loss(*feats, temp, alpha)
+  np.testing.assert_allclose(float(loss), _naive_itc(*feats, temp, alpha), rtol=1e-5)
+  img, txt, _, txt_m, _, q_txt = feats
+  np.testing.assert_allclose(sim_i2t, img @ np.concatenate([txt_m, q_txt]).T / temp, rtol=1e-5, atol=1e-5)
+  assert sim_t2i.shape == (b, b + q)
+
+
+def test_itm_loss_matches_naive():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(9, 2)).astype(np.float32)
+  labels = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0], np.int32)
+  naive = -np.mean([_log_softmax(list(row))[y] for row, y in zip(logits, labels)])
+  np.testing.assert_allclose(float(losses_albef.itm_loss(logits, labels)), naive, rtol=1e-6)
+
+
+def test_hard_negatives_are_never_the_positive_and_follow_the_weights():
+  rng = np.random.default_rng(1)
+  b = 5
+  sim_i2t, sim_t2i = (rng.normal(size=(b, b)).astype(np.float32) * 2 for _ in range(2))
+  keys = jax.random.split(jax.random.key(0), 4000)
+  neg_image, neg_text = jax.vmap(lambda k: losses_albef.sample_itm_negatives(k, sim_i2t, sim_t2i))(keys)
+  neg_image, neg_text = np.asarray(neg_image), np.asarray(neg_text)
+  assert not np.any(neg_image == np.arange(b)) and not np.any(neg_text == np.arange(b))
+  for sim, drawn in ((sim_t2i, neg_image), (sim_i2t, neg_text)):
+    for i in range(b):  # ALBEF: softmax(sim) + 1e-4, positive set to 0, renormalised by multinomial
+      w = np.exp(sim[i] - sim[i].max())
+      w = w / w.sum() + 1e-4
+      w[i] = 0
+      freq = np.bincount(drawn[:, i], minlength=b) / len(drawn)
+      np.testing.assert_allclose(freq, w / w.sum(), atol=0.03)
+  # a fixed key gives the same draw: the step's key makes training reproducible
+  again = losses_albef.sample_itm_negatives(keys[0], sim_i2t, sim_t2i)
+  assert (np.asarray(again[0]) == neg_image[0]).all() and (np.asarray(again[1]) == neg_text[0]).all()
+
+
+def test_mlm_loss_matches_naive():
+  rng = np.random.default_rng(2)
+  b, l, v, alpha = 2, 5, 7, 0.3
+  logits, logits_m = (rng.normal(size=(b, l, v)).astype(np.float32) for _ in range(2))
+  labels = np.full((b, l), IGNORE_INDEX, np.int32)
+  labels[0, 1], labels[0, 3], labels[1, 4] = 2, 6, 0
+  hard, soft, n = 0.0, 0.0, 0
+  for i in range(b):
+    for j in range(l):
+      if labels[i, j] == IGNORE_INDEX:
+        continue
+      logp = _log_softmax(list(logits[i, j]))
+      p_m = np.exp(_log_softmax(list(logits_m[i, j])))
+      hard -= logp[labels[i, j]]
+      soft -= sum(p_m[k] * logp[k] for k in range(v))
+      n += 1
+  naive = (1 - alpha) * hard / n + alpha * soft / n
+  np.testing.assert_allclose(float(losses_albef.mlm_loss(logits, labels, logits_m, alpha)), naive, rtol=1e-5)
+
+
+def test_ema_update_and_no_gradient_to_the_online_params():
+  momentum = {'w': jnp.array([1.0, 2.0]), 'b': jnp.array(3.0)}
+  online = {'w': jnp.array([0.0, 4.0]), 'b': jnp.array(-1.0)}
+  new = albef.ema(momentum, online, 0.995)
+  np.testing.assert_allclose(new['w'], [0.995, 0.995 * 2 + 0.005 * 4], rtol=1e-6)
+  np.testing.assert_allclose(new['b'], 0.995 * 3 - 0.005, rtol=1e-6)
+  grad = jax.grad(lambda p: jnp.sum(albef.ema(momentum, p, 0.995)['w']))(online)
+  assert float(jnp.abs(grad['w']).sum()) == 0.0
+
+
+def test_queue_wraps_around():
+  queue, ptr = jnp.zeros((6, 2)), jnp.int32(0)
+  ptrs = []
+  for step in range(4):
+    queue, ptr = albef.enqueue(queue, ptr, jnp.full((2, 2), step + 1.0))
+    ptrs.append(int(ptr))
+  assert ptrs == [2, 4, 0, 2]
+  np.testing.assert_array_equal(queue[:, 0], [4, 4, 2, 2, 3, 3])  # the 4th batch overwrote the 1st
+
+
+def test_alpha_ramps_linearly():
+  a = tiny_config(**{'albef.alpha': 0.4, 'albef.alpha_warmup_steps': 10}).albef
+  got = [float(albef.alpha_at(jnp.int32(s), a)) for s in (0, 5, 10, 50)]
+  np.testing.assert_allclose(got, [0.0, 0.2, 0.4, 0.4], rtol=1e-6)
+
+
+def test_pipeline_masking_never_touches_pad_or_cls():
+  tokenizer = tok.builtin_tokenizer()
+  prep = pipeline.Preprocess(tokenizer, 16, 16, mlm_prob=0.5)
+  source = synthetic.SyntheticScenes(split='train', num_examples=40, image_size=16, seed=0)
+  rng = np.random.default_rng(0)
+  examples = [prep(source[i], rng) for i in range(40)]
+  text = np.stack([e['text'] for e in examples])
+  mlm_text, labels = np.stack([e['mlm_text'] for e in examples]), np.stack([e['mlm_labels'] for e in examples])
+  special = (text == 0) | (text == 2)  # PAD, CLS
+  assert special.sum() > 40 and (mlm_text[special] == text[special]).all()
+  assert (labels[special] == IGNORE_INDEX).all()
+  selected = labels != IGNORE_INDEX
+  assert 0.3 < selected.sum() / (~special & (text != 3)).sum() < 0.7  # about mlm_prob of the others
+  assert (labels[selected] == text[selected]).all()
+
+
+def _albef(**overrides):
+  return tiny_config(**{'model.name': 'albef', 'model.text.depth': 3, 'model.fusion_layer': 2,
+                        'albef.queue_size': 32, 'albef.alpha_warmup_steps': 2, **overrides})
+
+
+@pytest.mark.parametrize('override,key', [
+    ({'albef.queue_size': 40}, 'albef.queue_size'),
+    ({'model.fusion_layer': 3}, 'model.fusion_layer'),
+    ({'accum_steps': 2}, 'accum_steps'),
+])
+def test_config_checks_name_the_key(override, key):
+  with pytest.raises(config_lib.ConfigError, match=f"config key '{key}'"):
+    config_lib.validate(_albef(**override), num_devices=8)
+
+
+def test_model_parameters_carry_logical_axes_and_momentum_is_sharded_like_params():
+  from vlp.train import state as state_lib
+  config = _albef()
+  mesh = parallel.make_mesh({'data': 2, 'fsdp': 4, 'tensor': 1})
+  setup = state_lib.make_setup(config, mesh)
+  kernel = ['text', 'fusion_blocks', 0, 'cross', 'kv']
+  get = lambda tree: tree[kernel[0]][kernel[1]][kernel[2]][kernel[3]][kernel[4]]
+  assert get(setup.shardings['params']).spec == get(setup.shardings['momentum']).spec
+  assert get(setup.shardings['momentum']).spec[0] == 'fsdp'  # image width ('embed') over FSDP
+  assert 'itm_head' not in setup.shardings['momentum'] and 'temp' not in setup.shardings['momentum']
+  assert setup.abstract['image_queue'].shape == (32, 32)
+  assert setup.shardings['image_queue'].is_fully_replicated
+
+
+@pytest.mark.slow  # five small jit compilations: ~30 s CPU, minutes on a busy machine
+def test_itm_rerank_with_every_candidate_is_the_full_itm_ranking():
+  from flax import nnx
+  from vlp.eval import itm_rerank, retrieval
+  config = _albef()
+  model = models.build(config.model)
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  rng = np.random.default_rng(0)
+  data = {'image': rng.normal(size=(4, 16, 16, 3)).astype(np.float32),
+          'text': np.concatenate([np.full((8, 1), 2), rng.integers(5, 1024, (8, 6)), np.full((8, 1), 3),
+                                  np.zeros((8, 8))], axis=1).astype(np.int32),
+          'text_to_image': np.repeat(np.arange(4), 2).astype(np.int32)}
+  evaluator = itm_rerank.Evaluator(graphdef, data, rerank_k=8, batch_size=8)
+  result = dict(evaluator.run(params))
+  # naive: the ITM match logit of every (caption, image) pair, in one batch of all 32 pairs
+  image_tokens, hidden = model.image.tokens(data['image']), model.text.encode(data['text'])
+  t, i = np.repeat(np.arange(8), 4), np.tile(np.arange(4), 8)
+  full = np.asarray(model.itm_logits(hidden[t], data['text'][t] != 0, image_tokens[i])[:, 1]).reshape(8, 4).T
+  expected = retrieval.recall_at_k_from_scores(full, full.T, data['text_to_image'])
+  for key, value in expected.items():
+    assert result[f'itm/{key}'] == pytest.approx(value)
+  image_emb, text_emb = evaluator.embed(params)
+  itc = retrieval.recall_at_k(image_emb, text_emb, data['text_to_image'])
+  assert retrieval.recall_at_k_from_scores(image_emb @ text_emb.T, text_emb @ image_emb.T,
+                                           data['text_to_image']) == itc
+  assert {k: result[k] for k in itc} == itc
+
+
+@pytest.mark.slow
+def test_resume_continues_the_exact_trajectory(tmp_path):
+  """Momentum params, queues and their pointer are in the checkpoint: a resumed run
+  continues exactly (losses that lost them would differ from step 4 on)."""
+  from vlp.train import loop, metrics as metrics_lib
+  overrides = {'model.image.depth': 1, 'model.text.depth': 2, 'model.fusion_layer': 1, 'batch_size': 8,
+               'albef.queue_size': 16}
+  run = lambda wd, steps: loop.train(_albef(total_steps=steps, **overrides), str(wd), progress=False)
+  logged = lambda wd: {r['step']: (r['loss'], r['loss_itm'], r['loss_mlm'])
+                       for r in metrics_lib.read_jsonl(str(wd)) if 'loss' in r}
+  result = run(tmp_path / 'straight', 6)
+  assert 'retrieval/itm/t2i@1' in result and 'retrieval/t2i@1' in result
+  run(tmp_path / 'resumed', 3)
+  run(tmp_path / 'resumed', 6)
+  straight, resumed = logged(tmp_path / 'straight'), logged(tmp_path / 'resumed')
+  assert sorted(straight) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
+  assert [resumed[s] for s in range(1, 7)] == [straight[s] for s in range(1, 7)]  # bit for bit
+
+
+@pytest.mark.slow  # ~17 s CPU tracing ViT-B + BERT-base; longer on a busy machine
+def test_albef_base_lowers_with_abstract_shapes_only():
+  """The paper's sizes: the whole train step is traced and lowered for 8 devices
+  (FSDP over 8) without allocating a parameter."""
+  from vlp.train import state as state_lib, step as step_lib
+  config = config_lib.load(os.path.join(CONFIGS, 'albef_base.py'))
+  config.mesh.update(data=1, fsdp=8)
+  sizes = config_lib.validate(config, num_devices=8)
+  setup = state_lib.make_setup(config, parallel.make_mesh(sizes))
+  n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract['params']))
+  assert 200e6 < n_params < 230e6  # ViT-B/16 (86M) + BERT-base with 6 cross-attention layers (~124M)
+  assert setup.abstract['image_queue'].shape == (65536, 256)
+  jitted = jax.jit(step_lib.make_train_step(config, setup),
+                   in_shardings=(setup.shardings, parallel.batch_sharding(setup.mesh)),
+                   out_shardings=(setup.shardings, parallel.replicated(setup.mesh)), donate_argnums=0)
+  with parallel.activation_rules(setup.mesh, setup.rules):
+    lowered = jitted.lower(setup.abstract, step_lib.batch_spec(config, setup.mesh))
+  assert 'mlm_labels' in str(step_lib.batch_spec(config, setup.mesh).keys())
+  assert lowered.as_text()  # StableHLO of the sharded step
+
+
+def test_workdir_of_an_older_align_run_still_resumes(tmp_path):
+  """A config.json written before ALBEF's keys existed has their defaults; a changed one is refused."""
+  import json
+  from vlp import checkpoint
+  saved = json.loads(tiny_config().to_json())
+  del saved['model']['fusion_layer'], saved['albef']
+  (tmp_path / 'checkpoints').mkdir()
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  checkpoint.check_workdir(tiny_config(), str(tmp_path))
+  with pytest.raises(checkpoint.WorkdirMismatch, match='albef.queue_size'):
+    checkpoint.check_workdir(tiny_config(**{'albef.queue_size': 1024}), str(tmp_path))

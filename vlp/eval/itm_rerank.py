@@ -1,0 +1,69 @@
+"""ALBEF retrieval: rank by ITC similarity, then re-rank the top k by the ITM head.
+
+As ALBEF's Retrieval.py: for every image the k captions of highest ITC
+similarity go through the fusion encoder with it, and for every caption the
+k images likewise; a candidate's new score is its ITM match logit, every
+other candidate scores -inf (so recall@K is meaningful for K <= k). Both
+rankings are reported with the keys of `recall_at_k`: `i2t@1`... (ITC, with
+RSUM and per language as every retrieval evaluator) and `itm/i2t@1`...
+(re-ranked, with `itm/rsum`), under the evaluator's name in config.evals.
+"""
+import jax
+import numpy as np
+from flax import nnx
+
+from vlp.eval import retrieval
+from vlp.models.text import PAD_ID
+
+
+class Evaluator(retrieval.Evaluator):
+
+  def __init__(self, graphdef, data, rerank_k, batch_size=256, ks=(1, 5, 10), by_language=True):
+    model = lambda p: nnx.merge(graphdef, p)
+    super().__init__({'image': lambda p, x: model(p).encode_image(x), 'text': lambda p, t: model(p).encode_text(t)},
+                     data, batch_size, ks, by_language)
+    self.rerank_k = rerank_k
+    self.image_tokens = jax.jit(lambda p, x: model(p).image.tokens(x))
+    self.text_hidden = jax.jit(lambda p, t: model(p).text.encode(t))
+    self.itm_score = jax.jit(lambda p, h, m, x: model(p).itm_logits(h, m, x)[:, 1])
+
+  def run(self, params):
+    image_emb, text_emb = self.embed(params)
+    text_to_image = self.data['text_to_image']
+    languages = self.data.get('language') if self.by_language else None
+    yield from retrieval.evaluate(image_emb, text_emb, text_to_image, languages, self.ks).items()
+    i2t, t2i = self.rerank(params, image_emb @ text_emb.T)
+    reranked = retrieval.recall_at_k_from_scores(i2t, t2i, text_to_image, self.ks)
+    reranked['rsum'] = retrieval.rsum(reranked, self.ks)
+    for key, value in reranked.items():
+      yield f'itm/{key}', value
+
+  def rerank(self, params, sims):
+    """ITC similarities [images, captions] -> re-ranked (i2t [images, captions], t2i [captions, images])."""
+    n_img, n_txt = sims.shape
+    tokens = self.data['text']
+    image_tokens = retrieval.embed_in_batches(self.image_tokens, params, self.data['image'], self.batch_size)
+    text_hidden = retrieval.embed_in_batches(self.text_hidden, params, tokens, self.batch_size)
+    k_i2t, k_t2i = min(self.rerank_k, n_txt), min(self.rerank_k, n_img)
+    top_i2t = np.argsort(-sims, axis=1, kind='stable')[:, :k_i2t]  # captions of each image
+    top_t2i = np.argsort(-sims.T, axis=1, kind='stable')[:, :k_t2i]  # images of each caption
+    text_ids = np.concatenate([top_i2t.ravel(), np.repeat(np.arange(n_txt), k_t2i)])
+    image_ids = np.concatenate([np.repeat(np.arange(n_img), k_i2t), top_t2i.ravel()])
+    scores = np.concatenate([
+        np.asarray(self.itm_score(params, *self._pairs(text_hidden, tokens, image_tokens, t, i)))[:len(t)]
+        for t, i in self._chunks(text_ids, image_ids)])
+    i2t = np.full((n_img, n_txt), -np.inf, np.float32)
+    t2i = np.full((n_txt, n_img), -np.inf, np.float32)
+    n = n_img * k_i2t
+    i2t[image_ids[:n], text_ids[:n]] = scores[:n]
+    t2i[text_ids[n:], image_ids[n:]] = scores[n:]
+    return i2t, t2i
+
+  def _chunks(self, text_ids, image_ids):
+    for a in range(0, len(text_ids), self.batch_size):
+      yield text_ids[a:a + self.batch_size], image_ids[a:a + self.batch_size]
+
+  def _pairs(self, text_hidden, tokens, image_tokens, t, i):
+    """Host-gathered inputs of pairs (t[j], i[j]), padded to the batch size (one compilation)."""
+    pad = lambda x: retrieval._pad_rows(x, self.batch_size)
+    return pad(text_hidden[t]), pad(tokens[t] != PAD_ID), pad(image_tokens[i])

@@ -81,6 +81,9 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   # On top of today's defaults, so a workdir written before a key existed (e.g. the
   # expert mesh axis, param_dtype) still loads; JSON lists go back to tuples.
   config = config_lib.base_config()
+  for name, entry in saved.get('evals', {}).items():  # evaluators the config added: their defaults first
+    if name not in config.evals and entry.get('kind') in config_lib.EVAL_DEFAULTS:
+      config.evals[name] = config_lib.eval_config(entry['kind'])
   for key, value in flatten(saved):
     *parents, leaf = key.split('.')
     node = config

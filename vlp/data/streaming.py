@@ -61,9 +61,10 @@ class _InterleaveIterator(grain.DatasetIterator):
     self._next_file, self._turn = 0, 0
     self._slots: list[tuple[int, ShardIterator] | None] = [None] * cycle_length
 
-  def _open(self, file_index: int, taken: int = 0) -> tuple[int, ShardIterator]:
+  def _open(self, file_index: int, taken: int = 0, path: str | None = None) -> tuple[int, ShardIterator]:
+    """Shard `file_index` of the list, `taken` records in; `path` (from a saved state) must be its path."""
     shard = ShardIterator(self._files[file_index], self._read)
-    shard.set_state({'path': self._files[file_index], 'taken': taken})
+    shard.set_state({'path': path or self._files[file_index], 'taken': taken})  # refuses another shard
     return file_index, shard
 
   def __next__(self) -> dict:
@@ -95,12 +96,7 @@ class _InterleaveIterator(grain.DatasetIterator):
       raise ValueError(f'iterator state has {len(state["slots"])} open shards, this pipeline '
                        f'{self._cycle_length}: data.cycle_length changed since the checkpoint')
     self._next_file, self._turn = state['next_file'], state['turn']
-    self._slots = []
-    for s in state['slots']:
-      if s is not None and s['path'] != self._files[s['file']]:
-        raise ValueError(f'iterator state is for shard {s["path"]}, not {self._files[s["file"]]}: '
-                         'the shard list or its order changed since the checkpoint')
-      self._slots.append(None if s is None else self._open(s['file'], s['taken']))
+    self._slots = [None if s is None else self._open(s['file'], s['taken'], s['path']) for s in state['slots']]
 
 
 class _Interleave(grain.IterDataset):

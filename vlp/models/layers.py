@@ -49,6 +49,19 @@ class LayerNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
+def _attend(q, k, v, mask, out, out_bias, dt):
+  """Scaled dot-product attention of q [B, L, H, K] to k, v [B, S, H, K], then the output
+  projection out [H, K, D]; mask [B, S] bool, True where a key may be attended to."""
+  # heads split over `tensor`: each device attends with its own heads
+  q, k, v = (parallel.constrain(t, ('batch', None, 'heads', None)) for t in (q, k, v))
+  logits = jnp.einsum('bqhk,bshk->bhqs', q, k) * (q.shape[-1] ** -0.5)
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
+  y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
+  return jnp.einsum('bqhk,hkd->bqd', y, out.astype(dt)) + out_bias.astype(dt)
+
+
 class SelfAttention(nnx.Module):
   """Multi-head self-attention with one fused QKV matmul.
 
@@ -71,14 +84,7 @@ class SelfAttention(nnx.Module):
     dt = self.dtype
     qkv = jnp.einsum('bld,dthk->tblhk', x.astype(dt), self.qkv[...].astype(dt))
     qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
-    # heads split over `tensor`: each device attends with its own heads
-    q, k, v = (parallel.constrain(t, ('batch', None, 'heads', None)) for t in (qkv[0], qkv[1], qkv[2]))
-    logits = jnp.einsum('bqhk,bshk->bhqs', q, k) * (q.shape[-1] ** -0.5)
-    if mask is not None:
-      logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
-    y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
-    return jnp.einsum('bqhk,hkd->bqd', y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+    return _attend(qkv[0], qkv[1], qkv[2], mask, self.out[...], self.out_bias[...], dt)
 
 
 class CrossAttention(nnx.Module):
@@ -103,11 +109,7 @@ class CrossAttention(nnx.Module):
     q = jnp.einsum('bld,dhk->blhk', x.astype(dt), self.q[...].astype(dt)) + self.q_bias[...].astype(dt)
     kv = jnp.einsum('bsd,dthk->tbshk', kv.astype(dt), self.kv[...].astype(dt))
     kv = kv + self.kv_bias[...].astype(dt)[:, None, None]
-    q, k, v = (parallel.constrain(t, ('batch', None, 'heads', None)) for t in (q, kv[0], kv[1]))
-    logits = jnp.einsum('bqhk,bshk->bhqs', q, k) * (q.shape[-1] ** -0.5)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
-    y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
-    return jnp.einsum('bqhk,hkd->bqd', y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+    return _attend(q, kv[0], kv[1], None, self.out[...], self.out_bias[...], dt)
 
 
 class Mlp(nnx.Module):

@@ -21,14 +21,15 @@ def tiny_config(**overrides):
   return c
 
 
-def train_losses(config, mesh, steps=3):
-  """(losses, final state, last metrics, compiled step) of `steps` steps on one random batch."""
+def train_losses(config, mesh, steps=3, variant=None):
+  """(losses, final state, last metrics, compiled step) of `steps` steps on one random batch
+  (of an IMP task variant, if given)."""
   from vlp.bench.step import random_batch
   from vlp.train import state as state_lib, step as step_lib
   setup = state_lib.make_setup(config, mesh)
   state = state_lib.init_state(config, setup)
-  train_step, _ = step_lib.compile_train_step(config, setup)
-  batch = random_batch(config, mesh)
+  train_step, _ = step_lib.compile_train_step(config, setup, variant)
+  batch = random_batch(config, mesh, variant=variant)
   out = []
   for _ in range(steps):
     state, metrics = train_step(state, batch)

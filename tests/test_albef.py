@@ -192,11 +192,18 @@ def test_itm_rerank_with_every_candidate_is_the_full_itm_ranking():
   # naive: the ITM match logit of every (caption, image) pair, in one batch of all 32 pairs
   image_tokens, hidden = model.image.tokens(data['image']), model.text.encode(data['text'])
   t, i = np.repeat(np.arange(8), 4), np.tile(np.arange(4), 8)
-  full = np.asarray(model.itm_logits(hidden[t], data['text'][t] != 0, image_tokens[i])[:, 1]).reshape(8, 4).T
+  logits = np.asarray(model.itm_logits(hidden[t], data['text'][t] != 0, image_tokens[i]), np.float64)
+  full = logits[:, 1].reshape(8, 4).T
   expected = retrieval.recall_at_k_from_scores(full, full.T, data['text_to_image'])
   for key, value in expected.items():
     assert result[f'itm/{key}'] == pytest.approx(value)
+  # BLIP-style: ITC logit + log p(match) of the ITM head
   image_emb, text_emb = evaluator.embed(params)
+  logprob = (logits[:, 1] - np.log(np.exp(logits).sum(-1))).reshape(8, 4).T
+  combined = logprob + image_emb @ text_emb.T / 0.07
+  expected = retrieval.recall_at_k_from_scores(combined, combined.T, data['text_to_image'])
+  for key, value in expected.items():
+    assert result[f'itm_itc/{key}'] == pytest.approx(value)
   itc = retrieval.recall_at_k(image_emb, text_emb, data['text_to_image'])
   assert retrieval.recall_at_k_from_scores(image_emb @ text_emb.T, text_emb @ image_emb.T,
                                            data['text_to_image']) == itc

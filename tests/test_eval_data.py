@@ -111,7 +111,7 @@ def test_eval_entries_are_checked_before_compiling():
   with pytest.raises(config_lib.ConfigError, match="'evals.zs.templates'"):
     config_lib.validate(c, 8)
   c.evals.zs = config_lib.eval_config('zeroshot', data='karpathy')
-  with pytest.raises(config_lib.ConfigError, match="'evals.zs.data': 'karpathy' not in synthetic/folder/tfds"):
+  with pytest.raises(config_lib.ConfigError, match="'evals.zs.data': 'karpathy' not in synthetic/synthetic_video/folder/tfds"):
     config_lib.validate(c, 8)
   with pytest.raises(config_lib.ConfigError, match="no key"):
     config_lib.eval_config('retrieval', templates=('a {}',))

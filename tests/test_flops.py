@@ -218,3 +218,23 @@ def test_open_clip_ref_imports_neither_jax_nor_vlp():
     elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
       mods.add(node.module.split(".")[0])
   assert not mods & {"jax", "jaxlib", "flax", "optax", "vlp", "ml_collections"}
+
+
+@pytest.mark.parametrize("variant_name", ["image_text_16px", "image_text_32px", "video_text", "image_class"])
+def test_imp_task_flops_match_xla_cost_analysis(variant_name):
+  """Every IMP task's analytic training FLOPs against XLA's count of its real gradient."""
+  from flax import nnx
+  from test_agd import imp_config
+  from vlp import models
+  from vlp.models import imp
+  from vlp.train import agd
+  c = imp_config(**{"model.encoder.width": 128, "model.encoder.mlp_dim": 512, "model.embed_dim": 64})
+  v = {v.name: v for v in agd.variants(c)}[variant_name]
+  graphdef, params = nnx.split(models.build(c.model), nnx.Param)
+  params = nnx.to_pure_dict(params)
+  size, b = v.image_size, v.batch_size
+  batch = {"image": jnp.zeros((b, size, size, 3)), "video": jnp.zeros((b, v.frames, size, size, 3)),
+           "text": jnp.ones((b, 16), jnp.int32), "label": jnp.zeros((b,), jnp.int32)}
+  batch = {k: batch[k] for k in imp.batch_keys(v)}
+  grad = jax.grad(lambda p: imp.loss_fn(graphdef, p, {}, batch, jnp.int32(0), c, v)[0])
+  assert F.imp_train_flops(c, v) == pytest.approx(_xla_flops(grad, params), rel=0.06)

@@ -1,5 +1,7 @@
-"""Orbax checkpoints of the train state and the Grain iterator, as two items
-of one checkpoint, so a resumed run sees exactly the batches it would have seen.
+"""Orbax checkpoints of the train state and the Grain iterator, as items of
+one checkpoint, so a resumed run sees exactly the batches it would have seen.
+A model with tasks (IMP) has one iterator per task variant, each its own item
+(`data_<variant>`); otherwise the one iterator is the item `data`.
 
 Every process takes part in a save (each writes its shards of the state and
 its own input position). The state restores onto whatever shardings the
@@ -30,7 +32,7 @@ from vlp import config as config_lib
 _IDENTITY_KEYS = ('model', 'ema_decay', 'seed', 'batch_size', 'data.name', 'data.train', 'data.tfds.name',
                   'data.tfds.train_split', 'data.languages', 'data.tokenizer', 'data.num_workers',
                   'data.crop_scale', 'data.flip', 'data.cycle_length', 'data.shuffle_window',
-                  'albef.queue_size', 'albef.mlm_prob')
+                  'albef.queue_size', 'albef.mlm_prob', 'tasks', 'agd')
 
 
 class WorkdirMismatch(ValueError):
@@ -64,8 +66,10 @@ def check_workdir(config, workdir: str):
             f'{new.get(k)!r} here); use a new --workdir or the same config')
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:  # one writer on a shared file system
-    with open(path, 'w') as f:
+    # atomically: the other processes may be reading the previous run's file right now
+    with open(path + '.tmp', 'w') as f:
       json.dump(current, f, indent=2)
+    os.replace(path + '.tmp', path)
 
 
 def _norm(v):
@@ -84,6 +88,8 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   for name, entry in saved.get('evals', {}).items():  # evaluators the config added: their defaults first
     if name not in config.evals and entry.get('kind') in config_lib.EVAL_DEFAULTS:
       config.evals[name] = config_lib.eval_config(entry['kind'])
+  for name in saved.get('tasks', {}):  # likewise tasks
+    config.tasks[name] = config_lib.task_config()
   for key, value in flatten(saved):
     *parents, leaf = key.split('.')
     node = config
@@ -100,7 +106,7 @@ def versions() -> dict:
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, cfg, read_only: bool = False):
+  def __init__(self, workdir: str, cfg, read_only: bool = False, data_items=('data',)):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, save_interval_steps=cfg.every,
         keep_period=cfg.keep_every or None,
@@ -108,7 +114,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'data': grain.checkpoint.CheckpointHandler()})
+                       **{item: grain.checkpoint.CheckpointHandler() for item in data_items}})
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -136,11 +142,12 @@ class Checkpointer:
       self.manager.delete(later)
     return requested
 
-  def save(self, step: int, state, data_iterator=None, force=False, config=None) -> bool:
-    """Starts a save (async: returns once the arrays are copied off the devices)."""
+  def save(self, step: int, state, data_iterators=None, force=False, config=None) -> bool:
+    """Starts a save (async: returns once the arrays are copied off the devices).
+    data_iterators: {item: iterator}, or one iterator (the item 'data')."""
     items = {'state': ocp.args.StandardSave(state)}
-    if data_iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    for item, it in _by_item(data_iterators).items():
+      items[item] = grain.checkpoint.CheckpointSave(it)
     meta = {'versions': versions(), **({'config': json.loads(config.to_json())} if config is not None else {})}
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force, custom_metadata=meta)
 
@@ -148,17 +155,18 @@ class Checkpointer:
     """{'versions': {...}, 'config': {...}} written with the checkpoint of `step`."""
     return dict(self.manager.metadata(step).custom_metadata or {})
 
-  def restore(self, step, abstract_state, data_iterator=None):
-    """Restores state (onto the shardings of `abstract_state`) and, if given, the iterator in place."""
+  def restore(self, step, abstract_state, data_iterators=None):
+    """Restores state (onto the shardings of `abstract_state`) and, if given, the iterators in place
+    (data_iterators as for save)."""
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      self._check_data_processes(step)
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    for item, it in _by_item(data_iterators).items():
+      self._check_data_processes(step, item)
+      items[item] = grain.checkpoint.CheckpointRestore(it)
     return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
 
-  def _check_data_processes(self, step):
+  def _check_data_processes(self, step, item):
     """Each process saved its own input position; a different process count cannot take them over."""
-    data_dir = os.path.join(str(self.manager.directory), str(step), 'data')
+    data_dir = os.path.join(str(self.manager.directory), str(step), item)
     saved = sorted(glob.glob(os.path.join(data_dir, 'process_*-of-*.json')))
     counts = {int(re.search(r'-of-(\d+)\.json$', p).group(1)) for p in saved}
     if saved and jax.process_count() not in counts:
@@ -172,3 +180,9 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def _by_item(data_iterators) -> dict:
+  if data_iterators is None:
+    return {}
+  return data_iterators if isinstance(data_iterators, dict) else {'data': data_iterators}

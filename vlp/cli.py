@@ -75,9 +75,11 @@ def _print_result(result):
   for name in names:
     print(f'[{name}]\n' + retrieval.format_table({k[len(name) + 1:]: v for k, v in result.items()
                                                    if k.startswith(name + '/')}))
-    if f'{name}/itm/i2t@1' in result:  # ALBEF: re-ranked by ITM
-      print(f'[{name}] re-ranked by ITM\n' + retrieval.format_table(
-          {k[len(name) + 5:]: v for k, v in result.items() if k.startswith(name + '/itm/')}))
+    for rerank, title in (('itm', 'ITM'), ('itm_itc', 'ITM + ITC')):  # ALBEF: the top k re-ranked
+      if f'{name}/{rerank}/i2t@1' in result:
+        prefix = f'{name}/{rerank}/'
+        print(f'[{name}] re-ranked by {title}\n' + retrieval.format_table(
+            {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}))
   print(json.dumps(result, default=float))
 
 
@@ -100,12 +102,22 @@ def cmd_bench_data(args, overrides):
 
 def cmd_bench(args, overrides):
   from vlp.bench import step as bench_step
+  from vlp.config import ConfigError
   config = _load_config(args.config, overrides)
   if args.what == 'matmuls':
     from vlp.bench import matmuls
+    if config.model.name != 'align':
+      raise ConfigError(f"config key 'model.name': `vlp bench matmuls` lists the dual encoder's matmuls; "
+                        f"use `vlp bench step` for {config.model.name!r}")
     print(json.dumps(matmuls.run(config)))
     return
   result = bench_step.run(config, steps=args.steps, warmup=args.warmup)
+  if args.compare == 'dense':  # the same model with dense MLPs: equal active FLOPs under expert choice cf=1
+    if not any(config.model[k].moe.num_experts for k in ('encoder', 'image', 'text')):
+      raise ConfigError("config key 'model.encoder.moe.num_experts': --compare=dense needs a model with MoE blocks")
+    dense = bench_step.run(bench_step.dense_twin(config), steps=args.steps, warmup=args.warmup,
+                           peak_flops=result['peak_tflops'] * 1e12)
+    result['vs_dense'] = bench_step.compare_dense(result, dense)
   if args.compare == 'open_clip':
     from vlp.bench import compare
     ref = compare.run_open_clip_reference(config.model, config.batch_size, steps=args.steps, warmup=args.warmup)
@@ -166,7 +178,8 @@ def main(argv=None):
     p.add_argument('--config', required=True)
     p.add_argument('--steps', type=int, default=20)
     p.add_argument('--warmup', type=int, default=3)
-    p.add_argument('--compare', default=None, choices=('open_clip',))
+    p.add_argument('--compare', default=None, choices=('open_clip', 'dense'),
+                   help='open_clip: the same ALIGN model in open_clip; dense: the config without MoE')
     p.set_defaults(fn=cmd_bench)
   p = bench.add_parser('data', help='images/s of the input pipeline (flags: vlp bench data -h)', add_help=False)
   p.set_defaults(fn=cmd_bench_data)  # its flags are parsed by vlp.bench.data

@@ -12,7 +12,8 @@ import os
 import ml_collections
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
-MODELS = ('align', 'albef')
+MODELS = ('align', 'albef', 'imp')
+SCHEDULES = ('interval', 'weighted')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable')
 
 
@@ -46,6 +47,13 @@ def base_config() -> ml_collections.ConfigDict:
       # ALBEF: text layers below it encode text alone, layers from it on (up to
       # text.depth) add cross-attention to the image tokens. Unused by ALIGN.
       fusion_layer=2,
+      # IMP: the one Transformer that every modality goes through (model.image gives the
+      # patch size and native resolution, model.text the vocabulary and context length);
+      # qk_layernorm normalises queries and keys per head (IMP's MoE models use it).
+      encoder=dict(width=256, depth=4, num_heads=4, mlp_dim=1024, moe=moe_config(), qk_layernorm=False),
+      # IMP's video embedder: clips of `frames` frames cut into tubelets of tubelet_size
+      # frames x patch_size^2 pixels (model.image.patch_size).
+      video=dict(frames=8, tubelet_size=2),
   )
   # ALBEF training (Li et al. 2021, configs/Pretrain.yaml); unused by ALIGN.
   c.albef = dict(
@@ -102,6 +110,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Evaluators run every eval_every steps and by `vlp eval`; metrics are named
   # '<entry name>/<metric>'. Add more with `c.evals.NAME = eval_config(kind, ...)`.
   c.evals = dict(retrieval=eval_config('retrieval'))
+  # IMP trains by alternating gradient descent over tasks: one task per step, each with
+  # its own data, loss, batch size and resolutions. Add with `c.tasks.NAME = task_config(...)`.
+  c.tasks = {}
+  # 'interval': round-robin rounds, a task joining every `interval`-th round (IMP's code);
+  # 'weighted': one task per step drawn with probability ~ `weight` (IMP's paper).
+  c.agd = dict(schedule='interval')
   c.ema_decay = 0.0  # > 0 keeps an exponential moving average of the params (`vlp export --weights=ema`)
   c.checkpoint = dict(
       every=500, keep=2, async_save=True,
@@ -112,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.lock()
   c.evals.unlock()  # a config may add evaluators; their keys are checked by validate
+  c.tasks.unlock()  # likewise tasks
   return c
 
 
@@ -127,8 +142,8 @@ EVAL_DEFAULTS = {
     'zeroshot': dict(_EVAL_COMMON, kind='zeroshot', data='synthetic', label_key='label',
                      class_names=(), templates=()),
 }
-EVAL_DATA = {'retrieval': ('task', 'synthetic', 'karpathy', 'tfds'),
-             'zeroshot': ('synthetic', 'folder', 'tfds')}
+EVAL_DATA = {'retrieval': ('task', 'synthetic', 'synthetic_video', 'karpathy', 'tfds'),
+             'zeroshot': ('synthetic', 'synthetic_video', 'folder', 'tfds')}
 
 
 def eval_config(kind: str, **overrides) -> dict:
@@ -139,6 +154,40 @@ def eval_config(kind: str, **overrides) -> dict:
   if unknown:
     raise ConfigError(f'evaluator {kind!r} has no key(s) {sorted(unknown)}; known: {sorted(EVAL_DEFAULTS[kind])}')
   return dict(EVAL_DEFAULTS[kind], **overrides)
+
+
+# Every key of an IMP task (config.tasks.NAME), with its default.
+TASK_DEFAULTS = dict(
+    # 'synthetic': the built-in scenes (image, caption, label); 'synthetic_video': the built-in
+    # clips of moving objects (video, caption, label); 'task': config.data's image-text pairs
+    data='synthetic',
+    modalities=('image', 'text'),  # contrastive: (vision, 'text'); classification: (vision,)
+    # 'contrastive': softmax NCE of the pair, its own learnt temperature; 'classification':
+    # cross-entropy over the class names embedded by the text path (so the head is zero-shot too)
+    loss='contrastive',
+    batch_size=128,  # global, at the first resolution
+    # image sizes in pixels, () = (model.image.image_size,). Several: one compiled step each,
+    # used in turn, the batch scaled so that vision tokens per step stay the same
+    resolutions=(),
+    frames=0,  # frames per clip (video tasks); 0 = model.video.frames
+    weight=1.0,  # share of steps under agd.schedule='weighted'
+    interval=1,  # agd.schedule='interval': joins every interval-th round
+    accum_steps=1,  # micro-batches per step (lax.scan), for a batch that does not fit
+    drop_token=0.0,  # share of vision tokens dropped at random in training (DropToken; IMP: 0.75 for video)
+    label_smoothing=0.0,
+    templates=('a {}',),  # classification: prompts the class names are put in
+)
+TASK_DATA = ('synthetic', 'synthetic_video', 'task')
+TASK_LOSSES = ('contrastive', 'classification')
+VISION = ('image', 'video')
+
+
+def task_config(**overrides) -> dict:
+  """A task entry for `config.tasks` (IMP): the defaults updated by overrides."""
+  unknown = set(overrides) - set(TASK_DEFAULTS)
+  if unknown:
+    raise ConfigError(f'a task has no key(s) {sorted(unknown)}; known: {sorted(TASK_DEFAULTS)}')
+  return dict(TASK_DEFAULTS, **overrides)
 
 
 def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -216,6 +265,9 @@ def _validate_moe(moe, key: str, depth: int):
   _check(moe.capacity_factor > 0, f'{key}.capacity_factor', 'must be > 0')
   _check(moe.every >= 1 and 0 <= moe.last <= depth, f'{key}.every',
          f'every must be >= 1 and last in [0, depth={depth}]')
+  from vlp.models.layers import moe_blocks
+  _check(any(moe_blocks(depth, moe)), f'{key}.every',
+         f'every {moe.every}-th of the last {moe.last or depth} blocks is no block at all: no MoE')
   _check(not moe.batch_priority or moe.router == 'top_k', f'{key}.batch_priority',
          'batch-priority routing applies to the top_k router only')
 
@@ -270,6 +322,14 @@ def validate(config, num_devices: int, process_count: int = 1):
   if m.name == 'albef':
     _validate_albef(config)
   sizes = mesh_shape(config, num_devices)
+  c = config.checkpoint
+  _check(c.keep >= 1, 'checkpoint.keep', 'must be >= 1')
+  _check(c.keep_every >= 0, 'checkpoint.keep_every', 'must be >= 0')
+  if m.name == 'imp':
+    _validate_imp(config, sizes, process_count)
+    return sizes
+  _check(not config.tasks, 'tasks', "alternating-gradient tasks are for model.name='imp'; "
+         f'{m.name!r} trains on config.data with config.batch_size')
   batch_shards = sizes['data'] * sizes['fsdp']
   _check(config.batch_size % batch_shards == 0, 'batch_size',
          f'{config.batch_size} is not divisible by the batch axes data*fsdp = '
@@ -283,10 +343,66 @@ def validate(config, num_devices: int, process_count: int = 1):
   micro = config.batch_size // config.accum_steps
   _check(config.loss.chunk_size == 0 or micro % config.loss.chunk_size == 0, 'loss.chunk_size',
          f'{config.loss.chunk_size} does not divide the (micro-)batch of {micro}')
-  c = config.checkpoint
-  _check(c.keep >= 1, 'checkpoint.keep', 'must be >= 1')
-  _check(c.keep_every >= 0, 'checkpoint.keep_every', 'must be >= 0')
   return sizes
+
+
+def _validate_imp(config, sizes, process_count):
+  m = config.model
+  e = m.encoder
+  for k in ('width', 'depth', 'num_heads', 'mlp_dim'):
+    _check(isinstance(e[k], int) and e[k] > 0, f'model.encoder.{k}', f'must be a positive int, got {e[k]!r}')
+  _check(e.width % e.num_heads == 0, 'model.encoder.num_heads', f'width {e.width} is not divisible by {e.num_heads} heads')
+  _validate_moe(e.moe, 'model.encoder.moe', e.depth)
+  v = m.video
+  _check(v.tubelet_size >= 1 and v.frames >= v.tubelet_size and v.frames % v.tubelet_size == 0,
+         'model.video.frames', f'{v.frames} frames do not split into tubelets of {v.tubelet_size}')
+  _check(config.agd.schedule in SCHEDULES, 'agd.schedule', f'{config.agd.schedule!r} not in {"/".join(SCHEDULES)}')
+  _check(config.accum_steps == 1, 'accum_steps', 'IMP accumulates per task: set tasks.<name>.accum_steps')
+  _check(bool(config.tasks), 'tasks', "model.name='imp' trains tasks: add some with "
+         'c.tasks.NAME = vlp.config.task_config(...)')
+  for name, t in config.tasks.items():
+    _validate_task(config, f'tasks.{name}', t)
+  from vlp.train import agd  # the batch of every (task, resolution), rounded for the mesh
+  for variant in agd.variants(config, sizes, process_count):
+    micro = variant.batch_size // variant.accum_steps
+    _check(variant.cfg.loss != 'contrastive' or not config.loss.chunk_size or micro % config.loss.chunk_size == 0,
+           'loss.chunk_size', f'{config.loss.chunk_size} does not divide the micro-batch {micro} of {variant.name}')
+
+
+def _validate_task(config, key, t):
+  _check(isinstance(t, ml_collections.ConfigDict), key, 'build tasks with vlp.config.task_config(...)')
+  for k in t:
+    close = difflib.get_close_matches(k, list(TASK_DEFAULTS), n=1)
+    _check(k in TASK_DEFAULTS, f'{key}.{k}', 'unknown key' + (f"; did you mean '{key}.{close[0]}'?" if close else ''))
+  for k in TASK_DEFAULTS:
+    _check(k in t, f'{key}.{k}', 'missing (build tasks with vlp.config.task_config)')
+  _check(t.data in TASK_DATA, f'{key}.data', f'{t.data!r} not in {"/".join(TASK_DATA)}')
+  _check(t.loss in TASK_LOSSES, f'{key}.loss', f'{t.loss!r} not in {"/".join(TASK_LOSSES)}')
+  mods = tuple(t.modalities)
+  want = 'a (vision, text) pair' if t.loss == 'contrastive' else 'one vision modality'
+  ok = (len(mods) == 2 and mods[0] in VISION and mods[1] == 'text') if t.loss == 'contrastive' else \
+      (len(mods) == 1 and mods[0] in VISION)
+  _check(ok, f'{key}.modalities', f'{mods!r}: a {t.loss} task takes {want}, vision in {"/".join(VISION)}')
+  vision = mods[0]
+  data_vision = 'video' if t.data == 'synthetic_video' else 'image'
+  _check(vision == data_vision, f'{key}.data', f'{t.data!r} holds {data_vision}s, the task wants {vision}')
+  _check(t.loss != 'classification' or t.data != 'task', f'{key}.data',
+         "classification needs labels: the built-in 'synthetic' or 'synthetic_video' data")
+  patch = config.model.image.patch_size
+  for size in t.resolutions:
+    _check(isinstance(size, int) and size > 0 and size % patch == 0, f'{key}.resolutions',
+           f'{size!r} is not a positive multiple of the patch size {patch}')
+  frames = t.frames or config.model.video.frames
+  _check(frames % config.model.video.tubelet_size == 0, f'{key}.frames',
+         f'{frames} frames do not split into tubelets of {config.model.video.tubelet_size}')
+  _check(t.weight > 0, f'{key}.weight', 'must be > 0')
+  _check(isinstance(t.interval, int) and t.interval >= 1, f'{key}.interval', 'must be an int >= 1')
+  _check(isinstance(t.accum_steps, int) and t.accum_steps >= 1, f'{key}.accum_steps', 'must be an int >= 1')
+  _check(isinstance(t.batch_size, int) and t.batch_size >= 1, f'{key}.batch_size', 'must be an int >= 1')
+  _check(0.0 <= t.drop_token < 1.0, f'{key}.drop_token', 'must be in [0, 1)')
+  _check(0.0 <= t.label_smoothing < 1.0, f'{key}.label_smoothing', 'must be in [0, 1)')
+  _check(len(t.templates) > 0 and all('{}' in p for p in t.templates), f'{key}.templates',
+         "needs templates, each with a '{}' for the class name")
 
 
 def _validate_albef(config):
@@ -349,6 +465,8 @@ def _validate_evals(config):
            "data='karpathy' needs path (the Karpathy JSON) and image_dir")
     _check(e.data != 'folder' or bool(e.path), f'{key}.path', "data='folder' needs path (one subfolder per class)")
     _check(e.data != 'tfds' or bool(e.tfds_name), f'{key}.tfds_name', "data='tfds' needs a TFDS dataset name")
+    _check(e.data != 'synthetic_video' or config.model.name == 'imp', f'{key}.data',
+           "'synthetic_video' evaluates a video encoder: model.name='imp'")
     _check(e.num_images >= 0 and e.batch_size > 0, f'{key}.num_images', 'num_images >= 0, batch_size > 0')
     if e.kind == 'zeroshot':
       _check(all('{}' in t for t in e.templates), f'{key}.templates', "every template needs a '{}' for the class name")

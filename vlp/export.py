@@ -21,6 +21,7 @@ from vlp.train import state as state_lib
 
 WEIGHTS, CONFIG, TOKENIZER = 'model.safetensors', 'config.json', 'tokenizer.model'
 IMAGE_ENCODER, TEXT_ENCODER = 'image_encoder.jax_exported', 'text_encoder.jax_exported'
+VIDEO_ENCODER = 'video_encoder.jax_exported'  # IMP
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 
 
@@ -54,11 +55,12 @@ def restore_params(workdir: str, step=None, weights: str = 'params'):
 
 
 def export_encoders(model_cfg, keys, dtype, platforms=PLATFORMS) -> dict:
-  """{file name: serialized jax.export} of the image and text encoders.
+  """{file name: serialized jax.export} of the image and text encoders (and IMP's video encoder).
 
   Each is f(weights, inputs): weights a list in `keys` order, stored dtype
   (cast to float32 inside, as `load` does); inputs images float32
-  [B, S, S, 3] in [-1, 1] or tokens int32 [B, L], B symbolic.
+  [B, S, S, 3] in [-1, 1], clips float32 [B, T, S, S, 3] or tokens int32
+  [B, L], B symbolic.
   """
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: models.build(model_cfg)), nnx.Param)
   shapes = dict(checkpoint.flatten(nnx.to_pure_dict(abstract)))
@@ -73,8 +75,12 @@ def export_encoders(model_cfg, keys, dtype, platforms=PLATFORMS) -> dict:
     return jax.jit(fn)
 
   out = {}
-  for name, method, spec in ((IMAGE_ENCODER, 'encode_image', jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)),
-                             (TEXT_ENCODER, 'encode_text', jax.ShapeDtypeStruct((b, length), jnp.int32))):
+  encoders = [(IMAGE_ENCODER, 'encode_image', jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)),
+              (TEXT_ENCODER, 'encode_text', jax.ShapeDtypeStruct((b, length), jnp.int32))]
+  if model_cfg.name == 'imp':
+    frames = model_cfg.video.frames
+    encoders.append((VIDEO_ENCODER, 'encode_video', jax.ShapeDtypeStruct((b, frames, size, size, 3), jnp.float32)))
+  for name, method, spec in encoders:
     out[name] = jax.export.export(encoder(method), platforms=platforms)(weights, spec).serialize()
   return out
 
@@ -91,7 +97,8 @@ def export(workdir: str, out: str, step=None, dtype: str = 'float32', weights: s
       f.write(blob)
   with open(os.path.join(out, CONFIG), 'w') as f:
     json.dump({'model': config.model.to_dict(), 'step': step, 'dtype': dtype, 'weights': weights,
-               'param_keys': keys, 'image_encoder': IMAGE_ENCODER, 'text_encoder': TEXT_ENCODER},
+               'param_keys': keys, 'image_encoder': IMAGE_ENCODER, 'text_encoder': TEXT_ENCODER,
+               **({'video_encoder': VIDEO_ENCODER} if config.model.name == 'imp' else {})},
               f, indent=2, default=list)
   return out
 

@@ -14,10 +14,12 @@ import safetensors.numpy
 
 
 class Encoders:
-  """encode_image(images) / encode_text(texts or tokens) -> L2-normalised [B, D] float32.
+  """encode_image(images) / encode_text(texts or tokens) -> L2-normalised [B, D] float32;
+  an IMP export also has encode_video(clips).
 
   Images are float [B, S, S, 3] scaled to [-1, 1] (`preprocess` makes them
-  from uint8 pixels); texts are strings, tokenized to `context_length`.
+  from uint8 pixels), clips float [B, T, S, S, 3] likewise; texts are
+  strings, tokenized to `context_length`.
   """
 
   def __init__(self, path: str):
@@ -30,6 +32,7 @@ class Encoders:
     self.weights = [jax.device_put(flat[k]) for k in self.config['param_keys']]
     self._image, self._text = (self._load(os.path.join(path, self.config[k]))
                                for k in ('image_encoder', 'text_encoder'))
+    self._video = self._load(os.path.join(path, self.config['video_encoder'])) if 'video_encoder' in self.config else None
     self.tokenizer = Tokenizer(os.path.join(path, 'tokenizer.model'))
     model = self.config['model']
     self.image_size, self.context_length = model['image']['image_size'], model['text']['context_length']
@@ -52,6 +55,11 @@ class Encoders:
 
   def encode_image(self, images) -> np.ndarray:
     return np.asarray(self._image(self.weights, np.asarray(images, np.float32)))
+
+  def encode_video(self, clips) -> np.ndarray:
+    if self._video is None:
+      raise ValueError(f"a {self.config['model']['name']} export has no video encoder (IMP's has)")
+    return np.asarray(self._video(self.weights, np.asarray(clips, np.float32)))
 
   def encode_text(self, texts) -> np.ndarray:
     tokens = texts if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i' else self.tokenize(texts)

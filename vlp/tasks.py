@@ -10,7 +10,8 @@ import jax
 
 from vlp import config as config_lib, models
 from vlp.config import ConfigError
-from vlp.data import arrayrecord, pipeline, synthetic, tokenizer as tok, webdataset
+from vlp.data import arrayrecord, pipeline, synthetic, synthetic_video, tokenizer as tok, webdataset
+from vlp.train import agd
 
 
 def tokenizer_for(config) -> tok.Tokenizer:
@@ -25,13 +26,13 @@ def _paths_error(key, e):
   return ConfigError(f"config key '{key}': {e}")
 
 
-def _random_access_source(config, split: str):
+def _random_access_source(config, split: str, image_size: int | None = None):
   """The train or eval split as a random-access source, or None when there is none."""
   d = config.data
   if d.name == 'synthetic':
     n = d.train_examples if split == 'train' else d.eval_images
     return synthetic.SyntheticScenes(split='train' if split == 'train' else 'test', num_examples=n,
-                                     image_size=config.model.image.image_size, seed=config.seed,
+                                     image_size=image_size or config.model.image.image_size, seed=config.seed,
                                      languages=tuple(d.languages))
   if d.name == 'tfds':
     from vlp.data import tfds_source  # imports tensorflow_datasets: only when asked for
@@ -63,13 +64,35 @@ def preprocess(config, tokenizer, train: bool) -> pipeline.Preprocess:
                              max_pixels=d.max_pixels, mlm_prob=config.albef.mlm_prob if mlm else 0.0)
 
 
-def train_iterator(config, tokenizer):
-  """Grain iterator of this process's share of each global batch (checkpointable)."""
+def _task_source(config, variant):
+  """The train split an IMP task reads, rendered or cropped at the variant's resolution."""
+  t, d = variant.cfg, config.data
+  if t.data == 'synthetic_video':
+    return synthetic_video.SyntheticVideos(split='train', num_examples=d.train_examples, seed=config.seed,
+                                           image_size=variant.image_size, frames=variant.frames)
+  if t.data == 'synthetic':
+    return synthetic.SyntheticScenes(split='train', num_examples=d.train_examples, seed=config.seed,
+                                     image_size=variant.image_size, languages=tuple(d.languages))
+  return _random_access_source(config, 'train', variant.image_size)  # 'task': config.data
+
+
+def train_iterator(config, tokenizer, variant: agd.Variant | None = None):
+  """Grain iterator of this process's share of each global batch (checkpointable), of
+  config.data, or of an IMP task's variant (its data, batch size and resolution)."""
   d = config.data
-  common = dict(batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+  variant = variant or agd.variants(config)[0]
+  # each task its own order of examples: tasks reading the same data see different ones
+  seed = config.seed + 1009 * (variant.index + 1) if variant.task else config.seed
+  common = dict(batch_size=variant.batch_size // jax.process_count(), seed=seed,
                 process_index=jax.process_index(), process_count=jax.process_count())
-  prep = preprocess(config, tokenizer, train=True)
-  if d.name == 'webdataset':
+  if variant.task:
+    t = variant.cfg
+    prep = pipeline.Preprocess(tokenizer, config.model.text.context_length, variant.image_size, train=True,
+                               crop_scale=tuple(d.crop_scale), flip=d.flip, max_pixels=d.max_pixels,
+                               text='text' in t.modalities, label=t.loss == 'classification')
+  else:
+    prep = preprocess(config, tokenizer, train=True)
+  if d.name == 'webdataset' and (not variant.task or variant.cfg.data == 'task'):
     try:
       shards = webdataset.expand(config_lib.paths(d.train))
     except ValueError as e:
@@ -77,7 +100,8 @@ def train_iterator(config, tokenizer):
     dataset = pipeline.stream_dataset(shards, webdataset.read_shard, prep, cycle_length=d.cycle_length,
                                       shuffle_window=d.shuffle_window, **common)
   else:
-    dataset = pipeline.train_dataset(_random_access_source(config, 'train'), prep, **common)
+    source = _task_source(config, variant) if variant.task else _random_access_source(config, 'train')
+    dataset = pipeline.train_dataset(source, prep, **common)
   return pipeline.make_iterator(dataset, num_workers=d.num_workers, prefetch=d.prefetch)
 
 

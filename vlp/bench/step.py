@@ -3,7 +3,12 @@
 The batch is random and already on device, so this measures the step alone
 (the input pipeline has its own benchmark). MFU = analytic model FLOPs per
 second over the fp32 matmul peak measured on the same machine by JAX.
+
+A model with tasks (IMP) has one step per (task, resolution): each is
+compiled and timed on its own (`tasks` in the result), and the totals weight
+them by their share of the schedule's steps.
 """
+import collections
 import time
 
 import jax
@@ -12,21 +17,46 @@ import numpy as np
 from vlp import config as config_lib, models, parallel
 from vlp.bench import flops, peak
 from vlp.data import transforms
-from vlp.train import state as state_lib, step as step_lib
+from vlp.train import agd, state as state_lib, step as step_lib
 
 
-def random_batch(config, mesh, seed=0):
+def random_batch(config, mesh, seed=0, variant=None):
+  """Random inputs of the shapes of a (variant's) batch, sharded over the batch axes."""
   rng = np.random.default_rng(seed)
-  im, tx = config.model.image, config.model.text
-  b = config.batch_size
-  batch = {
-      'image': rng.normal(size=(b, im.image_size, im.image_size, 3)).astype(np.float32),
-      'text': rng.integers(5, tx.vocab_size, size=(b, tx.context_length)).astype(np.int32),
-  }
-  if 'mlm_text' in models.module(config.model).BATCH_KEYS:
+  spec = step_lib.batch_spec(config, mesh, variant)
+  batch = {}
+  for k, s in spec.items():
+    if k == 'label':
+      batch[k] = rng.integers(0, len(models.module(config.model).class_names(variant.cfg.data)), s.shape)
+    elif np.issubdtype(s.dtype, np.floating):
+      batch[k] = rng.normal(size=s.shape)
+    else:
+      batch[k] = rng.integers(5, config.model.text.vocab_size, size=s.shape)
+    batch[k] = batch[k].astype(s.dtype)
+  if 'mlm_text' in batch:  # ALBEF: masked as the input pipeline does
     batch['mlm_text'], batch['mlm_labels'] = transforms.mlm_mask(
-        batch['text'], rng, vocab_size=tx.vocab_size, prob=config.albef.mlm_prob)
+        batch['text'], rng, vocab_size=config.model.text.vocab_size, prob=config.albef.mlm_prob)
   return jax.device_put(batch, parallel.batch_sharding(mesh))
+
+
+def _time_steps(train_step, state, batch, steps, warmup):
+  for _ in range(warmup):
+    state, _ = train_step(state, batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):  # timed one by one: the median is robust to a noisy neighbour
+    t = time.perf_counter()
+    state, m = train_step(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  return state, float(np.median(times))
+
+
+def schedule_shares(config, variants, steps: int = 10_000) -> dict[str, float]:
+  """Share of the schedule's steps that each variant gets (over its first `steps` steps)."""
+  schedule = agd.Schedule(config, variants)
+  counts = collections.Counter(variants[schedule(s)].name for s in range(steps))
+  return {v.name: counts[v.name] / steps for v in variants}
 
 
 def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = None) -> dict:
@@ -34,29 +64,57 @@ def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = Non
   mesh = parallel.make_mesh(sizes)
   setup = state_lib.make_setup(config, mesh)
   state = state_lib.init_state(config, setup)
-  train_step, compile_s = step_lib.compile_train_step(config, setup)
-  batch = random_batch(config, mesh)
-  for _ in range(warmup):
-    state, m = train_step(state, batch)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):  # timed one by one: the median is robust to a noisy neighbour
-    t = time.perf_counter()
-    state, m = train_step(state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  step_s = float(np.median(times))
-  model_flops = flops.train_flops(config)
   # Simulated CPU devices share the host's cores: the host peak is the peak.
   per_host = jax.default_backend() == 'cpu'
   peak_flops = peak_flops or peak.measure_matmul_peak() * (1 if per_host else jax.device_count())
+  variants = agd.variants(config, sizes, jax.process_count())
+  per_variant = {}
+  for v in variants:
+    train_step, compile_s = step_lib.compile_train_step(config, setup, v)
+    state, step_s = _time_steps(train_step, state, random_batch(config, mesh, variant=v), steps, warmup)
+    model_flops = flops.train_flops(config, v)
+    per_variant[v.name] = {
+        'examples_per_sec': v.batch_size / step_s,
+        'step_ms': 1e3 * step_s,
+        'mfu': flops.mfu(model_flops, step_s, peak_flops),
+        'compile_s': compile_s,
+        'model_tflops_per_step': model_flops / 1e12,
+        'batch_size': v.batch_size,
+    }
+  result = {'devices': jax.device_count(), 'peak_tflops': peak_flops / 1e12}
+  if not config.tasks:
+    return {**per_variant[''], **result}
+  # a step of the schedule on average: its variants weighted by their share of steps
+  shares = schedule_shares(config, variants)
+  step_s = sum(shares[n] * r['step_ms'] / 1e3 for n, r in per_variant.items())
+  mean = lambda k: sum(shares[n] * r[k] for n, r in per_variant.items())
   return {
-      'examples_per_sec': config.batch_size / step_s,
+      'examples_per_sec': mean('batch_size') / step_s,
       'step_ms': 1e3 * step_s,
-      'mfu': flops.mfu(model_flops, step_s, peak_flops),
-      'compile_s': compile_s,
-      'model_tflops_per_step': model_flops / 1e12,
-      'peak_tflops': peak_flops / 1e12,
-      'devices': jax.device_count(),
-      'batch_size': config.batch_size,
+      'mfu': mean('model_tflops_per_step') * 1e12 / step_s / peak_flops,
+      'compile_s': sum(r['compile_s'] for r in per_variant.values()),
+      'model_tflops_per_step': mean('model_tflops_per_step'),
+      'tasks': {n: {**r, 'share': shares[n]} for n, r in per_variant.items()},
+      **result,
   }
+
+
+def dense_twin(config):
+  """The same config with every Mixture-of-Experts block dense (the MLP of one expert)."""
+  dense = config.copy_and_resolve_references()
+  for key in ('encoder', 'image', 'text'):
+    dense.model[key].moe.num_experts = 0
+  return dense
+
+
+def compare_dense(moe_result: dict, dense_result: dict) -> dict:
+  """Step-time ratios MoE / dense per task and overall, with the model FLOPs ratio beside."""
+  def ratios(a, b):
+    return {'step_time_ratio': a['step_ms'] / b['step_ms'],
+            'flops_ratio': a['model_tflops_per_step'] / b['model_tflops_per_step'],
+            'moe_step_ms': a['step_ms'], 'dense_step_ms': b['step_ms'],
+            'moe_compile_s': a['compile_s'], 'dense_compile_s': b['compile_s']}
+  out = ratios(moe_result, dense_result)
+  if 'tasks' in moe_result:
+    out['tasks'] = {n: ratios(r, dense_result['tasks'][n]) for n, r in moe_result['tasks'].items()}
+  return out

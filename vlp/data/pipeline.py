@@ -32,32 +32,41 @@ class Preprocess:
   """record -> {'image': float32 [S,S,3], 'text': int32 [L]}, or a skipped record.
 
   Encoded images are decoded and cropped here (random-resized crop for
-  training, resize + centre crop otherwise); arrays (the built-in scenes,
-  already rendered at the model's size) pass through. A record that cannot
-  become an example comes out as `records.skipped(key, reason)`, for the batcher
-  to count. A class rather than a closure so Grain can pickle it into workers.
+  training, resize + centre crop otherwise); arrays (the built-in scenes and
+  clips, already rendered at the model's size) pass through; a record with a
+  'video' (uint8 [T,S,S,3]) gives 'video' instead of 'image'. text=False leaves
+  the caption out (classification), label=True keeps the record's int label.
+  A record that cannot become an example comes out as `records.skipped(key,
+  reason)`, for the batcher to count. A class rather than a closure so Grain
+  can pickle it into workers.
   """
 
   def __init__(self, tokenizer: tokenizer_lib.Tokenizer, context_length: int,
                image_size: int | None = None, *, train: bool = True,
                crop_scale: tuple[float, float] = (0.5, 1.0), flip: bool = False,
-               max_pixels: int = transforms.MAX_PIXELS, mlm_prob: float = 0.0):
+               max_pixels: int = transforms.MAX_PIXELS, mlm_prob: float = 0.0,
+               text: bool = True, label: bool = False):
     self.tokenizer, self.context_length, self.image_size = tokenizer, context_length, image_size
-    self.mlm_prob = mlm_prob
+    self.mlm_prob, self.text, self.label = mlm_prob, text, label
     self.train, self.crop_scale, self.flip, self.max_pixels = train, tuple(crop_scale), flip, max_pixels
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     if records.is_skipped(record):
       return record
     caption = ' '.join(str(record.get('caption') or '').split())
-    if not caption:
+    if self.text and not caption:
       return records.skipped(record.get('key', '?'), 'empty_caption')
+    vision = 'video' if 'video' in record else 'image'
     try:
-      pixels = self.pixels(record['image'], rng)
+      pixels = self.pixels(record[vision], rng)
     except transforms.BadImage as e:
       return records.skipped(record.get('key', '?'), e.reason)
-    text = self.tokenizer.encode([caption], self.context_length)[0]
-    example = {'image': transforms.normalize_image(pixels), 'text': text}
+    example = {vision: transforms.normalize_image(pixels)}
+    if self.label:
+      example['label'] = np.int32(record['label'])
+    if not self.text:
+      return example
+    text = example['text'] = self.tokenizer.encode([caption], self.context_length)[0]
     if self.mlm_prob:  # ALBEF's MLM inputs, masked with this example's own rng: resumable
       example['mlm_text'], example['mlm_labels'] = transforms.mlm_mask(
           text, rng, vocab_size=self.tokenizer.vocab_size, mask_id=self.tokenizer.mask_id,
@@ -211,7 +220,7 @@ def eval_arrays(source, tokenizer: tokenizer_lib.Tokenizer, *, num_images: int,
     if not any(c for _, c in captions):
       skipped['empty_caption'] += 1
       continue
-    image = record['image']
+    image = record['image'] if 'image' in record else record['video']  # a clip: [T,S,S,3]
     j = seen.get(image) if isinstance(image, bytes) else None
     if j is None:
       if len(images) == num_images:

@@ -13,9 +13,10 @@ _CLIP_BENCHMARK_NAMES = {'i2t': 'text_retrieval_recall', 't2i': 'image_retrieval
 TASKS = {'retrieval': 'zeroshot_retrieval', 'zeroshot': 'zeroshot_classification'}
 
 
-def predict_fns(graphdef) -> dict:
+def predict_fns(graphdef, vision: str = 'image') -> dict:
+  """vision='video' (IMP's clips) puts the video encoder where evaluators call 'image'."""
   from flax import nnx
-  return {'image': lambda params, x: nnx.merge(graphdef, params).encode_image(x),
+  return {'image': lambda params, x: getattr(nnx.merge(graphdef, params), f'encode_{vision}')(x),
           'text': lambda params, t: nnx.merge(graphdef, params).encode_text(t)}
 
 
@@ -23,7 +24,7 @@ def _dataset_name(e, config) -> str:
   data = config.data
   if e.data == 'task':
     return {'synthetic': 'vlp/synthetic', 'tfds': data.tfds.name}.get(data.name, data.eval)
-  return {'synthetic': 'vlp/synthetic', 'tfds': e.tfds_name}.get(e.data, e.path)
+  return {'synthetic': 'vlp/synthetic', 'synthetic_video': 'vlp/synthetic_video', 'tfds': e.tfds_name}.get(e.data, e.path)
 
 
 def make(config, graphdef, tokenizer, task_data=None) -> list:
@@ -33,8 +34,9 @@ def make(config, graphdef, tokenizer, task_data=None) -> list:
   when the caller has it already) and is left out when the config names none.
   """
   from vlp import tasks
-  fns, out = predict_fns(graphdef), []
+  out = []
   for name, e in sorted(config.evals.items()):
+    fns = predict_fns(graphdef, 'video' if e.data == 'synthetic_video' else 'image')
     if e.kind == 'retrieval':
       data = (task_data if task_data is not None else tasks.eval_data(config, tokenizer)) if e.data == 'task' \
           else datasets.retrieval_data(e, config, tokenizer)
@@ -49,8 +51,8 @@ def make(config, graphdef, tokenizer, task_data=None) -> list:
         ev = retrieval.Evaluator(fns, data, batch_size=e.batch_size, ks=tuple(e.ks), by_language=e.by_language)
     else:
       data = datasets.classification_data(e, config)
-      templates = tuple(e.templates) or (zeroshot.SYNTHETIC_TEMPLATES if e.data == 'synthetic'
-                                         else zeroshot.CLIP_TEMPLATES)
+      templates = tuple(e.templates) or {'synthetic': zeroshot.SYNTHETIC_TEMPLATES,
+                                         'synthetic_video': zeroshot.VIDEO_TEMPLATES}.get(e.data, zeroshot.CLIP_TEMPLATES)
       length = config.model.text.context_length
       ev = zeroshot.Evaluator(fns, data, lambda texts: tokenizer.encode(texts, length), templates,
                               batch_size=e.batch_size)
@@ -87,10 +89,11 @@ def format_tables(evaluators, metrics: dict) -> str:
     mine = {k[len(name) + 1:]: v for k, v in metrics.items() if k.startswith(name + '/')}
     if e.kind == 'retrieval':
       table = retrieval.format_table(mine, tuple(e.ks))
-      itm = {k[len('itm/'):]: v for k, v in mine.items() if k.startswith('itm/')}
-      if itm:  # ALBEF: the same candidates re-ranked by the ITM head
-        table += '\nre-ranked by ITM:\n' + retrieval.format_table(itm, tuple(e.ks))
-      langs = sorted({k.split('/')[0] for k in mine if '/' in k} - {'itm'})
+      for rerank, title in (('itm', 'ITM'), ('itm_itc', 'ITM + ITC')):  # ALBEF: the top k re-ranked
+        scores = {k[len(rerank) + 1:]: v for k, v in mine.items() if k.startswith(rerank + '/')}
+        if scores:
+          table += f'\nre-ranked by {title}:\n' + retrieval.format_table(scores, tuple(e.ks))
+      langs = sorted({k.split('/')[0] for k in mine if '/' in k} - {'itm', 'itm_itc'})
       table += ''.join(f'\n  {lang}: RSUM {mine[f"{lang}/rsum"]:.1f}' for lang in langs)
     else:
       table = '  '.join(f'{k} {v:6.2f}' for k, v in mine.items())

@@ -1,4 +1,4 @@
-"""Evaluation data: Karpathy-split caption JSON, image folders, TFDS label datasets, built-in scenes.
+"""Evaluation data: Karpathy-split caption JSON, image folders, TFDS label datasets, built-in scenes and clips.
 
 Retrieval sets become the arrays of `pipeline.eval_arrays` (images with all
 their captions); classification sets become images, labels and class names.
@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from vlp.data import pipeline, records, synthetic, transforms
+from vlp.data import pipeline, records, synthetic, synthetic_video, transforms
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif')
 
@@ -58,11 +58,19 @@ def retrieval_source(e, config):
     return synthetic.SyntheticScenes(split='test', num_examples=e.num_images or config.data.eval_images,
                                      image_size=config.model.image.image_size, seed=config.seed,
                                      languages=tuple(config.data.languages))
+  if e.data == 'synthetic_video':
+    return _test_videos(e, config)
   if e.data == 'karpathy':
     return KarpathySource(e.path, e.image_dir, e.split)
   from vlp.data import tfds_source  # imports tensorflow_datasets: only when asked for
   return tfds_source.TfdsSource(e.tfds_name, e.split, data_dir=e.tfds_data_dir or None,
                                 image_key=e.image_key, caption_key=e.caption_key)
+
+
+def _test_videos(e, config):
+  return synthetic_video.SyntheticVideos(split='test', num_examples=e.num_images or config.data.eval_images,
+                                         image_size=config.model.image.image_size,
+                                         frames=config.model.video.frames, seed=config.seed)
 
 
 def retrieval_data(e, config, tokenizer) -> dict:
@@ -118,13 +126,17 @@ def _tfds_classification(e, limit):
 
 
 def classification_data(e, config) -> dict:
-  """image float32 [N, S, S, 3], label int [N], class_names of an evaluator entry."""
+  """image float32 [N, S, S, 3] (clips: [N, T, S, S, 3]), label int [N], class_names of an evaluator entry."""
   size, max_pixels = config.model.image.image_size, config.data.max_pixels
   if e.data == 'synthetic':
     scenes = synthetic.SyntheticScenes(split='test', num_examples=e.num_images or config.data.eval_images,
                                        image_size=size, seed=config.seed)
     rows = [scenes[i] for i in range(len(scenes))]
     images, labels, names = [r['image'] for r in rows], [r['label'] for r in rows], synthetic.CLASS_NAMES
+  elif e.data == 'synthetic_video':  # clips [T, S, S, 3] where the others have images
+    clips = _test_videos(e, config)
+    rows = [clips[i] for i in range(len(clips))]
+    images, labels, names = [r['video'] for r in rows], [r['label'] for r in rows], synthetic_video.VIDEO_CLASS_NAMES
   elif e.data == 'folder':
     files, labels, names = image_folder(e.path, e.num_images)
     images = []

@@ -3,16 +3,22 @@
 As ALBEF's Retrieval.py: for every image the k captions of highest ITC
 similarity go through the fusion encoder with it, and for every caption the
 k images likewise; a candidate's new score is its ITM match logit, every
-other candidate scores -inf (so recall@K is meaningful for K <= k). Both
-rankings are reported with the keys of `recall_at_k`: `i2t@1`... (ITC, with
-RSUM and per language as every retrieval evaluator) and `itm/i2t@1`...
-(re-ranked, with `itm/rsum`), under the evaluator's name in config.evals.
+other candidate scores -inf (so recall@K is meaningful for K <= k). A second
+re-ranking keeps the ITC evidence, as BLIP's evaluation adds the similarity
+to the ITM score: the ITC logit (similarity / temperature) plus the ITM
+log-probability of a match, i.e. the log of the product of both models'
+probabilities (up to a per-query constant). All three rankings are reported
+with the keys of `recall_at_k`: `i2t@1`... (ITC, with RSUM and per language as
+every retrieval evaluator), `itm/i2t@1`... (ALBEF's) and `itm_itc/i2t@1`...,
+under the evaluator's name in config.evals.
 """
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from vlp.eval import retrieval
+from vlp.models.albef import TEMP_RANGE
 from vlp.models.text import PAD_ID
 
 
@@ -25,21 +31,28 @@ class Evaluator(retrieval.Evaluator):
     self.rerank_k = rerank_k
     self.image_tokens = jax.jit(lambda p, x: model(p).image.tokens(x))
     self.text_hidden = jax.jit(lambda p, t: model(p).text.encode(t))
-    self.itm_score = jax.jit(lambda p, h, m, x: model(p).itm_logits(h, m, x)[:, 1])
+    self.itm_logits = jax.jit(lambda p, h, m, x: model(p).itm_logits(h, m, x))
 
   def run(self, params):
     image_emb, text_emb = self.embed(params)
     text_to_image = self.data['text_to_image']
     languages = self.data.get('language') if self.by_language else None
     yield from retrieval.evaluate(image_emb, text_emb, text_to_image, languages, self.ks).items()
-    i2t, t2i = self.rerank(params, image_emb @ text_emb.T)
-    reranked = retrieval.recall_at_k_from_scores(i2t, t2i, text_to_image, self.ks)
-    reranked['rsum'] = retrieval.rsum(reranked, self.ks)
-    for key, value in reranked.items():
-      yield f'itm/{key}', value
+    sims = image_emb @ text_emb.T
+    itm = self.rerank(params, sims)
+    temp = float(np.clip(jax.device_get(params['temp']), *TEMP_RANGE))
+    with np.errstate(invalid='ignore'):  # -inf + finite stays -inf
+      both = {'itm': itm['match_logit'], 'itm_itc': tuple(
+          s + x / temp for s, x in zip(itm['match_logprob'], (sims, sims.T)))}
+    for name, (i2t, t2i) in both.items():
+      reranked = retrieval.recall_at_k_from_scores(i2t, t2i, text_to_image, self.ks)
+      reranked['rsum'] = retrieval.rsum(reranked, self.ks)
+      for key, value in reranked.items():
+        yield f'{name}/{key}', value
 
-  def rerank(self, params, sims):
-    """ITC similarities [images, captions] -> re-ranked (i2t [images, captions], t2i [captions, images])."""
+  def rerank(self, params, sims) -> dict:
+    """ITC similarities [images, captions] -> the top k's ITM scores, -inf elsewhere:
+    {'match_logit' (ALBEF's score), 'match_logprob'}: (i2t [images, captions], t2i [captions, images])."""
     n_img, n_txt = sims.shape
     tokens = self.data['text']
     image_tokens = retrieval.embed_in_batches(self.image_tokens, params, self.data['image'], self.batch_size)
@@ -49,15 +62,19 @@ class Evaluator(retrieval.Evaluator):
     top_t2i = np.argsort(-sims.T, axis=1, kind='stable')[:, :k_t2i]  # images of each caption
     text_ids = np.concatenate([top_i2t.ravel(), np.repeat(np.arange(n_txt), k_t2i)])
     image_ids = np.concatenate([np.repeat(np.arange(n_img), k_i2t), top_t2i.ravel()])
-    scores = np.concatenate([
-        np.asarray(self.itm_score(params, *self._pairs(text_hidden, tokens, image_tokens, t, i)))[:len(t)]
+    logits = np.concatenate([
+        np.asarray(self.itm_logits(params, *self._pairs(text_hidden, tokens, image_tokens, t, i)))[:len(t)]
         for t, i in self._chunks(text_ids, image_ids)])
-    i2t = np.full((n_img, n_txt), -np.inf, np.float32)
-    t2i = np.full((n_txt, n_img), -np.inf, np.float32)
     n = n_img * k_i2t
-    i2t[image_ids[:n], text_ids[:n]] = scores[:n]
-    t2i[text_ids[n:], image_ids[n:]] = scores[n:]
-    return i2t, t2i
+    out = {}
+    for name, scores in (('match_logit', logits[:, 1]),
+                         ('match_logprob', np.asarray(jax.nn.log_softmax(jnp.asarray(logits), -1))[:, 1])):
+      i2t = np.full((n_img, n_txt), -np.inf, np.float32)
+      t2i = np.full((n_txt, n_img), -np.inf, np.float32)
+      i2t[image_ids[:n], text_ids[:n]] = scores[:n]
+      t2i[text_ids[n:], image_ids[n:]] = scores[n:]
+      out[name] = (i2t, t2i)
+    return out
 
   def _chunks(self, text_ids, image_ids):
     for a in range(0, len(text_ids), self.batch_size):

@@ -17,11 +17,14 @@ def plot(workdir: str, out: str | None = None) -> str:
   for r in rows:
     for k, v in r.items():
       name, _, metric = k.rpartition('/')
-      if k == 'loss' or (name and '/' not in name and metric in _SHOWN and not name.startswith(('time', 'skipped'))):
+      # 'loss', or every IMP task's '<task>/loss'
+      if k == 'loss' or (name and '/' not in name and metric in _SHOWN + ('loss',)
+                         and not name.startswith(('time', 'skipped'))):
         series.setdefault(k, []).append((r['step'], v))
-  evals = sorted(k for k in series if k != 'loss' and not k.endswith('rsum'))
+  losses = sorted(k for k in series if k == 'loss' or k.endswith('/loss'))
+  evals = sorted(k for k in series if k not in losses and not k.endswith('rsum'))
   rsums = sorted(k for k in series if k.endswith('rsum'))
-  panels = [('training loss', ['loss']), ('eval (%)', evals), ('RSUM', rsums)]
+  panels = [('training loss', losses), ('eval (%)', evals), ('RSUM', rsums)]
   panels = [(t, ks) for t, ks in panels if ks and all(k in series for k in ks)]
   if not panels:
     raise ValueError(f'{workdir}/metrics.jsonl has no loss or eval metrics to plot')

@@ -36,9 +36,9 @@ class Dense(nnx.Module):
 class LayerNorm(nnx.Module):
   """LayerNorm computed in float32 whatever the compute dtype (bf16 variance is lossy)."""
 
-  def __init__(self, width, *, rngs, eps=1e-6, dtype=jnp.float32):
-    self.scale = param(rngs, nnx.initializers.ones, (width,), ('embed',))
-    self.bias = param(rngs, nnx.initializers.zeros, (width,), ('embed',))
+  def __init__(self, width, *, rngs, eps=1e-6, dtype=jnp.float32, names=('embed',)):
+    self.scale = param(rngs, nnx.initializers.ones, (width,), names)
+    self.bias = param(rngs, nnx.initializers.zeros, (width,), names)
     self.eps, self.dtype = eps, dtype
 
   def __call__(self, x):
@@ -66,10 +66,12 @@ class SelfAttention(nnx.Module):
   """Multi-head self-attention with one fused QKV matmul.
 
   The QKV kernel is [embed, 3, heads, head_dim] so that tensor parallelism can
-  split heads without splitting a head.
+  split heads without splitting a head. qk_norm: LayerNorm of queries and keys
+  over each head's dimensions (Dehghani et al. 2023; IMP's MoE models), which
+  keeps attention logits from growing without bound.
   """
 
-  def __init__(self, width, num_heads, *, rngs, dtype=jnp.float32):
+  def __init__(self, width, num_heads, *, rngs, dtype=jnp.float32, qk_norm=False):
     head_dim = width // num_heads
     init = nnx.initializers.xavier_uniform(in_axis=0, out_axis=(2, 3), batch_axis=(1,))
     self.qkv = param(rngs, init, (width, 3, num_heads, head_dim), ('embed', None, 'heads', 'kv'))
@@ -77,14 +79,18 @@ class SelfAttention(nnx.Module):
     out_init = nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
     self.out = param(rngs, out_init, (num_heads, head_dim, width), ('heads', 'kv', 'embed'))
     self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ('embed',))
+    norm = lambda: LayerNorm(head_dim, rngs=rngs, dtype=dtype, names=('kv',))
+    self.q_norm, self.k_norm = (norm(), norm()) if qk_norm else (None, None)
     self.dtype = dtype
 
   def __call__(self, x, mask=None):
     """x: [B, L, D]; mask: [B, L] bool, True where a key may be attended to."""
     dt = self.dtype
     qkv = jnp.einsum('bld,dthk->tblhk', x.astype(dt), self.qkv[...].astype(dt))
-    qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
-    return _attend(qkv[0], qkv[1], qkv[2], mask, self.out[...], self.out_bias[...], dt)
+    q, k, v = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return _attend(q, k, v, mask, self.out[...], self.out_bias[...], dt)
 
 
 class CrossAttention(nnx.Module):
@@ -125,9 +131,9 @@ class Block(nnx.Module):
   """Pre-LayerNorm Transformer block; `moe` (vlp.models.moe.MoeMlp keyword arguments with
   num_experts) replaces its MLP by a Mixture-of-Experts."""
 
-  def __init__(self, width, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, moe=None):
+  def __init__(self, width, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, moe=None, qk_norm=False):
     self.ln1 = LayerNorm(width, rngs=rngs, dtype=dtype)
-    self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype)
+    self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype, qk_norm=qk_norm)
     self.ln2 = LayerNorm(width, rngs=rngs, dtype=dtype)
     if moe:
       self.mlp = moe_lib.MoeMlp(width, mlp_dim, rngs=rngs, dtype=dtype, **moe)
@@ -179,11 +185,14 @@ def _moe_kwargs(moe):
 
 class Encoder(nnx.Module):
   """A stack of blocks followed by a final LayerNorm; `remat` names a policy or 'none';
-  `moe` (config model.<tower>.moe) makes some blocks Mixture-of-Experts (moe_blocks)."""
+  `moe` (config model.<tower>.moe) makes some blocks Mixture-of-Experts (moe_blocks);
+  `qk_norm` normalises queries and keys in every block."""
 
-  def __init__(self, width, depth, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, remat='none', moe=None):
+  def __init__(self, width, depth, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, remat='none', moe=None,
+               qk_norm=False):
     self.blocks = nnx.List([
-        Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=_moe_kwargs(moe) if is_moe else None)
+        Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=_moe_kwargs(moe) if is_moe else None,
+              qk_norm=qk_norm)
         for is_moe in moe_blocks(depth, moe)])
     self.ln = LayerNorm(width, rngs=rngs, dtype=dtype)
     self.remat = remat

@@ -11,6 +11,13 @@ from flax import nnx
 from vlp.models import layers
 
 
+def grid_positions(pos, grid_h: int, grid_w: int):
+  """Position embeddings [h, w, D] learnt for one grid, bilinearly resized to another -> [(h w), D]."""
+  if pos.shape[:2] != (grid_h, grid_w):
+    pos = jax.image.resize(pos, (grid_h, grid_w, pos.shape[-1]), method='bilinear')
+  return einops.rearrange(pos, 'h w d -> (h w) d')
+
+
 class ViT(nnx.Module):
 
   def __init__(self, image_size, patch_size, width, depth, num_heads, mlp_dim, pool='cls',
@@ -25,10 +32,7 @@ class ViT(nnx.Module):
     self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype, remat=remat, moe=moe)
 
   def position_embeddings(self, grid_h, grid_w):
-    pos = self.pos_embed[...]
-    if pos.shape[:2] != (grid_h, grid_w):
-      pos = jax.image.resize(pos, (grid_h, grid_w, pos.shape[-1]), method='bilinear')
-    return einops.rearrange(pos, 'h w d -> (h w) d')
+    return grid_positions(self.pos_embed[...], grid_h, grid_w)
 
   def __call__(self, images):
     """images: float [B, H, W, 3] -> pooled features [B, width]."""

@@ -1,8 +1,37 @@
-"""Metrics to JSONL and TensorBoard event files (process 0 only)."""
+"""Metrics to JSONL and TensorBoard event files (process 0 only), and a compilation counter."""
+import contextlib
 import json
 import os
 
 import jax
+
+_BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'  # jax._src.dispatch
+_counters = []  # the CompileCounters counting now
+
+
+def _on_event(event, duration, **kwargs):
+  del duration, kwargs
+  if event == _BACKEND_COMPILE_EVENT:
+    for c in _counters:
+      c.count += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+class CompileCounter:
+  """Counts XLA compilations inside `with counter.counting():` blocks."""
+
+  def __init__(self):
+    self.count = 0
+
+  @contextlib.contextmanager
+  def counting(self):
+    _counters.append(self)
+    try:
+      yield
+    finally:
+      _counters.remove(self)
 
 
 class MetricWriter:

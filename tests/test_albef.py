@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, train_losses
 
 from vlp import config as config_lib, losses_albef, models, parallel
 from vlp.data import pipeline, synthetic, tokenizer as tok
@@ -158,6 +158,30 @@ def _albef(**overrides):
 def test_config_checks_name_the_key(override, key):
   with pytest.raises(config_lib.ConfigError, match=f"config key '{key}'"):
     config_lib.validate(_albef(**override), num_devices=8)
+
+
+def test_moe_towers_train_over_the_expert_axis_like_on_one_device():
+  """MoE in the ViT and in both parts of the text stack; the aux losses join the loss."""
+  moe = dict(num_experts=4, every=1, router='expert_choice', k=1, capacity_factor=1.0, batch_priority=False)
+  config = _albef(**{'model.image.moe': dict(moe, last=1), 'model.text.moe': dict(moe, last=2)})
+  config_lib.validate(config, num_devices=8)
+  one = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1}, devices=jax.devices()[:1])
+  eight = parallel.make_mesh({'data': 2, 'fsdp': 1, 'tensor': 1, 'expert': 4})
+  single, _, _, _ = train_losses(config, one, steps=2)
+  sharded, state, metrics, _ = train_losses(config, eight, steps=2)
+  np.testing.assert_allclose(sharded, single, rtol=1e-5)
+  for layer in ('image/encoder/blocks/1', 'text/text_blocks/1', 'text/fusion_blocks/0'):
+    assert f'moe/{layer}/mlp/router_z' in metrics, sorted(metrics)
+  # expert choice has no balance loss; the router z-loss of every call of every layer (the text
+  # stack runs for ITC, ITM and MLM) joins the loss; metrics show one call per layer
+  parts = lambda m: float(m['loss']) - sum(float(m[k]) for k in ('loss_itc', 'loss_itm', 'loss_mlm'))
+  logged = sum(float(v) for k, v in metrics.items() if k.endswith('router_z'))
+  assert 0.001 * logged * 0.99 < parts(metrics) < 0.001 * logged * 2.01
+  _, _, without, _ = train_losses(config_lib.apply_overrides(config, ['loss.moe_router_z=0.0']), one, steps=2)
+  assert parts(without) == pytest.approx(0.0, abs=1e-5)
+  w1 = state['params']['text']['fusion_blocks'][0]['mlp']['w1']
+  assert w1.sharding.spec[0] == 'expert'
+  assert 'w1' in state['momentum']['text']['fusion_blocks'][0]['mlp']  # the momentum copy has the experts too
 
 
 def test_model_parameters_carry_logical_axes_and_momentum_is_sharded_like_params():

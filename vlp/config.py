@@ -406,9 +406,6 @@ def _validate_task(config, key, t):
 
 
 def _validate_albef(config):
-  for tower in ('image', 'text'):
-    _check(not config.model[tower].moe.num_experts, f'model.{tower}.moe.num_experts',
-           'Mixture-of-Experts towers are not wired into ALBEF (its loss does not add their aux losses)')
   m, a = config.model, config.albef
   _check(isinstance(m.fusion_layer, int) and 0 <= m.fusion_layer < m.text.depth, 'model.fusion_layer',
          f'{m.fusion_layer!r} must be in [0, text.depth = {m.text.depth}): at least one fusion layer')

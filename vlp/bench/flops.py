@@ -149,13 +149,23 @@ def albef_train_flops(model_cfg: Any, batch_size: int, queue_size: int) -> float
   Momentum: ViT + projection, text-only layers + projection, its own ITC
   logits, and the whole stack + MLM head on the masked text.
   """
+  from vlp.models.layers import moe_blocks
   im, tx, e = _get(model_cfg, "image"), _get(model_cfg, "text"), _get(model_cfg, "embed_dim")
-  fusion = _get(model_cfg, "fusion_layer")
+  fusion, depth = _get(model_cfg, "fusion_layer"), _get(tx, "depth")
   seq, w, mlp = _get(tx, "context_length"), _get(tx, "width"), _get(tx, "mlp_dim")
   n_img = vit_seq_len(im)
-  text_only = fusion * block_forward_flops(seq, w, mlp) + matmul_flops(1, e, w)
-  fusion_layers = (_get(tx, "depth") - fusion) * (
-      block_forward_flops(seq, w, mlp) + cross_attention_forward_flops(seq, n_img, w, _get(im, "width")))
+  moe = _get(tx, "moe")
+  experts = moe_blocks(depth, moe)  # MoE blocks anywhere in the stack, text-only or fusion
+
+  def layer(i):
+    dense = block_forward_flops(seq, w, mlp)
+    if not experts[i]:
+      return dense
+    return dense + moe_mlp_forward_flops(seq, w, mlp, moe) - 2 * matmul_flops(seq, mlp, w)
+
+  text_only = sum(layer(i) for i in range(fusion)) + matmul_flops(1, e, w)
+  cross = cross_attention_forward_flops(seq, n_img, w, _get(im, "width"))
+  fusion_layers = sum(layer(i) + cross for i in range(fusion, depth))
   mlm_head = matmul_flops(seq, w, w) + matmul_flops(seq, _get(tx, "vocab_size"), w)
   itc = 2 * matmul_flops(batch_size, batch_size + queue_size, e)
   vit = vit_forward_flops(im, e)

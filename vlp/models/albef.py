@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlp import losses_albef
-from vlp.models import layers
+from vlp.models import layers, moe
 from vlp.models.align import _l2_normalize
 from vlp.models.text import PAD_ID
 from vlp.models.vit import ViT
@@ -31,22 +31,23 @@ TEMP_RANGE = (0.001, 0.5)
 
 
 class TextStack(nnx.Module):
-  """Token + position embeddings, `fusion_layer` text-only blocks, then fusion blocks."""
+  """Token + position embeddings, `fusion_layer` text-only blocks, then fusion blocks;
+  `moe` (model.text.moe) picks MoE blocks over the whole stack of `depth` blocks."""
 
   def __init__(self, vocab_size, context_length, width, depth, num_heads, mlp_dim, *,
                fusion_layer, image_width, rngs, dtype=jnp.float32, remat='none', moe=None):
-    del moe  # dense: config validation refuses MoE towers for ALBEF (its loss does not collect them)
     self.dtype, self.remat = dtype, remat
     self.token_embed = layers.param(rngs, nnx.initializers.normal(0.02), (vocab_size, width),
                                     ('vocab', 'embed'))
     self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.01), (context_length, width),
                                   (None, 'embed'))
-    self.text_blocks = nnx.List([layers.Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
-                                 for _ in range(fusion_layer)])
+    experts = [layers.moe_kwargs(moe) if is_moe else None for is_moe in layers.moe_blocks(depth, moe)]
+    self.text_blocks = nnx.List([layers.Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=experts[i])
+                                 for i in range(fusion_layer)])
     self.text_ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype)
     self.fusion_blocks = nnx.List([
-        layers.FusionBlock(width, num_heads, mlp_dim, image_width, rngs=rngs, dtype=dtype)
-        for _ in range(depth - fusion_layer)])
+        layers.FusionBlock(width, num_heads, mlp_dim, image_width, rngs=rngs, dtype=dtype, moe=experts[i])
+        for i in range(fusion_layer, depth)])
     self.fusion_ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype)
 
   def encode(self, tokens):
@@ -155,7 +156,8 @@ def alpha_at(step, a):
 
 
 def loss_fn(graphdef, params, extra, batch, step, config):
-  """ITC + ITM + MLM of one global batch; returns (loss, (metrics, new extra state))."""
+  """ITC + ITM + MLM (+ the MoE auxiliary losses of MoE towers) of one global batch;
+  returns (loss, (metrics, new extra state))."""
   a = config.albef
   model = nnx.merge(graphdef, params)
   # The momentum model moves first, then gives this step's targets (ALBEF's order).
@@ -169,35 +171,39 @@ def loss_fn(graphdef, params, extra, batch, step, config):
 
   images, tokens = batch['image'], batch['text']
   mask = tokens != PAD_ID
-  image_tokens = model.image.tokens(images)
-  text_hidden = model.text.encode(tokens)
-  image_feat, text_feat = model.image_feat(image_tokens), model.text_feat(text_hidden)
   image_tokens_m = jax.lax.stop_gradient(model_m.image.tokens(images))
   image_feat_m = jax.lax.stop_gradient(model_m.image_feat(image_tokens_m))
   text_feat_m = jax.lax.stop_gradient(model_m.encode_text(tokens))
-  itc, sim_i2t, sim_t2i = losses_albef.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
-                                                extra['image_queue'], extra['text_queue'], temp, alpha)
-
-  # ITM: B positive pairs, then for each text a hard negative image and for
-  # each image a hard negative text, drawn with a key fixed by seed and step.
-  b = tokens.shape[0]
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), step)
-  neg_image, neg_text = losses_albef.sample_itm_negatives(key, sim_i2t[:, :b], sim_t2i[:, :b])
-  itm_logits = model.itm_logits(
-      jnp.concatenate([text_hidden, text_hidden, text_hidden[neg_text]]),
-      jnp.concatenate([mask, mask, mask[neg_text]]),
-      jnp.concatenate([image_tokens, image_tokens[neg_image], image_tokens]))
-  itm_labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
-  itm = losses_albef.itm_loss(itm_logits, itm_labels)
-
-  mlm_logits = model.mlm_logits(batch['mlm_text'], image_tokens)
   mlm_logits_m = jax.lax.stop_gradient(model_m.mlm_logits(batch['mlm_text'], image_tokens_m))
-  mlm = losses_albef.mlm_loss(mlm_logits, batch['mlm_labels'], mlm_logits_m, alpha)
 
+  def online(model):
+    image_tokens = model.image.tokens(images)
+    text_hidden = model.text.encode(tokens)
+    image_feat, text_feat = model.image_feat(image_tokens), model.text_feat(text_hidden)
+    itc, sim_i2t, sim_t2i = losses_albef.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
+                                                  extra['image_queue'], extra['text_queue'], temp, alpha)
+    # ITM: B positive pairs, then for each text a hard negative image and for
+    # each image a hard negative text, drawn with a key fixed by seed and step.
+    b = tokens.shape[0]
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), step)
+    neg_image, neg_text = losses_albef.sample_itm_negatives(key, sim_i2t[:, :b], sim_t2i[:, :b])
+    itm_logits = model.itm_logits(
+        jnp.concatenate([text_hidden, text_hidden, text_hidden[neg_text]]),
+        jnp.concatenate([mask, mask, mask[neg_text]]),
+        jnp.concatenate([image_tokens, image_tokens[neg_image], image_tokens]))
+    itm_labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
+    itm = losses_albef.itm_loss(itm_logits, itm_labels)
+    mlm_logits = model.mlm_logits(batch['mlm_text'], image_tokens)
+    mlm = losses_albef.mlm_loss(mlm_logits, batch['mlm_labels'], mlm_logits_m, alpha)
+    return itc, itm, mlm, jnp.mean(jnp.argmax(itm_logits, axis=-1) == itm_labels)
+
+  # capture: what the online model's MoE layers report (the momentum model's are not trained)
+  (itc, itm, mlm, itm_acc), intermediates = nnx.capture(online, nnx.Intermediate)(model)
+  moe_loss, moe_metrics = moe.aux_losses(intermediates, {'load_balance': config.loss.moe_load_balance,
+                                                         'router_z': config.loss.moe_router_z})
   image_queue, ptr = enqueue(extra['image_queue'], extra['queue_ptr'], image_feat_m)
   text_queue, _ = enqueue(extra['text_queue'], extra['queue_ptr'], text_feat_m)
   new_extra = {'momentum': momentum, 'image_queue': image_queue, 'text_queue': text_queue, 'queue_ptr': ptr}
-  itm_acc = jnp.mean(jnp.argmax(itm_logits, axis=-1) == itm_labels)
   metrics = {'loss_itc': itc, 'loss_itm': itm, 'loss_mlm': mlm, 'temp': temp, 'alpha': alpha,
-             'itm_acc': itm_acc}
-  return itc + itm + mlm, (metrics, new_extra)
+             'itm_acc': itm_acc, **moe_metrics}
+  return itc + itm + mlm + moe_loss, (metrics, new_extra)

@@ -127,6 +127,13 @@ class Mlp(nnx.Module):
     return self.fc2(parallel.constrain(jax.nn.gelu(self.fc1(x)), ('batch', None, 'mlp')))
 
 
+def _mlp(width, mlp_dim, rngs, dtype, moe):
+  """A dense MLP, or with `moe` (MoeMlp keyword arguments) a Mixture-of-Experts."""
+  if moe:
+    return moe_lib.MoeMlp(width, mlp_dim, rngs=rngs, dtype=dtype, **moe)
+  return Mlp(width, mlp_dim, rngs=rngs, dtype=dtype)
+
+
 class Block(nnx.Module):
   """Pre-LayerNorm Transformer block; `moe` (vlp.models.moe.MoeMlp keyword arguments with
   num_experts) replaces its MLP by a Mixture-of-Experts."""
@@ -135,10 +142,7 @@ class Block(nnx.Module):
     self.ln1 = LayerNorm(width, rngs=rngs, dtype=dtype)
     self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype, qk_norm=qk_norm)
     self.ln2 = LayerNorm(width, rngs=rngs, dtype=dtype)
-    if moe:
-      self.mlp = moe_lib.MoeMlp(width, mlp_dim, rngs=rngs, dtype=dtype, **moe)
-    else:
-      self.mlp = Mlp(width, mlp_dim, rngs=rngs, dtype=dtype)
+    self.mlp = _mlp(width, mlp_dim, rngs, dtype, moe)
 
   def __call__(self, x, mask=None):
     x = parallel.constrain(x, ('batch', None, None))
@@ -148,15 +152,16 @@ class Block(nnx.Module):
 
 class FusionBlock(nnx.Module):
   """Pre-LayerNorm block with cross-attention to other tokens between self-attention and MLP
-  (the layout of ALBEF's fusion layers, BERT's layers with `add_cross_attention`)."""
+  (the layout of ALBEF's fusion layers, BERT's layers with `add_cross_attention`); `moe`
+  as for Block."""
 
-  def __init__(self, width, num_heads, mlp_dim, kv_width, *, rngs, dtype=jnp.float32):
+  def __init__(self, width, num_heads, mlp_dim, kv_width, *, rngs, dtype=jnp.float32, moe=None):
     self.ln1 = LayerNorm(width, rngs=rngs, dtype=dtype)
     self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype)
     self.ln_cross = LayerNorm(width, rngs=rngs, dtype=dtype)
     self.cross = CrossAttention(width, kv_width, num_heads, rngs=rngs, dtype=dtype)
     self.ln2 = LayerNorm(width, rngs=rngs, dtype=dtype)
-    self.mlp = Mlp(width, mlp_dim, rngs=rngs, dtype=dtype)
+    self.mlp = _mlp(width, mlp_dim, rngs, dtype, moe)
 
   def __call__(self, x, mask, kv):
     x = parallel.constrain(x, ('batch', None, None))
@@ -179,7 +184,7 @@ def moe_blocks(depth: int, moe) -> list[bool]:
   return [i >= first and (i - first + 1) % moe['every'] == 0 for i in range(depth)]
 
 
-def _moe_kwargs(moe):
+def moe_kwargs(moe):
   return {k: moe[k] for k in ('num_experts', 'router', 'k', 'capacity_factor', 'batch_priority')}
 
 
@@ -191,7 +196,7 @@ class Encoder(nnx.Module):
   def __init__(self, width, depth, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, remat='none', moe=None,
                qk_norm=False):
     self.blocks = nnx.List([
-        Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=_moe_kwargs(moe) if is_moe else None,
+        Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=moe_kwargs(moe) if is_moe else None,
               qk_norm=qk_norm)
         for is_moe in moe_blocks(depth, moe)])
     self.ln = LayerNorm(width, rngs=rngs, dtype=dtype)

@@ -58,7 +58,7 @@ def vision_tokens(config, task, image_size: int) -> int:
   return grid
 
 
-def batch_unit(config, sizes: dict, process_count: int, accum_steps: int) -> int:
+def batch_unit(sizes: dict, process_count: int, accum_steps: int) -> int:
   """What every batch must be a multiple of: the batch devices (data x fsdp) times the
   micro-batches, and the process count."""
   return math.lcm(sizes['data'] * sizes['fsdp'] * accum_steps, process_count)
@@ -73,7 +73,7 @@ def variants(config, sizes: dict | None = None, process_count: int = 1) -> list[
   for task in task_names(config):
     t = config.tasks[task]
     resolutions = tuple(t.resolutions) or (config.model.image.image_size,)
-    unit = batch_unit(config, sizes, process_count, t.accum_steps) if sizes else t.accum_steps
+    unit = batch_unit(sizes, process_count, t.accum_steps) if sizes else t.accum_steps
     base = vision_tokens(config, t, resolutions[0]) * t.batch_size
     for size in resolutions:
       batch = t.batch_size

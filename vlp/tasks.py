@@ -56,12 +56,17 @@ def _random_access_source(config, split: str, image_size: int | None = None):
   return list(itertools.islice(webdataset.read_shards(shards), limit))
 
 
-def preprocess(config, tokenizer, train: bool) -> pipeline.Preprocess:
+def preprocess(config, tokenizer, train: bool, variant: agd.Variant | None = None) -> pipeline.Preprocess:
+  """The example maker of config.data, or of an IMP task's variant: at its resolution, with
+  the caption only where the task has text and the label only for classification."""
   d = config.data
+  task = variant.cfg if variant is not None and variant.task else None
   mlm = train and 'mlm_text' in models.module(config.model).BATCH_KEYS
-  return pipeline.Preprocess(tokenizer, config.model.text.context_length, config.model.image.image_size,
+  keys = dict(text='text' in task.modalities, label=task.loss == 'classification') if task else {}
+  size = variant.image_size if variant is not None else config.model.image.image_size
+  return pipeline.Preprocess(tokenizer, config.model.text.context_length, size,
                              train=train, crop_scale=tuple(d.crop_scale), flip=d.flip,
-                             max_pixels=d.max_pixels, mlm_prob=config.albef.mlm_prob if mlm else 0.0)
+                             max_pixels=d.max_pixels, mlm_prob=config.albef.mlm_prob if mlm else 0.0, **keys)
 
 
 def _task_source(config, variant):
@@ -85,13 +90,7 @@ def train_iterator(config, tokenizer, variant: agd.Variant | None = None):
   seed = config.seed + 1009 * (variant.index + 1) if variant.task else config.seed
   common = dict(batch_size=variant.batch_size // jax.process_count(), seed=seed,
                 process_index=jax.process_index(), process_count=jax.process_count())
-  if variant.task:
-    t = variant.cfg
-    prep = pipeline.Preprocess(tokenizer, config.model.text.context_length, variant.image_size, train=True,
-                               crop_scale=tuple(d.crop_scale), flip=d.flip, max_pixels=d.max_pixels,
-                               text='text' in t.modalities, label=t.loss == 'classification')
-  else:
-    prep = preprocess(config, tokenizer, train=True)
+  prep = preprocess(config, tokenizer, train=True, variant=variant)
   if d.name == 'webdataset' and (not variant.task or variant.cfg.data == 'task'):
     try:
       shards = webdataset.expand(config_lib.paths(d.train))

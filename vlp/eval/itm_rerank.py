@@ -13,7 +13,6 @@ every retrieval evaluator), `itm/i2t@1`... (ALBEF's) and `itm_itc/i2t@1`...,
 under the evaluator's name in config.evals.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -68,7 +67,7 @@ class Evaluator(retrieval.Evaluator):
     n = n_img * k_i2t
     out = {}
     for name, scores in (('match_logit', logits[:, 1]),
-                         ('match_logprob', np.asarray(jax.nn.log_softmax(jnp.asarray(logits), -1))[:, 1])):
+                         ('match_logprob', logits[:, 1] - np.logaddexp(logits[:, 0], logits[:, 1]))):
       i2t = np.full((n_img, n_txt), -np.inf, np.float32)
       t2i = np.full((n_txt, n_img), -np.inf, np.float32)
       i2t[image_ids[:n], text_ids[:n]] = scores[:n]

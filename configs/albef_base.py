@@ -8,22 +8,21 @@ queues of 65536, batch 512, AdamW lr 1e-4 with weight decay 0.02, 30 epochs.
 The text stack starts from scratch with vlp's SentencePiece vocabulary (ALBEF
 loads bert-base-uncased): give a 30k-ish tokenizer (`vlp data tokenizer`).
 """
-from vlp.config import base_config
+from vlp.recipes import base_config
 
 
 def get_config(arg=None):
   del arg
-  c = base_config()
+  c = base_config('albef')
   c.batch_size = 512
   c.total_steps = 30 * 14_000_000 // 512  # 30 epochs of the 14M-pair corpus
-  c.model.name = 'albef'
   c.model.image.update(image_size=256, patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072)
   c.model.text.update(vocab_size=30522, context_length=30, width=768, depth=12, num_heads=12, mlp_dim=3072)
   c.model.fusion_layer = 6
   c.model.embed_dim = 256
   c.model.dtype = 'bfloat16'
-  c.albef.update(queue_size=65536, momentum=0.995, alpha=0.4, alpha_warmup_steps=14_000_000 // 512,
-                 rerank_k=256)
+  c.albef.update(queue_size=65536, momentum=0.995, alpha=0.4, alpha_warmup_steps=14_000_000 // 512)
+  c.evals.retrieval.rerank_k = 256
   c.optim.update(lr=1e-4, end_lr_frac=0.1, warmup_steps=3000, weight_decay=0.02, b2=0.999, eps=1e-8)
   c.data.update(crop_scale=(0.2, 1.0), flip=True)  # as ALBEF (which adds RandAugment)
   c.eval_every = 5000

@@ -4,7 +4,8 @@ About five minutes on a 2-core CPU:
   vlp train --config=configs/align_tiny.py --workdir=workdirs/align_tiny
 Overrides use dotted keys, e.g. `--config.total_steps=100 --config.model.head=sigmoid`.
 """
-from vlp.config import base_config, eval_config
+from vlp.config import eval_config
+from vlp.recipes import base_config
 
 
 def get_config(arg=None):

@@ -11,7 +11,7 @@ The data path, from img2dataset shards to training:
   --config.data.train='laion/{00000..00099}.tar'
 The model is ViT-B/16 (224 px) with a 12-layer text tower, as in CLIP ViT-B/16.
 """
-from vlp.config import base_config
+from vlp.recipes import base_config
 
 
 def get_config(arg=None):

@@ -2,7 +2,7 @@
 
   vlp bench step --config=configs/bench_tiny.py [--compare=open_clip]
 """
-from vlp.config import base_config
+from vlp.recipes import base_config
 
 
 def get_config(arg=None):

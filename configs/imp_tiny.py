@@ -11,13 +11,13 @@ descent over four tasks (a few minutes on a 2-core CPU):
   video_class  colour + motion of the first object (32 class names)
 `:weighted` samples tasks by weight instead of the interval rotation.
 """
-from vlp.config import base_config, eval_config, task_config
+from vlp.config import eval_config, task_config
+from vlp.recipes import base_config
 
 
 def get_config(arg=None):
-  c = base_config()
+  c = base_config('imp')
   c.total_steps = 600
-  c.model.name = 'imp'
   c.model.image.update(image_size=32, patch_size=4)  # the embedders' patch and native grid
   c.model.text.update(vocab_size=1024, context_length=32)
   c.model.encoder.update(width=128, depth=4, num_heads=4, mlp_dim=512, qk_layernorm=True)

@@ -9,9 +9,10 @@ import pytest  # noqa: E402
 from tiny import get_config as tiny_base  # noqa: E402
 
 
-def tiny_config(**overrides):
-  """A model small enough to train a few steps in seconds (tests/tiny.py), with dotted overrides."""
-  c = tiny_base()
+def tiny_config(recipe='align', **overrides):
+  """A model small enough to train a few steps in seconds (tests/tiny.py; recipe 'align' or
+  'albef'), with dotted overrides."""
+  c = tiny_base(recipe)
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split('.')
@@ -21,15 +22,54 @@ def tiny_config(**overrides):
   return c
 
 
+def build_model(model_cfg, seed=0):
+  """The recipe's model for a model config."""
+  from vlp import recipes
+  return recipes.get(model_cfg.name).build(model_cfg, seed)
+
+
+def plan_of(config, mesh=None):
+  """The plan of a config, for the mesh's device count (default 8)."""
+  from vlp import plan
+  return plan.make(config, mesh.devices.size if mesh is not None else 8)
+
+
+def variants_of(config, mesh=None) -> dict:
+  """{name: variant} of the config's plan."""
+  return {v.name: v for v in plan_of(config, mesh).variants}
+
+
+def setup_of(config, mesh):
+  from vlp.train import state as state_lib
+  return state_lib.make_setup(plan_of(config, mesh), mesh)
+
+
+def init_of(config, setup):
+  from vlp.train import state as state_lib
+  return state_lib.init_state(plan_of(config, setup.mesh), setup)
+
+
+def compile_of(config, setup, variant=None):
+  """The compiled step of a variant (default: the plan's first) and its compile seconds."""
+  from vlp.train import step as step_lib
+  plan = plan_of(config, setup.mesh)
+  return step_lib.compile_train_step(plan, setup, variant or plan.variants[0])
+
+
+def random_batch_of(config, mesh, seed=0, variant=None):
+  """A random global batch of a variant (default: the plan's first), sharded over the mesh."""
+  from vlp.bench.step import random_batch
+  plan = plan_of(config, mesh)
+  return random_batch(plan, mesh, variant or plan.variants[0], seed=seed)
+
+
 def train_losses(config, mesh, steps=3, variant=None):
   """(losses, final state, last metrics, compiled step) of `steps` steps on one random batch
-  (of an IMP task variant, if given)."""
-  from vlp.bench.step import random_batch
-  from vlp.train import state as state_lib, step as step_lib
-  setup = state_lib.make_setup(config, mesh)
-  state = state_lib.init_state(config, setup)
-  train_step, _ = step_lib.compile_train_step(config, setup, variant)
-  batch = random_batch(config, mesh, variant=variant)
+  (of a task variant, if given)."""
+  setup = setup_of(config, mesh)
+  state = init_of(config, setup)
+  train_step, _ = compile_of(config, setup, variant)
+  batch = random_batch_of(config, mesh, variant=variant)
   out = []
   for _ in range(steps):
     state, metrics = train_step(state, batch)

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vlp import config as config_lib, parallel
-from vlp.bench.step import random_batch
+from vlp import config as config_lib, plan as plan_lib, parallel
 from vlp.config import ConfigError, task_config
-from vlp.models import imp
+from vlp.recipes import imp as imp_recipe
 from vlp.train import agd, loop, metrics as metrics_lib, state as state_lib, step as step_lib
+from conftest import compile_of, init_of, plan_of, random_batch_of, setup_of, variants_of
 
+IMP = imp_recipe.RECIPE
 TINY_IMP = os.path.join(os.path.dirname(__file__), 'tiny_imp.py')
 
 
@@ -31,9 +32,9 @@ def _tasks(intervals=None, weights=None):
 
 
 def _sequence(config, steps):
-  variants = agd.variants(config)
-  schedule = agd.Schedule(config, variants)
-  return [variants[schedule(s)].task for s in range(steps)]
+  plan = plan_of(config)
+  schedule = agd.Schedule(plan)
+  return [plan.variants[schedule(s)].task for s in range(steps)]
 
 
 def test_interval_schedule_rotates_with_per_task_intervals():
@@ -42,7 +43,7 @@ def test_interval_schedule_rotates_with_per_task_intervals():
   # rounds 0..5: every task in round 0; a in all; b in 0, 2, 4; c in 0, 3
   assert seq[:10] == ['a', 'b', 'c', 'a', 'a', 'b', 'a', 'c', 'a', 'b']
   # lcm(1, 2, 3) = 6 rounds: a 6 + b 3 + c 2 = 11 steps
-  assert len(agd.Schedule(c, agd.variants(c)).period) == 11
+  assert len(agd.Schedule(plan_of(c)).period) == 11
   counts = collections.Counter(_sequence(c, 11 * 50))
   assert (counts['a'], counts['b'], counts['c']) == (300, 150, 100)
   assert _sequence(c, 70) == seq  # a pure function of the step
@@ -65,14 +66,14 @@ def test_weighted_schedule_follows_the_weights_and_the_seed():
 def test_resolutions_take_turns_with_constant_tokens_per_step():
   c = imp_config()
   sizes = {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}
-  by_name = {v.name: v for v in agd.variants(c, sizes)}
+  by_name = variants_of(c)
   small, large = by_name['image_text_16px'], by_name['image_text_32px']
   assert (small.batch_size, small.image_size) == (32, 16)
   # 32 px has 4x the patches: a quarter of the batch, divisible by the 8 batch devices
   assert (large.batch_size, large.image_size) == (8, 32)
   assert small.batch_size * 16 == large.batch_size * 64
   variants = list(by_name.values())
-  schedule = agd.Schedule(c, variants)
+  schedule = agd.Schedule(plan_of(c))
   runs = [variants[schedule(s)].name for s in range(40) if variants[schedule(s)].task == 'image_text']
   assert runs[:4] == ['image_text_16px', 'image_text_32px'] * 2
 
@@ -80,7 +81,7 @@ def test_resolutions_take_turns_with_constant_tokens_per_step():
 def test_a_scaled_batch_that_the_devices_cannot_split_is_a_config_error():
   c = imp_config(**{'tasks.image_text.resolutions': (16, 64)})  # 32 * 16 / 256 = 2 examples at 64 px
   with pytest.raises(ConfigError, match=r"tasks.image_text.batch_size.*at 64 px.*8 equal parts"):
-    config_lib.validate(c, 8)
+    plan_lib.validate(c, 8)
 
 
 @pytest.mark.parametrize('override, message', [
@@ -96,7 +97,7 @@ def test_a_scaled_batch_that_the_devices_cannot_split_is_a_config_error():
 ])
 def test_bad_task_configs_name_the_key(override, message):
   with pytest.raises(ConfigError, match=message):
-    config_lib.validate(imp_config(**override), 8)
+    plan_lib.validate(imp_config(**override), 8)
 
 
 def test_unknown_task_key_and_tasks_on_another_model():
@@ -106,16 +107,16 @@ def test_unknown_task_key_and_tasks_on_another_model():
   c.tasks.image_text.unlock()
   c.tasks.image_text.bach_size = 3
   with pytest.raises(ConfigError, match="tasks.image_text.bach_size': unknown key; did you mean 'tasks.image_text.batch_size'"):
-    config_lib.validate(c, 8)
+    plan_lib.validate(c, 8)
   c = imp_config()
-  c.model.name = 'align'
-  with pytest.raises(ConfigError, match="alternating-gradient tasks are for model.name='imp'"):
-    config_lib.validate(c, 8)
+  c.model.name = 'align'  # an IMP config is not an ALIGN config: built by another recipe
+  with pytest.raises(ConfigError, match=r"missing for model.name='align'; build the config with vlp.recipes.base_config\('align'\)"):
+    plan_lib.validate(c, 8)
 
 
 def _setup(config, mesh):
-  setup = state_lib.make_setup(config, mesh)
-  return setup, state_lib.init_state(config, setup)
+  setup = setup_of(config, mesh)
+  return setup, init_of(config, setup)
 
 
 def _flat(tree):
@@ -126,11 +127,11 @@ def test_a_task_leaves_untouched_params_and_their_optimizer_state_alone():
   c = imp_config()
   mesh = parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1})
   setup, state = _setup(c, mesh)
-  variant = {v.name: v for v in agd.variants(c, dict(mesh.shape))}['image_text_16px']
+  variant = variants_of(c)['image_text_16px']
   before = _flat(jax.device_get(state))
-  step, _ = step_lib.compile_train_step(c, setup, variant)
-  state, _ = step(state, random_batch(c, mesh, variant=variant))
-  state, _ = step(state, random_batch(c, mesh, seed=1, variant=variant))
+  step, _ = compile_of(c, setup, variant)
+  state, _ = step(state, random_batch_of(c, mesh, variant=variant))
+  state, _ = step(state, random_batch_of(c, mesh, seed=1, variant=variant))
   after = _flat(jax.device_get(state))
   untouched = ('video_embed', 'video_head', 'scale_video_text', 'scale_image_class', 'scale_video_class')
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
@@ -148,12 +149,12 @@ def test_touched_params_are_exactly_those_with_a_gradient():
   c = imp_config()
   mesh = parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1})
   setup, state = _setup(c, mesh)
-  for v in agd.variants(c, dict(mesh.shape)):
-    batch = random_batch(c, mesh, variant=v)
-    loss = lambda p: imp.loss_fn(setup.graphdef, p, {}, batch, jnp.int32(3), c, v)[0]
+  for v in variants_of(c).values():
+    batch = random_batch_of(c, mesh, variant=v)
+    loss = lambda p: IMP.loss(setup.graphdef, p, {}, batch, jnp.int32(3), c, v)[0]
     grads = jax.grad(loss)(state['params'])
     norms = {k: float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(g))) for k, g in grads.items()}
-    assert {k for k, n in norms.items() if n > 0} == imp.touched_params(v), v.name
+    assert {k for k, n in norms.items() if n > 0} == set(grads) - IMP.untouched_params(v, grads), v.name
 
 
 def test_compile_counter_counts_compilations():
@@ -185,7 +186,7 @@ def test_resume_mid_schedule_continues_the_same_tasks_bit_for_bit_without_recomp
   a, b = _per_step(tmp_path / 'straight'), _per_step(tmp_path / 'resumed')
   assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
   assert a == b  # the same task at every step, the same loss to the bit
-  names = {v.name for v in agd.variants(imp_config())}
+  names = set(variants_of(imp_config()))
   assert {name for name, _ in a.values()} == names  # all four variants ran
   for result in (straight, resumed):
     assert result['time']['step_compiles'] == 0  # switching tasks never compiled anything
@@ -197,10 +198,10 @@ def test_gradient_accumulation_per_task():
   c = imp_config(**{'tasks.video_text.accum_steps': 2})
   mesh = parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1})
   setup, state = _setup(c, mesh)
-  v = {v.name: v for v in agd.variants(c, dict(mesh.shape))}['video_text']
+  v = variants_of(c)['video_text']
   assert v.accum_steps == 2
-  step, _ = step_lib.compile_train_step(c, setup, v)
-  _, metrics = step(state, random_batch(c, mesh, variant=v))
+  step, _ = compile_of(c, setup, v)
+  _, metrics = step(state, random_batch_of(c, mesh, variant=v))
   assert np.isfinite(float(metrics['loss']))
   with pytest.raises(ConfigError, match='video_text.batch_size.*32 equal parts'):
-    config_lib.validate(imp_config(**{'tasks.video_text.accum_steps': 4}), 8)
+    plan_lib.validate(imp_config(**{'tasks.video_text.accum_steps': 4}), 8)

@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config, train_losses
+from conftest import plan_of, setup_of, tiny_config, train_losses
 
-from vlp import config as config_lib, losses_albef, models, parallel
+from vlp import config as config_lib, plan as plan_lib, parallel
 from vlp.data import pipeline, synthetic, tokenizer as tok
 from vlp.data.transforms import IGNORE_INDEX
-from vlp.models import albef
+from vlp.recipes import albef
+from vlp.recipes.albef import losses as losses_albef
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 
@@ -124,7 +125,7 @@ def test_queue_wraps_around():
 
 
 def test_alpha_ramps_linearly():
-  a = tiny_config(**{'albef.alpha': 0.4, 'albef.alpha_warmup_steps': 10}).albef
+  a = tiny_config('albef', **{'albef.alpha': 0.4, 'albef.alpha_warmup_steps': 10}).albef
   got = [float(albef.alpha_at(jnp.int32(s), a)) for s in (0, 5, 10, 50)]
   np.testing.assert_allclose(got, [0.0, 0.2, 0.4, 0.4], rtol=1e-6)
 
@@ -146,7 +147,7 @@ def test_pipeline_masking_never_touches_pad_or_cls():
 
 
 def _albef(**overrides):
-  return tiny_config(**{'model.name': 'albef', 'model.text.depth': 3, 'model.fusion_layer': 2,
+  return tiny_config('albef', **{'model.text.depth': 3, 'model.fusion_layer': 2,
                         'albef.queue_size': 32, 'albef.alpha_warmup_steps': 2, **overrides})
 
 
@@ -157,14 +158,14 @@ def _albef(**overrides):
 ])
 def test_config_checks_name_the_key(override, key):
   with pytest.raises(config_lib.ConfigError, match=f"config key '{key}'"):
-    config_lib.validate(_albef(**override), num_devices=8)
+    plan_lib.validate(_albef(**override), num_devices=8)
 
 
 def test_moe_towers_train_over_the_expert_axis_like_on_one_device():
   """MoE in the ViT and in both parts of the text stack; the aux losses join the loss."""
   moe = dict(num_experts=4, every=1, router='expert_choice', k=1, capacity_factor=1.0, batch_priority=False)
   config = _albef(**{'model.image.moe': dict(moe, last=1), 'model.text.moe': dict(moe, last=2)})
-  config_lib.validate(config, num_devices=8)
+  plan_lib.validate(config, num_devices=8)
   one = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1}, devices=jax.devices()[:1])
   eight = parallel.make_mesh({'data': 2, 'fsdp': 1, 'tensor': 1, 'expert': 4})
   single, _, _, _ = train_losses(config, one, steps=2)
@@ -181,21 +182,22 @@ def test_moe_towers_train_over_the_expert_axis_like_on_one_device():
   assert parts(without) == pytest.approx(0.0, abs=1e-5)
   w1 = state['params']['text']['fusion_blocks'][0]['mlp']['w1']
   assert w1.sharding.spec[0] == 'expert'
-  assert 'w1' in state['momentum']['text']['fusion_blocks'][0]['mlp']  # the momentum copy has the experts too
+  assert 'w1' in state['model_state']['momentum']['text']['fusion_blocks'][0]['mlp']  # the momentum copy has the experts too
 
 
 def test_model_parameters_carry_logical_axes_and_momentum_is_sharded_like_params():
   from vlp.train import state as state_lib
   config = _albef()
   mesh = parallel.make_mesh({'data': 2, 'fsdp': 4, 'tensor': 1})
-  setup = state_lib.make_setup(config, mesh)
+  setup = setup_of(config, mesh)
   kernel = ['text', 'fusion_blocks', 0, 'cross', 'kv']
   get = lambda tree: tree[kernel[0]][kernel[1]][kernel[2]][kernel[3]][kernel[4]]
-  assert get(setup.shardings['params']).spec == get(setup.shardings['momentum']).spec
-  assert get(setup.shardings['momentum']).spec[0] == 'fsdp'  # image width ('embed') over FSDP
-  assert 'itm_head' not in setup.shardings['momentum'] and 'temp' not in setup.shardings['momentum']
-  assert setup.abstract['image_queue'].shape == (32, 32)
-  assert setup.shardings['image_queue'].is_fully_replicated
+  model_state = setup.shardings['model_state']
+  assert get(setup.shardings['params']).spec == get(model_state['momentum']).spec
+  assert get(model_state['momentum']).spec[0] == 'fsdp'  # image width ('embed') over FSDP
+  assert 'itm_head' not in model_state['momentum'] and 'temp' not in model_state['momentum']
+  assert setup.abstract['model_state']['image_queue'].shape == (32, 32)
+  assert model_state['image_queue'].is_fully_replicated
 
 
 @pytest.mark.slow  # five small jit compilations: ~30 s CPU, minutes on a busy machine
@@ -203,7 +205,7 @@ def test_itm_rerank_with_every_candidate_is_the_full_itm_ranking():
   from flax import nnx
   from vlp.eval import itm_rerank, retrieval
   config = _albef()
-  model = models.build(config.model)
+  model = albef.RECIPE.build(config.model)
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
   rng = np.random.default_rng(0)
@@ -211,7 +213,7 @@ def test_itm_rerank_with_every_candidate_is_the_full_itm_ranking():
           'text': np.concatenate([np.full((8, 1), 2), rng.integers(5, 1024, (8, 6)), np.full((8, 1), 3),
                                   np.zeros((8, 8))], axis=1).astype(np.int32),
           'text_to_image': np.repeat(np.arange(4), 2).astype(np.int32)}
-  evaluator = itm_rerank.Evaluator(graphdef, data, rerank_k=8, batch_size=8)
+  evaluator = itm_rerank.Evaluator(albef.RECIPE.predict_fns(graphdef), data, rerank_k=8, batch_size=8)
   result = dict(evaluator.run(params))
   # naive: the ITM match logit of every (caption, image) pair, in one batch of all 32 pairs
   image_tokens, hidden = model.image.tokens(data['image']), model.text.encode(data['text'])
@@ -260,28 +262,30 @@ def test_albef_base_lowers_with_abstract_shapes_only():
   from vlp.train import state as state_lib, step as step_lib
   config = config_lib.load(os.path.join(CONFIGS, 'albef_base.py'))
   config.mesh.update(data=1, fsdp=8)
-  sizes = config_lib.validate(config, num_devices=8)
-  setup = state_lib.make_setup(config, parallel.make_mesh(sizes))
+  sizes = plan_lib.validate(config, num_devices=8)
+  setup = setup_of(config, parallel.make_mesh(sizes))
   n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract['params']))
   assert 200e6 < n_params < 230e6  # ViT-B/16 (86M) + BERT-base with 6 cross-attention layers (~124M)
-  assert setup.abstract['image_queue'].shape == (65536, 256)
-  jitted = jax.jit(step_lib.make_train_step(config, setup),
+  assert setup.abstract['model_state']['image_queue'].shape == (65536, 256)
+  plan = plan_of(config)
+  [variant] = plan.variants
+  jitted = jax.jit(step_lib.make_train_step(plan, setup, variant),
                    in_shardings=(setup.shardings, parallel.batch_sharding(setup.mesh)),
                    out_shardings=(setup.shardings, parallel.replicated(setup.mesh)), donate_argnums=0)
   with parallel.activation_rules(setup.mesh, setup.rules):
-    lowered = jitted.lower(setup.abstract, step_lib.batch_spec(config, setup.mesh))
-  assert 'mlm_labels' in str(step_lib.batch_spec(config, setup.mesh).keys())
+    lowered = jitted.lower(setup.abstract, plan.batch_spec(variant, setup.mesh))
+  assert 'mlm_labels' in variant.spec
   assert lowered.as_text()  # StableHLO of the sharded step
 
 
-def test_workdir_of_an_older_align_run_still_resumes(tmp_path):
-  """A config.json written before ALBEF's keys existed has their defaults; a changed one is refused."""
+def test_workdir_of_an_older_run_still_resumes(tmp_path):
+  """A config.json written before a key existed has its default; a changed one is refused."""
   import json
   from vlp import checkpoint
-  saved = json.loads(tiny_config().to_json())
-  del saved['model']['fusion_layer'], saved['albef']
+  saved = json.loads(tiny_config('albef').to_json())
+  del saved['albef']['queue_size'], saved['model']['fusion_layer']
   (tmp_path / 'checkpoints').mkdir()
   (tmp_path / 'config.json').write_text(json.dumps(saved))
-  checkpoint.check_workdir(tiny_config(), str(tmp_path))
+  checkpoint.check_workdir(tiny_config('albef'), str(tmp_path))
   with pytest.raises(checkpoint.WorkdirMismatch, match='albef.queue_size'):
-    checkpoint.check_workdir(tiny_config(**{'albef.queue_size': 1024}), str(tmp_path))
+    checkpoint.check_workdir(tiny_config('albef', **{'albef.queue_size': 1024}), str(tmp_path))

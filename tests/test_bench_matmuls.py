@@ -6,7 +6,7 @@ import pytest
 
 from vlp import cli, config as config_lib
 from vlp.bench import flops, matmuls
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 

@@ -5,7 +5,7 @@ import importlib.metadata
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import init_of, setup_of, tiny_config
 
 from vlp import checkpoint, parallel
 from vlp.train import loop, metrics as metrics_lib, state as state_lib
@@ -36,15 +36,15 @@ def test_keep_every_metadata_and_resuming_a_chosen_step(tmp_path):
 
 def test_restore_onto_another_mesh_and_fewer_devices(tmp_path):
   config = tiny_config()
-  eight = state_lib.make_setup(config, parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}))
-  state = state_lib.init_state(config, eight)
+  eight = setup_of(config, parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}))
+  state = init_of(config, eight)
   saver = checkpoint.Checkpointer(str(tmp_path), config.checkpoint)
   saver.save(3, state, force=True)
   saver.wait()
   expected = jax.device_get(state)
   for sizes, devices in (({'data': 2, 'fsdp': 4, 'tensor': 1, 'expert': 1}, jax.devices()),
                          ({'data': 1, 'fsdp': 2, 'tensor': 1, 'expert': 1}, jax.devices()[:2])):
-    setup = state_lib.make_setup(config, parallel.make_mesh(sizes, devices=devices))
+    setup = setup_of(config, parallel.make_mesh(sizes, devices=devices))
     restored = saver.restore(3, setup.abstract)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
     kernel = restored['params']['text']['encoder']['blocks'][0]['mlp']['fc1']['kernel']

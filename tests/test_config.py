@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from vlp import config as config_lib
+from vlp import config as config_lib, plan as plan_lib, recipes
 from vlp.config import ConfigError
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
@@ -13,16 +13,16 @@ CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
                                   'imp_moe_tiny.py'])
 def test_shipped_configs_validate(name):
   c = config_lib.load(os.path.join(CONFIGS, name))
-  assert config_lib.validate(c, num_devices=8) == {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}
+  assert plan_lib.validate(c, num_devices=8) == {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}
 
 
 @pytest.mark.parametrize('arg', ['arrayrecord', 'webdataset'])
 def test_web_config_needs_its_data_paths(arg):
   c = config_lib.load(os.path.join(CONFIGS, 'align_web.py'), arg)
   with pytest.raises(ConfigError, match="'data.train'"):
-    config_lib.validate(c, num_devices=8)
+    plan_lib.validate(c, num_devices=8)
   c.data.train = 'laion/{00000..00009}.tar'
-  assert config_lib.validate(c, num_devices=8)['data'] == 8
+  assert plan_lib.validate(c, num_devices=8)['data'] == 8
 
 
 def test_bench_tiny_is_the_issue_architecture():
@@ -36,7 +36,7 @@ def test_bench_tiny_is_the_issue_architecture():
 
 
 def test_overrides_parse_with_the_type_of_the_default():
-  c = config_lib.base_config()
+  c = recipes.base_config()
   config_lib.apply_overrides(c, ['optim.lr=3e-4', 'total_steps=7', 'model.head=sigmoid',
                                  'checkpoint.async_save=False', 'optim.end_lr_frac=0',
                                  "data.languages=('en','de')"])
@@ -53,7 +53,7 @@ def test_overrides_parse_with_the_type_of_the_default():
 ])
 def test_bad_overrides(override, message):
   with pytest.raises(ConfigError) as e:
-    config_lib.apply_overrides(config_lib.base_config(), [override])
+    config_lib.apply_overrides(recipes.base_config(), [override])
   assert message in str(e.value)
 
 
@@ -74,14 +74,14 @@ def test_bad_overrides(override, message):
     ("mesh_rules=(('embed',),)", 'mesh_rules'),
 ])
 def test_validation_names_the_key(override, key):
-  c = config_lib.apply_overrides(config_lib.base_config(), [override])
+  c = config_lib.apply_overrides(recipes.base_config(), [override])
   with pytest.raises(ConfigError, match=f"config key '{key}'"):
-    config_lib.validate(c, num_devices=8)
+    plan_lib.validate(c, num_devices=8)
 
 
 def test_config_file_typo_is_an_error(tmp_path):
   path = tmp_path / 'typo.py'
-  path.write_text('from vlp.config import base_config\n'
+  path.write_text('from vlp.recipes import base_config\n'
                   'def get_config(arg=None):\n  c = base_config()\n  c.modle = 1\n  return c\n')
   with pytest.raises(ConfigError, match='modle'):
     config_lib.load(str(path))

@@ -9,7 +9,7 @@ from conftest import tiny_config
 from PIL import Image
 
 import data_fixtures as fx
-from vlp import config as config_lib
+from vlp import config as config_lib, plan as plan_lib
 from vlp.data import synthetic, tokenizer as tok
 from vlp.eval import datasets
 
@@ -102,17 +102,17 @@ def test_tfds_class_label_dataset(tmp_path):
 def test_eval_entries_are_checked_before_compiling():
   c = tiny_config()
   c.evals.zs = config_lib.eval_config('zeroshot', data='folder', path='/x')
-  config_lib.validate(c, 8)
+  plan_lib.validate(c, 8)
   c.evals.zs.templats = ('a {}',)
   with pytest.raises(config_lib.ConfigError, match=r"'evals.zs.templats': unknown key; did you mean 'evals.zs.templates'"):
-    config_lib.validate(c, 8)
+    plan_lib.validate(c, 8)
   del c.evals.zs['templats']
   c.evals.zs.templates = ('a photo',)
   with pytest.raises(config_lib.ConfigError, match="'evals.zs.templates'"):
-    config_lib.validate(c, 8)
+    plan_lib.validate(c, 8)
   c.evals.zs = config_lib.eval_config('zeroshot', data='karpathy')
   with pytest.raises(config_lib.ConfigError, match="'evals.zs.data': 'karpathy' not in synthetic/synthetic_video/folder/tfds"):
-    config_lib.validate(c, 8)
+    plan_lib.validate(c, 8)
   with pytest.raises(config_lib.ConfigError, match="no key"):
     config_lib.eval_config('retrieval', templates=('a {}',))
 

@@ -7,7 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import init_of, plan_of, setup_of, tiny_config
 
 import vlp
 from vlp import cli, export, parallel, tasks
@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
   loop.train(config, str(root / 'wd'), progress=False)
   _, params, _ = export.restore_params(str(root / 'wd'))
   mesh = parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
-  [(_, _, evaluator)] = loop.make_evaluator(config, state_lib.make_setup(config, mesh),
+  [(_, _, evaluator)] = loop.Evaluators(plan_of(config), setup_of(config, mesh),
                                             tasks.tokenizer_for(config)).evaluators
   image_emb, text_emb = evaluator.embed(params)
   return {'root': root, 'wd': str(root / 'wd'), 'config': config, 'image': evaluator.data['image'][:8],
@@ -86,8 +86,8 @@ def test_stablehlo_runs_in_a_fresh_process_without_the_model_code(trained, tmp_p
 
 def test_ema_is_the_moving_average_of_the_params(trained):
   config = trained['config']
-  setup = state_lib.make_setup(config, parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1}))
-  p0 = state_lib.init_state(config, setup)['params']
+  setup = setup_of(config, parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1}))
+  p0 = init_of(config, setup)['params']
   _, p1, _ = export.restore_params(trained['wd'], step=1)
   _, p2, _ = export.restore_params(trained['wd'], step=2)
   _, ema, _ = export.restore_params(trained['wd'], step=2, weights='ema')

@@ -225,16 +225,17 @@ def test_imp_task_flops_match_xla_cost_analysis(variant_name):
   """Every IMP task's analytic training FLOPs against XLA's count of its real gradient."""
   from flax import nnx
   from test_agd import imp_config
-  from vlp import models
-  from vlp.models import imp
+  from conftest import build_model, variants_of
+  from vlp import recipes
   from vlp.train import agd
   c = imp_config(**{"model.encoder.width": 128, "model.encoder.mlp_dim": 512, "model.embed_dim": 64})
-  v = {v.name: v for v in agd.variants(c)}[variant_name]
-  graphdef, params = nnx.split(models.build(c.model), nnx.Param)
+  v = variants_of(c)[variant_name]
+  graphdef, params = nnx.split(build_model(c.model), nnx.Param)
   params = nnx.to_pure_dict(params)
   size, b = v.image_size, v.batch_size
   batch = {"image": jnp.zeros((b, size, size, 3)), "video": jnp.zeros((b, v.frames, size, size, 3)),
            "text": jnp.ones((b, 16), jnp.int32), "label": jnp.zeros((b,), jnp.int32)}
-  batch = {k: batch[k] for k in imp.batch_keys(v)}
-  grad = jax.grad(lambda p: imp.loss_fn(graphdef, p, {}, batch, jnp.int32(0), c, v)[0])
-  assert F.imp_train_flops(c, v) == pytest.approx(_xla_flops(grad, params), rel=0.06)
+  batch = {k: batch[k] for k in v.spec}
+  imp = recipes.get("imp")
+  grad = jax.grad(lambda p: imp.loss(graphdef, p, {}, batch, jnp.int32(0), c, v)[0])
+  assert imp.train_flops(c, v) == pytest.approx(_xla_flops(grad, params), rel=0.06)

@@ -4,17 +4,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from conftest import train_losses
+from conftest import build_model, plan_of, tiny_config, train_losses, variants_of
 from test_agd import imp_config
 
-from vlp import losses, models, parallel
+from vlp import losses, parallel, recipes
 from vlp.models import imp
 from vlp.train import agd
+
+IMP = recipes.get('imp')
 
 
 def _model(**overrides):
   c = imp_config(**overrides)
-  return c, models.build(c.model, seed=0)
+  return c, build_model(c.model, seed=0)
 
 
 def test_video_tubelets_and_positions_match_a_naive_loop():
@@ -63,13 +65,13 @@ def test_drop_token_keeps_a_random_subset_in_order():
 def test_classification_loss_is_cross_entropy_over_prompted_class_embeddings():
   c = imp_config(**{'tasks.image_class.templates': ('a {}', 'a picture of a {}'),
                     'tasks.image_class.label_smoothing': 0.1})
-  model = models.build(c.model, seed=0)
+  model = build_model(c.model, seed=0)
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
-  v = {v.name: v for v in agd.variants(c)}['image_class']
+  v = variants_of(c)['image_class']
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(16, 16, 16, 3)).astype(np.float32), 'label': rng.integers(0, 48, 16)}
-  loss, (metrics, _) = imp.loss_fn(graphdef, params, {}, batch, jnp.int32(0), c, v)
+  loss, (metrics, _) = IMP.loss(graphdef, params, {}, batch, jnp.int32(0), c, v)
   # naive: embed every prompt, average per class over templates, normalise, softmax CE with smoothing
   from vlp import tasks
   from vlp.data import synthetic
@@ -89,20 +91,20 @@ def test_classification_loss_is_cross_entropy_over_prompted_class_embeddings():
 
 def test_contrastive_task_of_video_drops_tokens_with_a_key_per_step():
   c = imp_config()
-  model = models.build(c.model, seed=0)
+  model = build_model(c.model, seed=0)
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
-  v = {v.name: v for v in agd.variants(c)}['video_text']
+  v = variants_of(c)['video_text']
   rng = np.random.default_rng(0)
   batch = {'video': rng.normal(size=(16, 4, 16, 16, 3)).astype(np.float32),
            'text': rng.integers(5, 1024, (16, 16)).astype(np.int32)}
-  loss = lambda step: float(imp.loss_fn(graphdef, params, {}, batch, jnp.int32(step), c, v)[0])  # noqa: E731
+  loss = lambda step: float(IMP.loss(graphdef, params, {}, batch, jnp.int32(step), c, v)[0])  # noqa: E731
   assert loss(3) == loss(3) and loss(3) != loss(4)
   full = imp_config(**{'tasks.video_text.drop_token': 0.0})
-  v0 = {v.name: v for v in agd.variants(full)}['video_text']
+  v0 = variants_of(full)['video_text']
   want = float(losses.softmax_contrastive(model.encode_video(batch['video']), model.encode_text(batch['text']),
                                           1 / 0.07))
-  np.testing.assert_allclose(float(imp.loss_fn(graphdef, params, {}, batch, jnp.int32(0), full, v0)[0]), want,
+  np.testing.assert_allclose(float(IMP.loss(graphdef, params, {}, batch, jnp.int32(0), full, v0)[0]), want,
                              rtol=1e-5)
 
 
@@ -114,7 +116,7 @@ def test_moe_imp_over_the_expert_axis_matches_one_device():
   eight = parallel.make_mesh({'data': 2, 'fsdp': 1, 'tensor': 1, 'expert': 4})
   out = {}
   for name, mesh in (('one', one), ('eight', eight)):
-    [variant] = agd.variants(c, dict(mesh.shape))
+    [variant] = variants_of(c).values()
     out[name], state, metrics, _ = train_losses(c, mesh, steps=3, variant=variant)
   np.testing.assert_allclose(out['eight'], out['one'], rtol=1e-5)
   w1 = state['params']['encoder']['blocks'][1]['mlp']['w1']
@@ -133,7 +135,7 @@ def test_export_has_image_video_and_text_encoders(tmp_path):
   assert cli.main(['export', f'--workdir={tmp_path / "wd"}', f'--out={tmp_path / "out"}']) == 0
   enc = vlp.load_pretrained(str(tmp_path / 'out'))
   config, params, _ = export.restore_params(str(tmp_path / 'wd'))
-  graphdef, _ = nnx.split(models.build(config.model), nnx.Param)
+  graphdef, _ = nnx.split(build_model(config.model), nnx.Param)
   model = nnx.merge(graphdef, params)
   rng = np.random.default_rng(0)
   clips, images = rng.normal(size=(3, 4, 16, 16, 3)), rng.normal(size=(5, 16, 16, 3))
@@ -149,8 +151,9 @@ def test_every_task_reads_its_own_data_at_its_resolution():
   c = imp_config()
   tok = tasks.tokenizer_for(c)
   shapes = {}
-  for v in agd.variants(c):
-    it = tasks.train_iterator(c, tok, v)
+  plan = plan_of(c)
+  for v in plan.variants:
+    it = tasks.train_iterator(plan, tok, v)
     batch = next(it)
     it.close()
     shapes[v.name] = {k: x.shape for k, x in batch.items() if k != 'skipped'}
@@ -161,8 +164,8 @@ def test_every_task_reads_its_own_data_at_its_resolution():
                     'image_text_32px': {'image': (8, 32, 32, 3), 'text': (8, 16)},
                     'video_text': {'video': (16, 4, 16, 16, 3), 'text': (16, 16)}}
   # a caption is its clip's own: decode the first one and find the clip in the source
-  v = {v.name: v for v in agd.variants(c)}['video_text']
-  it = tasks.train_iterator(c, tok, v)
+  v = plan.variant('video_text')
+  it = tasks.train_iterator(plan, tok, v)
   batch = next(it)
   it.close()
   source = synthetic_video.SyntheticVideos('train', 2000, 16, 4, seed=0)
@@ -173,17 +176,17 @@ def test_every_task_reads_its_own_data_at_its_resolution():
 
 
 def test_video_evaluators_use_the_video_encoder():
-  from vlp import config as config_lib, eval as eval_lib, tasks
+  from vlp import config as config_lib, plan as plan_lib, eval as eval_lib, tasks
   from vlp.config import eval_config
   from vlp.eval import retrieval
   c = imp_config()
   c.evals.video_retrieval = eval_config('retrieval', data='synthetic_video', num_images=12)
   c.evals.video_zeroshot = eval_config('zeroshot', data='synthetic_video', num_images=12, templates=('a {}',))
-  config_lib.validate(c, 8)
-  model = models.build(c.model)
+  plan_lib.validate(c, 8)
+  model = build_model(c.model)
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
-  evaluators = eval_lib.make(c, graphdef, tasks.tokenizer_for(c))
+  evaluators = eval_lib.make(c, IMP.predict_fns(graphdef), tasks.tokenizer_for(c))
   metrics = eval_lib.run(evaluators, params)
   by_name = {name: ev for name, _, ev in evaluators}
   data = by_name['video_retrieval'].data
@@ -192,10 +195,10 @@ def test_video_evaluators_use_the_video_encoder():
                                data['text_to_image'])
   assert {k: metrics[f'video_retrieval/{k}'] for k in want} == pytest.approx(want)
   assert 0 <= metrics['video_zeroshot/acc1'] <= 100 and len(by_name['video_zeroshot'].data['class_names']) == 32
-  c.model.name = 'align'
-  c.tasks = {}
+  c = tiny_config()  # a dual encoder has no video encoder
+  c.evals.video_retrieval = eval_config('retrieval', data='synthetic_video', num_images=12)
   with pytest.raises(config_lib.ConfigError, match="'synthetic_video' evaluates a video encoder"):
-    config_lib.validate(c, 8)
+    plan_lib.validate(c, 8)
 
 
 @pytest.mark.slow  # compiles every task twice (MoE and dense)
@@ -207,7 +210,7 @@ def test_bench_step_per_task_and_against_dense(capsys):
          '--config.model.encoder.moe.last=1']
   assert cli.main(['bench', 'step', f'--config={TINY_IMP}', '--steps=1', '--warmup=0', '--compare=dense', *moe]) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  names = {v.name for v in agd.variants(imp_config())}
+  names = set(variants_of(imp_config()))
   assert set(result['tasks']) == set(result['vs_dense']['tasks']) == names
   assert sum(t['share'] for t in result['tasks'].values()) == pytest.approx(1.0)
   for name, t in result['vs_dense']['tasks'].items():

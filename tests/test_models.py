@@ -2,14 +2,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import tiny_config
+from conftest import build_model, tiny_config
 from flax import nnx
 
-from vlp import models
 
 
 def _model(**kw):
-  return models.build(tiny_config(**kw).model)
+  return build_model(tiny_config(**kw).model)
 
 
 def test_other_resolutions_interpolate_position_embeddings():

@@ -4,11 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import compile_of, init_of, random_batch_of, setup_of, tiny_config
 from flax import nnx
 
-from vlp import config as config_lib, parallel
-from vlp.bench.step import random_batch
+from vlp import config as config_lib, plan as plan_lib, parallel
 from vlp.config import ConfigError
 from vlp.models import layers, moe
 from vlp.train import state as state_lib, step as step_lib
@@ -133,10 +132,10 @@ def test_expert_axis_sharded_over_4_devices_matches_unsharded(router):
   ep = parallel.make_mesh({'data': 2, 'fsdp': 1, 'tensor': 1, 'expert': 4})
   losses = {}
   for name, mesh in (('one', one), ('expert', ep)):
-    setup = state_lib.make_setup(config, mesh)
-    state = state_lib.init_state(config, setup)
-    train_step, _ = step_lib.compile_train_step(config, setup)
-    batch = random_batch(config, mesh)
+    setup = setup_of(config, mesh)
+    state = init_of(config, setup)
+    train_step, _ = compile_of(config, setup)
+    batch = random_batch_of(config, mesh)
     out = []
     for _ in range(2):
       state, m = train_step(state, batch)
@@ -177,7 +176,7 @@ def test_bad_moe_config_names_the_key(key, value, match):
   c = _moe_config(router='top_k')
   c.model.image.moe[key] = value
   with pytest.raises(ConfigError, match=match):
-    config_lib.validate(c, num_devices=8)
+    plan_lib.validate(c, num_devices=8)
 
 
 @pytest.mark.parametrize('router,k', [('expert_choice', 1), ('top_k', 2)])

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlp.config import base_config
+from vlp.recipes import base_config
 from vlp.train import optim
 
 

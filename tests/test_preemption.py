@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import init_of, setup_of, tiny_config
 
 from vlp import checkpoint, config as config_lib, parallel
 from vlp.train import loop, metrics as metrics_lib, state as state_lib
@@ -61,13 +61,14 @@ import os, signal, sys
 import jax
 sys.path.insert(0, {tests!r})
 from tiny import get_config
-from vlp import checkpoint, parallel
+from vlp import checkpoint, parallel, plan as plan_lib
 from vlp.train import state as state_lib
 config = get_config()
 config.model.text.vocab_size = 65536  # a 64 MiB state: the async write takes a while
 mesh = parallel.make_mesh({{'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}})
-setup = state_lib.make_setup(config, mesh)
-state = state_lib.init_state(config, setup)
+plan = plan_lib.make(config, 8)
+setup = state_lib.make_setup(plan, mesh)
+state = state_lib.init_state(plan, setup)
 ckpt = checkpoint.Checkpointer({workdir!r}, config.checkpoint)
 ckpt.save(1, state, force=True)
 ckpt.wait()
@@ -87,11 +88,11 @@ def test_sigkill_during_an_async_save_leaves_the_previous_checkpoint(tmp_path):
   assert any(n.startswith('2.orbax-checkpoint-tmp') for n in names)  # ... its write was cut short
   config = tiny_config(**{'model.text.vocab_size': 65536})
   mesh = parallel.make_mesh(config_lib.mesh_shape(config, jax.device_count()))
-  setup = state_lib.make_setup(config, mesh)
+  setup = setup_of(config, mesh)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
   assert ckpt.latest_step() == 1
   restored = ckpt.restore(1, setup.abstract)
-  jax.tree.map(np.testing.assert_array_equal, restored, state_lib.init_state(config, setup))
+  jax.tree.map(np.testing.assert_array_equal, restored, init_of(config, setup))
   ckpt.save(2, restored, force=True)  # and training can go on saving over the torn step
   ckpt.wait()
   assert ckpt.all_steps() == [1, 2]

@@ -4,7 +4,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config, train_losses
+from conftest import plan_of, setup_of, tiny_config, train_losses
 from jax.sharding import PartitionSpec as P
 
 from vlp import cli, export, parallel
@@ -57,7 +57,7 @@ def test_export_gives_the_training_embeddings(tmp_path):
   config, params, step = export.restore_params(str(tmp_path / 'wd'))
   assert step == 3
   mesh = parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
-  [(_, _, evaluator)] = loop.make_evaluator(config, state_lib.make_setup(config, mesh), tokenizer).evaluators
+  [(_, _, evaluator)] = loop.Evaluators(plan_of(config), setup_of(config, mesh), tokenizer).evaluators
   image_emb, text_emb = evaluator.embed(params)
   np.testing.assert_allclose(model.encode_image(evaluator.data['image'][:8]), image_emb[:8], atol=1e-5)
   np.testing.assert_allclose(model.encode_text(evaluator.data['text'][:8]), text_emb[:8], atol=1e-5)

@@ -1,10 +1,10 @@
-"""The tiny test model as a config file, so tests can also launch it as `vlp train --config=tests/tiny.py`."""
-from vlp.config import base_config
+"""The tiny test model as a config file, so tests can also launch it as `vlp train --config=tests/tiny.py`
+(`tests/tiny.py:albef`: ALBEF with the same towers)."""
+from vlp.recipes import base_config
 
 
 def get_config(arg=None):
-  del arg
-  c = base_config()
+  c = base_config(arg or 'align')
   c.total_steps = 6
   c.batch_size = 16
   c.model.image.update(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)

@@ -1,12 +1,12 @@
 """A tiny IMP config (three tasks, one at two resolutions), as a file so tests can also
 launch it as `vlp train --config=tests/tiny_imp.py`."""
-from vlp.config import base_config, task_config
+from vlp.config import task_config
+from vlp.recipes import base_config
 
 
 def get_config(arg=None):
-  c = base_config()
+  c = base_config('imp')
   c.total_steps = 6
-  c.model.name = 'imp'
   c.model.image.update(image_size=16, patch_size=4)
   c.model.text.update(vocab_size=1024, context_length=16)
   c.model.encoder.update(width=32, depth=2, num_heads=2, mlp_dim=64)

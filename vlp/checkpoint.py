@@ -25,14 +25,14 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from vlp import config as config_lib
+from vlp import config as config_lib, recipes
 
 # Config keys a resume must keep: the model (shapes and meaning of the params)
-# and everything that defines the data stream the iterator state points into.
+# and everything that defines the data stream the iterator state points into;
+# plus the recipe's own (recipe.identity_keys).
 _IDENTITY_KEYS = ('model', 'ema_decay', 'seed', 'batch_size', 'data.name', 'data.train', 'data.tfds.name',
                   'data.tfds.train_split', 'data.languages', 'data.tokenizer', 'data.num_workers',
-                  'data.crop_scale', 'data.flip', 'data.cycle_length', 'data.shuffle_window',
-                  'albef.queue_size', 'albef.mlm_prob', 'tasks', 'agd')
+                  'data.crop_scale', 'data.flip', 'data.cycle_length', 'data.shuffle_window', 'tasks', 'agd')
 
 
 class WorkdirMismatch(ValueError):
@@ -56,10 +56,11 @@ def check_workdir(config, workdir: str):
     with open(path) as f:
       saved = json.load(f)
     # a key the saved config lacks was added to vlp since: that run had its default
-    defaults = json.loads(config_lib.base_config().to_json())
+    defaults = json.loads(_defaults(saved).to_json())
     old, new = {**dict(flatten(defaults)), **dict(flatten(saved))}, dict(flatten(current))
+    identity = _IDENTITY_KEYS + recipes.get(config.model.name).identity_keys
     for k in sorted(set(old) | set(new), key=lambda k: (not k.startswith('model.'), k)):  # model first
-      if k.startswith(_IDENTITY_KEYS) and _norm(old.get(k)) != _norm(new.get(k)):
+      if k.startswith(identity) and _norm(old.get(k)) != _norm(new.get(k)):
         what = 'of another model' if k.startswith(('model.', 'ema_decay')) else 'of another data stream'
         raise WorkdirMismatch(
             f'workdir {workdir} holds a checkpoint {what} ({k} is {old.get(k)!r} there, '
@@ -76,6 +77,11 @@ def _norm(v):
   return list(v) if isinstance(v, (list, tuple)) else v
 
 
+def _defaults(saved: dict) -> ml_collections.ConfigDict:
+  """The base config of the saved run's recipe (ALIGN for workdirs from before recipes)."""
+  return recipes.base_config(saved.get('model', {}).get('name', 'align'))
+
+
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
@@ -84,7 +90,7 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     saved = json.load(f)
   # On top of today's defaults, so a workdir written before a key existed (e.g. the
   # expert mesh axis, param_dtype) still loads; JSON lists go back to tuples.
-  config = config_lib.base_config()
+  config = _defaults(saved)
   for name, entry in saved.get('evals', {}).items():  # evaluators the config added: their defaults first
     if name not in config.evals and entry.get('kind') in config_lib.EVAL_DEFAULTS:
       config.evals[name] = config_lib.eval_config(entry['kind'])

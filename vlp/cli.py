@@ -35,18 +35,15 @@ def cmd_train(args, overrides):
 
 def cmd_eval(args, overrides):
   import jax
-  from vlp import parallel, tasks, config as config_lib, eval as eval_lib
+  from flax import nnx
+  from vlp import tasks, config as config_lib, eval as eval_lib, plan as plan_lib
   from vlp.export import restore_params
-  from vlp.train import state as state_lib
   config, params, step = restore_params(args.workdir, args.step, args.weights)
   if args.config:
     config = _load_config(args.config, overrides)
-  elif 'evals' not in config:  # a workdir from before config.evals: its held-out retrieval
-    config.evals = config_lib.base_config().evals.to_dict()
-  config_lib.validate(config, jax.device_count(), jax.process_count())  # before anything compiles
-  mesh = parallel.make_mesh(config_lib.mesh_shape(config, jax.device_count()))
-  setup = state_lib.make_setup(config, mesh)
-  evaluators = eval_lib.make(config, setup.graphdef, tasks.tokenizer_for(config))
+  plan = plan_lib.make(config, jax.device_count(), jax.process_count())  # checked before anything compiles
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: plan.recipe.build(config.model)), nnx.Param)
+  evaluators = eval_lib.make(config, plan.recipe.predict_fns(graphdef), tasks.tokenizer_for(config))
   if not evaluators:
     raise config_lib.ConfigError("config key 'evals': no evaluator has data to evaluate on")
   metrics = eval_lib.run(evaluators, params)
@@ -75,11 +72,12 @@ def _print_result(result):
   for name in names:
     print(f'[{name}]\n' + retrieval.format_table({k[len(name) + 1:]: v for k, v in result.items()
                                                    if k.startswith(name + '/')}))
-    for rerank, title in (('itm', 'ITM'), ('itm_itc', 'ITM + ITC')):  # ALBEF: the top k re-ranked
-      if f'{name}/{rerank}/i2t@1' in result:
-        prefix = f'{name}/{rerank}/'
-        print(f'[{name}] re-ranked by {title}\n' + retrieval.format_table(
-            {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}))
+    reranked = sorted({k.split('/')[1] for k in result if k.startswith(name + '/') and k.count('/') == 2
+                       and k.endswith('/i2t@1')})  # re-rankings of the top candidates (ALBEF's ITM)
+    for rerank in reranked:
+      prefix = f'{name}/{rerank}/'
+      print(f'[{name}] re-ranked by {rerank}\n' + retrieval.format_table(
+          {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}))
   print(json.dumps(result, default=float))
 
 
@@ -106,15 +104,12 @@ def cmd_bench(args, overrides):
   config = _load_config(args.config, overrides)
   if args.what == 'matmuls':
     from vlp.bench import matmuls
-    if config.model.name != 'align':
-      raise ConfigError(f"config key 'model.name': `vlp bench matmuls` lists the dual encoder's matmuls; "
-                        f"use `vlp bench step` for {config.model.name!r}")
     print(json.dumps(matmuls.run(config)))
     return
   result = bench_step.run(config, steps=args.steps, warmup=args.warmup)
   if args.compare == 'dense':  # the same model with dense MLPs: equal active FLOPs under expert choice cf=1
-    if not any(config.model[k].moe.num_experts for k in ('encoder', 'image', 'text')):
-      raise ConfigError("config key 'model.encoder.moe.num_experts': --compare=dense needs a model with MoE blocks")
+    if not any(s.moe.num_experts for s in bench_step.moe_sections(config.model)):
+      raise ConfigError("config key 'model': --compare=dense needs a model with MoE blocks (moe.num_experts > 0)")
     dense = bench_step.run(bench_step.dense_twin(config), steps=args.steps, warmup=args.warmup,
                            peak_flops=result['peak_tflops'] * 1e12)
     result['vs_dense'] = bench_step.compare_dense(result, dense)

@@ -16,13 +16,16 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from vlp import checkpoint, config as config_lib, models, parallel, tasks
+from vlp import checkpoint, config as config_lib, parallel, plan as plan_lib, recipes, tasks
 from vlp.train import state as state_lib
 
 WEIGHTS, CONFIG, TOKENIZER = 'model.safetensors', 'config.json', 'tokenizer.model'
-IMAGE_ENCODER, TEXT_ENCODER = 'image_encoder.jax_exported', 'text_encoder.jax_exported'
-VIDEO_ENCODER = 'video_encoder.jax_exported'  # IMP
 PLATFORMS = ('cpu', 'cuda', 'tpu')
+
+
+def encoder_file(kind: str) -> str:
+  """'image' -> image_encoder.jax_exported; config.json names it under 'image_encoder'."""
+  return f'{kind}_encoder.jax_exported'
 
 
 def _unflatten(flat):
@@ -43,8 +46,8 @@ def restore_params(workdir: str, step=None, weights: str = 'params'):
   if weights == 'ema' and not state_lib.has_ema(config):
     raise config_lib.ConfigError(f"config key 'ema_decay': {workdir} was trained without an EMA of the params "
                                  '(ema_decay=0); train with --config.ema_decay=0.999 or export --weights=params')
-  mesh = parallel.make_mesh(config_lib.mesh_shape(config, jax.device_count()))
-  setup = state_lib.make_setup(config, mesh)
+  plan = plan_lib.make(config, jax.device_count(), jax.process_count())
+  setup = state_lib.make_setup(plan, parallel.make_mesh(plan.sizes))
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, read_only=True)
   step = ckpt.latest_step() if step is None else step
   if step is None:
@@ -55,18 +58,18 @@ def restore_params(workdir: str, step=None, weights: str = 'params'):
 
 
 def export_encoders(model_cfg, keys, dtype, platforms=PLATFORMS) -> dict:
-  """{file name: serialized jax.export} of the image and text encoders (and IMP's video encoder).
+  """{kind: serialized jax.export} of the recipe's encoders (image and text; IMP: video too).
 
   Each is f(weights, inputs): weights a list in `keys` order, stored dtype
   (cast to float32 inside, as `load` does); inputs images float32
   [B, S, S, 3] in [-1, 1], clips float32 [B, T, S, S, 3] or tokens int32
   [B, L], B symbolic.
   """
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: models.build(model_cfg)), nnx.Param)
+  recipe = recipes.get(model_cfg.name)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: recipe.build(model_cfg)), nnx.Param)
   shapes = dict(checkpoint.flatten(nnx.to_pure_dict(abstract)))
   weights = [jax.ShapeDtypeStruct(shapes[k].shape, jnp.dtype(dtype)) for k in keys]
   (b,) = jax.export.symbolic_shape('b')
-  size, length = model_cfg.image.image_size, model_cfg.text.context_length
 
   def encoder(method):
     def fn(flat, x):
@@ -75,13 +78,9 @@ def export_encoders(model_cfg, keys, dtype, platforms=PLATFORMS) -> dict:
     return jax.jit(fn)
 
   out = {}
-  encoders = [(IMAGE_ENCODER, 'encode_image', jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)),
-              (TEXT_ENCODER, 'encode_text', jax.ShapeDtypeStruct((b, length), jnp.int32))]
-  if model_cfg.name == 'imp':
-    frames = model_cfg.video.frames
-    encoders.append((VIDEO_ENCODER, 'encode_video', jax.ShapeDtypeStruct((b, frames, size, size, 3), jnp.float32)))
-  for name, method, spec in encoders:
-    out[name] = jax.export.export(encoder(method), platforms=platforms)(weights, spec).serialize()
+  for kind, (method, shape, input_dtype) in recipe.export_encoders(model_cfg).items():
+    spec = jax.ShapeDtypeStruct((b, *shape), input_dtype)
+    out[kind] = jax.export.export(encoder(method), platforms=platforms)(weights, spec).serialize()
   return out
 
 
@@ -92,13 +91,13 @@ def export(workdir: str, out: str, step=None, dtype: str = 'float32', weights: s
   safetensors.numpy.save_file(flat, os.path.join(out, WEIGHTS), metadata={'step': str(step)})
   shutil.copyfile(tasks.tokenizer_for(config).model_path, os.path.join(out, TOKENIZER))
   keys = sorted(flat)
-  for name, blob in export_encoders(config.model, keys, dtype).items():
-    with open(os.path.join(out, name), 'wb') as f:
+  encoders = export_encoders(config.model, keys, dtype)
+  for kind, blob in encoders.items():
+    with open(os.path.join(out, encoder_file(kind)), 'wb') as f:
       f.write(blob)
   with open(os.path.join(out, CONFIG), 'w') as f:
     json.dump({'model': config.model.to_dict(), 'step': step, 'dtype': dtype, 'weights': weights,
-               'param_keys': keys, 'image_encoder': IMAGE_ENCODER, 'text_encoder': TEXT_ENCODER,
-               **({'video_encoder': VIDEO_ENCODER} if config.model.name == 'imp' else {})},
+               'param_keys': keys, **{f'{kind}_encoder': encoder_file(kind) for kind in encoders}},
               f, indent=2, default=list)
   return out
 
@@ -109,7 +108,7 @@ def load(path: str):
   with open(os.path.join(path, CONFIG)) as f:
     meta = json.load(f)
   model_cfg = ml_collections.ConfigDict(meta['model'])
-  model = models.build(model_cfg)
+  model = recipes.get(model_cfg.name).build(model_cfg)
   graphdef, abstract = nnx.split(model, nnx.Param)
   params = _unflatten(safetensors.numpy.load_file(os.path.join(path, WEIGHTS)))
   expected = nnx.to_pure_dict(abstract)

@@ -131,8 +131,16 @@ def bytes_per_device(abstract_tree) -> int:
              for x in jax.tree.leaves(abstract_tree))
 
 
-def _stack_bytes(t, length: int, local_batch: int, remat: str, tp: int, itemsize: int) -> float:
-  """Activations one Transformer stack (width, depth, heads, mlp_dim of t) keeps for its backward pass."""
+def stack_activation_bytes(t, length: int, local_batch: int, remat: str, tp: int, itemsize: int) -> float:
+  """Activations one Transformer stack (width, depth, num_heads, mlp_dim of t) keeps for its
+  backward pass, per device.
+
+  Per block and token, without remat: residual and LayerNorm outputs, QKV and
+  attention output (8 x width), the MLP hidden before and after GELU
+  (2 x mlp_dim), attention logits and weights (2 x heads x length); the head,
+  MLP and attention parts split over `tensor`. 'dots_saveable' keeps the
+  matmul outputs only, 'full' the block inputs only.
+  """
   d, mlp, h = t.width, t.mlp_dim, t.num_heads
   per_token = {'none': 8 * d + (2 * mlp + 2 * h * length) / tp,
                'dots_saveable': 6 * d + (mlp + h * length) / tp,
@@ -140,57 +148,12 @@ def _stack_bytes(t, length: int, local_batch: int, remat: str, tp: int, itemsize
   return local_batch * length * per_token * t.depth * itemsize
 
 
-def activation_bytes_estimate(config, sizes) -> int:
-  """Rough per-device bytes of the activations kept for the backward pass of one micro-batch.
-
-  Per Transformer block and token, without remat: residual and LayerNorm
-  outputs, QKV and attention output (8 x width), the MLP hidden before and
-  after GELU (2 x mlp_dim), attention logits and weights (2 x heads x length);
-  the head, MLP and attention parts split over `tensor`. 'dots_saveable' keeps
-  the matmul outputs only, 'full' the block inputs only. Plus the contrastive
-  logits (a row block of them with loss.chunk_size). IMP: the largest of its
-  task variants (vision tokens after DropToken, then text or class prompts).
-  """
-  m = config.model
-  itemsize = np.dtype(m.dtype).itemsize
-  shards, tp = sizes['data'] * sizes['fsdp'], sizes['tensor']
-  if m.name == 'imp':
-    from vlp.train import agd  # imported here: vlp.train imports this module
-    return int(max(_imp_variant_bytes(config, v, shards, tp, itemsize) for v in agd.variants(config, sizes)))
-  batch = config.batch_size // config.accum_steps
-  im = m.image
-  towers = [(im, (im.image_size // im.patch_size) ** 2 + 1), (m.text, m.text.context_length)]
-  total = sum(_stack_bytes(t, length, batch // shards, m.remat, tp, itemsize) for t, length in towers)
-  rows = config.loss.chunk_size or batch
-  total += 2 * rows * batch * 4  # float32 logits and their softmax
-  return int(total)
-
-
-def _imp_variant_bytes(config, v, shards, tp, itemsize) -> float:
-  from vlp.train import agd
-  m, t = config.model, v.cfg
-  batch = v.batch_size // v.accum_steps
-  vision = max(1, round(agd.vision_tokens(config, t, v.image_size) * (1 - t.drop_token)))
-  total = _stack_bytes(m.encoder, vision, batch // shards, m.remat, tp, itemsize)
-  if t.loss == 'contrastive':
-    total += _stack_bytes(m.encoder, m.text.context_length, batch // shards, m.remat, tp, itemsize)
-    total += 2 * batch * batch * 4
-  else:  # every class prompt, on every device
-    from vlp.models.imp import class_names
-    prompts = len(class_names(t.data)) * len(t.templates)
-    total += _stack_bytes(m.encoder, m.text.context_length, prompts, m.remat, tp, itemsize)
-  return total
-
-
-def memory_table(abstract_state, config, sizes) -> dict:
-  """Per-device bytes: params, optimizer state (from their shardings) and an activation estimate."""
-  table = {'params': bytes_per_device(abstract_state['params']),
-           'opt_state': bytes_per_device(abstract_state['opt_state'])}
-  extra = {k: v for k, v in abstract_state.items() if k not in ('step', 'params', 'opt_state')}
-  if extra:  # the model's own state (ALBEF: momentum params, feature queues)
-    table['model state'] = bytes_per_device(extra)
-  # ALIGN's estimate: ALBEF's fusion passes (3B ITM pairs, MLM) are not in it
-  table['activations (est.)'] = activation_bytes_estimate(config, sizes)
+def memory_table(abstract_state, activation_bytes: float | None = None) -> dict:
+  """Per-device bytes of every part of the state (from their shardings) and, when the
+  recipe has one, its activation estimate (the largest of the plan's variants)."""
+  table = {k: bytes_per_device(v) for k, v in abstract_state.items() if k != 'step'}
+  if activation_bytes is not None:
+    table['activations (est.)'] = int(activation_bytes)
   return table
 
 

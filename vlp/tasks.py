@@ -1,25 +1,19 @@
-"""What one training task reads: tokenizer, train iterator and held-out data.
+"""What a variant of the plan reads: tokenizer, train iterator, and the held-out data.
 
-The data comes per process, its share of the global batch, from the dataset
-that `config.data.name` names: the built-in scenes, vlp ArrayRecord files,
-img2dataset webdataset shards (streamed) or a TFDS dataset.
+The data comes per process, its share of the global batch: a task's built-in
+scenes or clips, or (`data='task'`, the default task) the dataset that
+`config.data.name` names: the built-in scenes, vlp ArrayRecord files,
+img2dataset webdataset shards (streamed) or a TFDS dataset. Examples hold
+exactly the keys of the variant's batch spec.
 """
 import itertools
 
 import jax
 
-from vlp import config as config_lib, models
+from vlp import config as config_lib
 from vlp.config import ConfigError
-from vlp.data import arrayrecord, pipeline, synthetic, synthetic_video, tokenizer as tok, webdataset
-from vlp.train import agd
-
-
-def tokenizer_for(config) -> tok.Tokenizer:
-  t = tok.builtin_tokenizer() if config.data.tokenizer == 'builtin' else tok.Tokenizer(config.data.tokenizer)
-  if t.vocab_size > config.model.text.vocab_size:
-    raise ConfigError(f"config key 'model.text.vocab_size': {config.model.text.vocab_size} is smaller "
-                      f'than the tokenizer vocabulary ({t.vocab_size})')
-  return t
+from vlp.data import arrayrecord, pipeline, synthetic, synthetic_video, webdataset
+from vlp.data.tokenizer import for_config as tokenizer_for
 
 
 def _paths_error(key, e):
@@ -56,21 +50,20 @@ def _random_access_source(config, split: str, image_size: int | None = None):
   return list(itertools.islice(webdataset.read_shards(shards), limit))
 
 
-def preprocess(config, tokenizer, train: bool, variant: agd.Variant | None = None) -> pipeline.Preprocess:
-  """The example maker of config.data, or of an IMP task's variant: at its resolution, with
-  the caption only where the task has text and the label only for classification."""
-  d = config.data
-  task = variant.cfg if variant is not None and variant.task else None
-  mlm = train and 'mlm_text' in models.module(config.model).BATCH_KEYS
-  keys = dict(text='text' in task.modalities, label=task.loss == 'classification') if task else {}
-  size = variant.image_size if variant is not None else config.model.image.image_size
-  return pipeline.Preprocess(tokenizer, config.model.text.context_length, size,
+def preprocess(plan, tokenizer, train: bool, variant) -> pipeline.Preprocess:
+  """The example maker of a variant: its resolution, and the caption, MLM inputs and label
+  where its batch spec has them."""
+  config, d = plan.config, plan.config.data
+  options = plan.recipe.preprocess_options(config)
+  mlm_prob = options.get('mlm_prob', 0.0) if train and 'mlm_text' in variant.spec else 0.0
+  return pipeline.Preprocess(tokenizer, config.model.text.context_length, variant.image_size,
                              train=train, crop_scale=tuple(d.crop_scale), flip=d.flip,
-                             max_pixels=d.max_pixels, mlm_prob=config.albef.mlm_prob if mlm else 0.0, **keys)
+                             max_pixels=d.max_pixels, mlm_prob=mlm_prob,
+                             text='text' in variant.spec, label='label' in variant.spec)
 
 
 def _task_source(config, variant):
-  """The train split an IMP task reads, rendered or cropped at the variant's resolution."""
+  """The train split a task reads, rendered or cropped at the variant's resolution."""
   t, d = variant.cfg, config.data
   if t.data == 'synthetic_video':
     return synthetic_video.SyntheticVideos(split='train', num_examples=d.train_examples, seed=config.seed,
@@ -81,17 +74,14 @@ def _task_source(config, variant):
   return _random_access_source(config, 'train', variant.image_size)  # 'task': config.data
 
 
-def train_iterator(config, tokenizer, variant: agd.Variant | None = None):
-  """Grain iterator of this process's share of each global batch (checkpointable), of
-  config.data, or of an IMP task's variant (its data, batch size and resolution)."""
-  d = config.data
-  variant = variant or agd.variants(config)[0]
-  # each task its own order of examples: tasks reading the same data see different ones
-  seed = config.seed + 1009 * (variant.index + 1) if variant.task else config.seed
-  common = dict(batch_size=variant.batch_size // jax.process_count(), seed=seed,
+def train_iterator(plan, tokenizer, variant):
+  """Grain iterator of this process's share of each global batch of a variant (its data,
+  batch size and resolution); checkpointable."""
+  config, d = plan.config, plan.config.data
+  common = dict(batch_size=variant.batch_size // jax.process_count(), seed=variant.seed,
                 process_index=jax.process_index(), process_count=jax.process_count())
-  prep = preprocess(config, tokenizer, train=True, variant=variant)
-  if d.name == 'webdataset' and (not variant.task or variant.cfg.data == 'task'):
+  prep = preprocess(plan, tokenizer, train=True, variant=variant)
+  if d.name == 'webdataset' and variant.cfg.data == 'task':
     try:
       shards = webdataset.expand(config_lib.paths(d.train))
     except ValueError as e:
@@ -99,8 +89,7 @@ def train_iterator(config, tokenizer, variant: agd.Variant | None = None):
     dataset = pipeline.stream_dataset(shards, webdataset.read_shard, prep, cycle_length=d.cycle_length,
                                       shuffle_window=d.shuffle_window, **common)
   else:
-    source = _task_source(config, variant) if variant.task else _random_access_source(config, 'train')
-    dataset = pipeline.train_dataset(source, prep, **common)
+    dataset = pipeline.train_dataset(_task_source(config, variant), prep, **common)
   return pipeline.make_iterator(dataset, num_workers=d.num_workers, prefetch=d.prefetch)
 
 

@@ -139,7 +139,7 @@ def cross_attention_forward_flops(q_len: int, kv_len: int, width: int, kv_width:
 
 
 def albef_train_flops(model_cfg: Any, batch_size: int, queue_size: int) -> float:
-  """One ALBEF step (vlp.models.albef.loss_fn): 3 x the online forward + 1 x the
+  """One ALBEF step (vlp.recipes.albef): 3 x the online forward + 1 x the
   momentum forward (no backward).
 
   Online: ViT + projection; text-only layers + projection; ITC logits against
@@ -173,43 +173,6 @@ def albef_train_flops(model_cfg: Any, batch_size: int, queue_size: int) -> float
   online = batch_size * per_example + itc
   momentum = batch_size * (vit + 2 * text_only + fusion_layers + mlm_head) + itc
   return 3.0 * online + momentum
-
-
-def imp_train_flops(config: Any, variant: Any) -> float:
-  """One IMP step of a task variant (vlp.models.imp.loss_fn), 3 x its forward pass.
-
-  Forward: the vision embedder on every patch or tubelet; the shared encoder
-  on the tokens DropToken keeps, and the vision head; then either the text
-  path on the batch's captions and the B x B logits of each micro-batch
-  (contrastive), or the text path on every class prompt (once per
-  micro-batch) and the B x classes logits (classification).
-  """
-  from vlp.models.imp import class_names
-  from vlp.train.agd import vision_tokens
-  m, t = config.model, variant.cfg
-  enc, e = m.encoder, m.embed_dim
-  stack = lambda seq: encoder_forward_flops(seq, enc.width, enc.depth, enc.mlp_dim, enc.moe)
-  b, k = variant.batch_size, variant.accum_steps
-  tokens = vision_tokens(config, t, variant.image_size)
-  pixels_per_token = 3 * m.image.patch_size ** 2 * (m.video.tubelet_size if variant.vision == "video" else 1)
-  kept = max(1, round(tokens * (1.0 - t.drop_token)))
-  vision = matmul_flops(tokens, enc.width, pixels_per_token) + stack(kept) + matmul_flops(1, e, enc.width)
-  text = stack(m.text.context_length) + matmul_flops(1, e, enc.width)
-  if t.loss == "contrastive":
-    forward = b * (vision + text) + k * contrastive_logits_flops(b // k, e)
-  else:
-    classes = len(class_names(t.data))
-    forward = b * vision + k * classes * len(t.templates) * text + matmul_flops(b, classes, e)
-  return 3.0 * forward
-
-
-def train_flops(config: Any, variant: Any = None) -> float:
-  """Training FLOPs of one step of the config's model (of one task variant, for IMP)."""
-  if config.model.name == "imp":
-    return imp_train_flops(config, variant)
-  if config.model.name == "albef":
-    return albef_train_flops(config.model, config.batch_size, config.albef.queue_size)
-  return align_train_flops(config.model, config.batch_size)
 
 
 def mfu(train_flops_per_step: float, step_seconds: float,

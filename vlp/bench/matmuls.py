@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vlp.bench import flops as flops_lib
+from vlp.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,10 @@ def time_matmul(mm: Matmul, repeats: int = 5) -> float:
 
 def run(config, repeats: int = 5) -> dict:
   """The matmul-only floor of the step: total ms, examples/s ceiling, per-name ms."""
+  if config.tasks or any('width' not in config.model.get(t, {}) for t in ('image', 'text')):
+    raise ConfigError(f"config key 'model.name': `vlp bench matmuls` lists the matmuls of a dual encoder's "
+                      f"towers (model.image, model.text) on config.data; use `vlp bench step` for "
+                      f"{config.model.name!r}")
   mms = step_matmuls(config.model, config.batch_size)
   cache, by_name = {}, {}
   for mm in mms:  # the same shape repeats once per layer: time it once

@@ -4,7 +4,7 @@ The batch is random and already on device, so this measures the step alone
 (the input pipeline has its own benchmark). MFU = analytic model FLOPs per
 second over the fp32 matmul peak measured on the same machine by JAX.
 
-A model with tasks (IMP) has one step per (task, resolution): each is
+A config with several tasks has one step per (task, resolution): each is
 compiled and timed on its own (`tasks` in the result), and the totals weight
 them by their share of the schedule's steps.
 """
@@ -14,28 +14,15 @@ import time
 import jax
 import numpy as np
 
-from vlp import config as config_lib, models, parallel
+from vlp import parallel, plan as plan_lib
 from vlp.bench import flops, peak
-from vlp.data import transforms
 from vlp.train import agd, state as state_lib, step as step_lib
 
 
-def random_batch(config, mesh, seed=0, variant=None):
-  """Random inputs of the shapes of a (variant's) batch, sharded over the batch axes."""
-  rng = np.random.default_rng(seed)
-  spec = step_lib.batch_spec(config, mesh, variant)
-  batch = {}
-  for k, s in spec.items():
-    if k == 'label':
-      batch[k] = rng.integers(0, len(models.module(config.model).class_names(variant.cfg.data)), s.shape)
-    elif np.issubdtype(s.dtype, np.floating):
-      batch[k] = rng.normal(size=s.shape)
-    else:
-      batch[k] = rng.integers(5, config.model.text.vocab_size, size=s.shape)
-    batch[k] = batch[k].astype(s.dtype)
-  if 'mlm_text' in batch:  # ALBEF: masked as the input pipeline does
-    batch['mlm_text'], batch['mlm_labels'] = transforms.mlm_mask(
-        batch['text'], rng, vocab_size=config.model.text.vocab_size, prob=config.albef.mlm_prob)
+def random_batch(plan, mesh, variant, seed=0):
+  """Random inputs of the shapes of a variant's batch (the recipe's batch spec), sharded
+  over the batch axes."""
+  batch = plan.recipe.random_batch(plan.config, variant, np.random.default_rng(seed))
   return jax.device_put(batch, parallel.batch_sharding(mesh))
 
 
@@ -52,27 +39,26 @@ def _time_steps(train_step, state, batch, steps, warmup):
   return state, float(np.median(times))
 
 
-def schedule_shares(config, variants, steps: int = 10_000) -> dict[str, float]:
+def schedule_shares(plan, steps: int = 10_000) -> dict[str, float]:
   """Share of the schedule's steps that each variant gets (over its first `steps` steps)."""
-  schedule = agd.Schedule(config, variants)
-  counts = collections.Counter(variants[schedule(s)].name for s in range(steps))
-  return {v.name: counts[v.name] / steps for v in variants}
+  schedule = agd.Schedule(plan)
+  counts = collections.Counter(plan.variants[schedule(s)].name for s in range(steps))
+  return {v.name: counts[v.name] / steps for v in plan.variants}
 
 
 def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = None) -> dict:
-  sizes = config_lib.validate(config, jax.device_count(), jax.process_count())
-  mesh = parallel.make_mesh(sizes)
-  setup = state_lib.make_setup(config, mesh)
-  state = state_lib.init_state(config, setup)
+  plan = plan_lib.make(config, jax.device_count(), jax.process_count())
+  mesh = parallel.make_mesh(plan.sizes)
+  setup = state_lib.make_setup(plan, mesh)
+  state = state_lib.init_state(plan, setup)
   # Simulated CPU devices share the host's cores: the host peak is the peak.
   per_host = jax.default_backend() == 'cpu'
   peak_flops = peak_flops or peak.measure_matmul_peak() * (1 if per_host else jax.device_count())
-  variants = agd.variants(config, sizes, jax.process_count())
   per_variant = {}
-  for v in variants:
-    train_step, compile_s = step_lib.compile_train_step(config, setup, v)
-    state, step_s = _time_steps(train_step, state, random_batch(config, mesh, variant=v), steps, warmup)
-    model_flops = flops.train_flops(config, v)
+  for v in plan.variants:
+    train_step, compile_s = step_lib.compile_train_step(plan, setup, v)
+    state, step_s = _time_steps(train_step, state, random_batch(plan, mesh, v), steps, warmup)
+    model_flops = plan.recipe.train_flops(config, v)
     per_variant[v.name] = {
         'examples_per_sec': v.batch_size / step_s,
         'step_ms': 1e3 * step_s,
@@ -82,10 +68,10 @@ def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = Non
         'batch_size': v.batch_size,
     }
   result = {'devices': jax.device_count(), 'peak_tflops': peak_flops / 1e12}
-  if not config.tasks:
-    return {**per_variant[''], **result}
+  if len(plan.variants) == 1:
+    return {**per_variant[plan.variants[0].name], **result}
   # a step of the schedule on average: its variants weighted by their share of steps
-  shares = schedule_shares(config, variants)
+  shares = schedule_shares(plan)
   step_s = sum(shares[n] * r['step_ms'] / 1e3 for n, r in per_variant.items())
   mean = lambda k: sum(shares[n] * r[k] for n, r in per_variant.items())
   return {
@@ -99,11 +85,16 @@ def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = Non
   }
 
 
+def moe_sections(model_cfg) -> list:
+  """The sections of the model config that hold a Mixture-of-Experts setting (its towers)."""
+  return [s for s in model_cfg.values() if hasattr(s, 'get') and s.get('moe') is not None]
+
+
 def dense_twin(config):
   """The same config with every Mixture-of-Experts block dense (the MLP of one expert)."""
   dense = config.copy_and_resolve_references()
-  for key in ('encoder', 'image', 'text'):
-    dense.model[key].moe.num_experts = 0
+  for section in moe_sections(dense.model):
+    section.moe.num_experts = 0
   return dense
 
 

@@ -22,6 +22,7 @@ import grain
 import numpy as np
 import sentencepiece as spm
 
+from vlp.config import ConfigError
 from vlp.data import arrayrecord, records, synthetic
 
 PAD, UNK, CLS, SEP, MASK = '[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'
@@ -213,6 +214,16 @@ def builtin_tokenizer(vocab_size: int = 1024) -> Tokenizer:
     raise FileNotFoundError(f'No built-in tokenizer with vocab_size='
                             f'{vocab_size}; shipped: {shipped}')
   return Tokenizer(path)
+
+
+def for_config(config) -> Tokenizer:
+  """The tokenizer `config.data.tokenizer` names ('builtin' or a SentencePiece .model path),
+  checked against the model's vocabulary."""
+  t = builtin_tokenizer() if config.data.tokenizer == 'builtin' else Tokenizer(config.data.tokenizer)
+  if t.vocab_size > config.model.text.vocab_size:
+    raise ConfigError(f"config key 'model.text.vocab_size': {config.model.text.vocab_size} is smaller "
+                      f'than the tokenizer vocabulary ({t.vocab_size})')
+  return t
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -1,23 +1,17 @@
 """Evaluators listed in `config.evals`, built once and run on params.
 
-Every evaluator has the same tiny interface (big_vision's):
-`Evaluator(predict_fns, **cfg).run(params)` yields `(name, value)`, where
-predict_fns = {'image': f(params, images), 'text': f(params, tokens)} return
-L2-normalised embeddings. Results are named '<entry>/<metric>' in training
+Evaluators are registered by kind (`KINDS`: retrieval, itm_rerank,
+zeroshot) and have the same tiny interface (big_vision's):
+`Evaluator(predict_fns, ...).run(params)` yields `(name, value)`, where
+predict_fns are the recipe's ({'image': f(params, images), 'text':
+f(params, tokens), ...} returning L2-normalised embeddings). Results are named '<entry>/<metric>' in training
 metrics, and written as clip_benchmark-style records by `vlp eval`.
 """
 from vlp.eval import datasets, itm_rerank, retrieval, zeroshot
 
 # clip_benchmark's metric names for ours.
 _CLIP_BENCHMARK_NAMES = {'i2t': 'text_retrieval_recall', 't2i': 'image_retrieval_recall'}
-TASKS = {'retrieval': 'zeroshot_retrieval', 'zeroshot': 'zeroshot_classification'}
-
-
-def predict_fns(graphdef, vision: str = 'image') -> dict:
-  """vision='video' (IMP's clips) puts the video encoder where evaluators call 'image'."""
-  from flax import nnx
-  return {'image': lambda params, x: getattr(nnx.merge(graphdef, params), f'encode_{vision}')(x),
-          'text': lambda params, t: nnx.merge(graphdef, params).encode_text(t)}
+TASKS = {'retrieval': 'zeroshot_retrieval', 'itm_rerank': 'zeroshot_retrieval', 'zeroshot': 'zeroshot_classification'}
 
 
 def _dataset_name(e, config) -> str:
@@ -27,36 +21,68 @@ def _dataset_name(e, config) -> str:
   return {'synthetic': 'vlp/synthetic', 'synthetic_video': 'vlp/synthetic_video', 'tfds': e.tfds_name}.get(e.data, e.path)
 
 
-def make(config, graphdef, tokenizer, task_data=None) -> list:
+def _retrieval(name, e, ctx):
+  data = ctx.task_data() if e.data == 'task' else datasets.retrieval_data(e, ctx.config, ctx.tokenizer)
+  if data is None:
+    return None
+  if data.get('skipped'):
+    print(f"eval {name}: skipped {data['skipped']}")
+  return data
+
+
+def build_retrieval(name, e, fns, ctx):
+  data = _retrieval(name, e, ctx)
+  return data and retrieval.Evaluator(fns, data, batch_size=e.batch_size, ks=tuple(e.ks), by_language=e.by_language)
+
+
+def build_itm_rerank(name, e, fns, ctx):
+  """ITC retrieval, then the top rerank_k candidates re-ranked by the ITM head."""
+  data = _retrieval(name, e, ctx)
+  return data and itm_rerank.Evaluator(fns, data, e.rerank_k, batch_size=e.batch_size, ks=tuple(e.ks),
+                                       by_language=e.by_language)
+
+
+def build_zeroshot(name, e, fns, ctx):
+  data = datasets.classification_data(e, ctx.config)
+  templates = tuple(e.templates) or {'synthetic': zeroshot.SYNTHETIC_TEMPLATES,
+                                     'synthetic_video': zeroshot.VIDEO_TEMPLATES}.get(e.data, zeroshot.CLIP_TEMPLATES)
+  length = ctx.config.model.text.context_length
+  return zeroshot.Evaluator(fns, data, lambda texts: ctx.tokenizer.encode(texts, length), templates,
+                            batch_size=e.batch_size)
+
+
+# evaluator kind (config.evals.NAME.kind) -> builder(name, entry, predict_fns, context) -> evaluator or None
+KINDS = {'retrieval': build_retrieval, 'itm_rerank': build_itm_rerank, 'zeroshot': build_zeroshot}
+
+
+class _Context:
+  """What builders share: the config, the tokenizer, the held-out split of config.data (read once)."""
+
+  def __init__(self, config, tokenizer, task_data):
+    self.config, self.tokenizer, self._task_data = config, tokenizer, task_data
+
+  def task_data(self):
+    if self._task_data is None:
+      from vlp import tasks  # the trainer's input code, for the held-out split of config.data
+      self._task_data = tasks.eval_data(self.config, self.tokenizer)
+    return self._task_data
+
+
+def make(config, predict_fns: dict, tokenizer, task_data=None) -> list:
   """[(name, entry, evaluator)] for every entry of config.evals that has data.
 
-  A 'task' retrieval entry uses the held-out split of config.data (task_data
-  when the caller has it already) and is left out when the config names none.
+  predict_fns: the recipe's (`recipe.predict_fns(graphdef)`); an entry on video data
+  ('synthetic_video') puts the 'video' encoder where evaluators call 'image'. A 'task'
+  retrieval entry uses the held-out split of config.data (task_data when the caller has
+  it already) and is left out when the config names none.
   """
-  from vlp import tasks
+  ctx = _Context(config, tokenizer, task_data)
   out = []
   for name, e in sorted(config.evals.items()):
-    fns = predict_fns(graphdef, 'video' if e.data == 'synthetic_video' else 'image')
-    if e.kind == 'retrieval':
-      data = (task_data if task_data is not None else tasks.eval_data(config, tokenizer)) if e.data == 'task' \
-          else datasets.retrieval_data(e, config, tokenizer)
-      if data is None:
-        continue
-      if data.get('skipped'):
-        print(f"eval {name}: skipped {data['skipped']}")
-      if config.model.name == 'albef':  # ITC retrieval, then the top candidates re-ranked by ITM
-        ev = itm_rerank.Evaluator(graphdef, data, config.albef.rerank_k, batch_size=e.batch_size,
-                                  ks=tuple(e.ks), by_language=e.by_language)
-      else:
-        ev = retrieval.Evaluator(fns, data, batch_size=e.batch_size, ks=tuple(e.ks), by_language=e.by_language)
-    else:
-      data = datasets.classification_data(e, config)
-      templates = tuple(e.templates) or {'synthetic': zeroshot.SYNTHETIC_TEMPLATES,
-                                         'synthetic_video': zeroshot.VIDEO_TEMPLATES}.get(e.data, zeroshot.CLIP_TEMPLATES)
-      length = config.model.text.context_length
-      ev = zeroshot.Evaluator(fns, data, lambda texts: tokenizer.encode(texts, length), templates,
-                              batch_size=e.batch_size)
-    out.append((name, e, ev))
+    fns = dict(predict_fns, image=predict_fns['video' if e.data == 'synthetic_video' else 'image'])
+    evaluator = KINDS[e.kind](name, e, fns, ctx)
+    if evaluator is not None:
+      out.append((name, e, evaluator))
   return out
 
 
@@ -85,15 +111,14 @@ def records(evaluators, metrics: dict, config, model: str, step=None) -> list[di
 def format_tables(evaluators, metrics: dict) -> str:
   """One printed table per evaluator."""
   parts = []
-  for name, e, _ in evaluators:
+  for name, e, ev in evaluators:
     mine = {k[len(name) + 1:]: v for k, v in metrics.items() if k.startswith(name + '/')}
-    if e.kind == 'retrieval':
+    if isinstance(ev, retrieval.Evaluator):
       table = retrieval.format_table(mine, tuple(e.ks))
-      for rerank, title in (('itm', 'ITM'), ('itm_itc', 'ITM + ITC')):  # ALBEF: the top k re-ranked
+      for rerank, title in ev.RERANKINGS:  # the top k re-ranked (ALBEF's ITM)
         scores = {k[len(rerank) + 1:]: v for k, v in mine.items() if k.startswith(rerank + '/')}
-        if scores:
-          table += f'\nre-ranked by {title}:\n' + retrieval.format_table(scores, tuple(e.ks))
-      langs = sorted({k.split('/')[0] for k in mine if '/' in k} - {'itm', 'itm_itc'})
+        table += f'\nre-ranked by {title}:\n' + retrieval.format_table(scores, tuple(e.ks))
+      langs = sorted({k.split('/')[0] for k in mine if '/' in k} - {r for r, _ in ev.RERANKINGS})
       table += ''.join(f'\n  {lang}: RSUM {mine[f"{lang}/rsum"]:.1f}' for lang in langs)
     else:
       table = '  '.join(f'{k} {v:6.2f}' for k, v in mine.items())

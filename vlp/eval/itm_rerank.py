@@ -14,23 +14,26 @@ under the evaluator's name in config.evals.
 """
 import jax
 import numpy as np
-from flax import nnx
 
 from vlp.eval import retrieval
-from vlp.models.albef import TEMP_RANGE
 from vlp.models.text import PAD_ID
+
+NEEDS = ('image_tokens', 'text_hidden', 'itm_logits', 'itc_temperature')  # of the recipe's predict_fns
 
 
 class Evaluator(retrieval.Evaluator):
+  """predict_fns: the retrieval ones, plus `image_tokens(params, images)`,
+  `text_hidden(params, tokens)`, `itm_logits(params, text_hidden, mask, image_tokens)`
+  ([N, 2], 1 = match) and `itc_temperature(params)` (a float)."""
+  RERANKINGS = (('itm', 'ITM'), ('itm_itc', 'ITM + ITC'))
 
-  def __init__(self, graphdef, data, rerank_k, batch_size=256, ks=(1, 5, 10), by_language=True):
-    model = lambda p: nnx.merge(graphdef, p)
-    super().__init__({'image': lambda p, x: model(p).encode_image(x), 'text': lambda p, t: model(p).encode_text(t)},
-                     data, batch_size, ks, by_language)
+  def __init__(self, predict_fns, data, rerank_k, batch_size=256, ks=(1, 5, 10), by_language=True):
+    super().__init__(predict_fns, data, batch_size, ks, by_language)
     self.rerank_k = rerank_k
-    self.image_tokens = jax.jit(lambda p, x: model(p).image.tokens(x))
-    self.text_hidden = jax.jit(lambda p, t: model(p).text.encode(t))
-    self.itm_logits = jax.jit(lambda p, h, m, x: model(p).itm_logits(h, m, x))
+    self.image_tokens = jax.jit(predict_fns['image_tokens'])
+    self.text_hidden = jax.jit(predict_fns['text_hidden'])
+    self.itm_logits = jax.jit(predict_fns['itm_logits'])
+    self.temperature = predict_fns['itc_temperature']
 
   def run(self, params):
     image_emb, text_emb = self.embed(params)
@@ -39,7 +42,7 @@ class Evaluator(retrieval.Evaluator):
     yield from retrieval.evaluate(image_emb, text_emb, text_to_image, languages, self.ks).items()
     sims = image_emb @ text_emb.T
     itm = self.rerank(params, sims)
-    temp = float(np.clip(jax.device_get(params['temp']), *TEMP_RANGE))
+    temp = self.temperature(params)
     with np.errstate(invalid='ignore'):  # -inf + finite stays -inf
       both = {'itm': itm['match_logit'], 'itm_itc': tuple(
           s + x / temp for s, x in zip(itm['match_logprob'], (sims, sims.T)))}

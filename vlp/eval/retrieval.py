@@ -217,6 +217,8 @@ class Evaluator:
   optionally `language` (one per caption) arrays.
   """
 
+  RERANKINGS = ()  # (metric prefix, title) of re-ranked results besides the plain ones
+
   def __init__(self, predict_fns, data, batch_size=256, ks=(1, 5, 10), by_language=True):
     self.encode_image, self.encode_text = jax.jit(predict_fns['image']), jax.jit(predict_fns['text'])
     self.data, self.batch_size, self.ks, self.by_language = data, batch_size, tuple(ks), by_language

@@ -8,26 +8,18 @@ fusion CLS; an MLM head tied to the token embedding. Differences, on purpose:
 pre-LayerNorm blocks as the rest of vlp (BERT is post-LN), and the text stack
 starts from scratch (ALBEF loads bert-base).
 
-The train state holds, besides params and optimizer state, the momentum (EMA)
-copy of image encoder, projections and the whole text stack with its MLM head
-(ALBEF's `model_pairs`; not the ITM head, not the temperature) and the
-image/text feature queues with their pointer. They are updated inside the
-step without gradients: `init_extra_state` and `loss_fn` are this model's
-hooks into vlp.train.
+How it is trained (momentum model, queues, the three losses) lives in
+vlp.recipes.albef.
 """
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp import losses_albef
-from vlp.models import layers, moe
-from vlp.models.align import _l2_normalize
+from vlp.models import layers
 from vlp.models.text import PAD_ID
 from vlp.models.vit import ViT
 
-BATCH_KEYS = ('image', 'text', 'mlm_text', 'mlm_labels')  # what a training batch holds
-MOMENTUM_KEYS = ('image', 'image_proj', 'text', 'text_proj', 'mlm_head')
-TEMP_RANGE = (0.001, 0.5)
+TEMP_RANGE = (0.001, 0.5)  # ALBEF clamps its learnt temperature to this range
 
 
 class TextStack(nnx.Module):
@@ -99,10 +91,10 @@ class Model(nnx.Module):
     self.temp = nnx.Param(jnp.asarray(0.07, jnp.float32))
 
   def image_feat(self, image_tokens):
-    return _l2_normalize(self.image_proj(self.image.pool_tokens(image_tokens)))
+    return layers.l2_normalize(self.image_proj(self.image.pool_tokens(image_tokens)))
 
   def text_feat(self, text_hidden):
-    return _l2_normalize(self.text_proj(text_hidden[:, 0]))
+    return layers.l2_normalize(self.text_proj(text_hidden[:, 0]))
 
   def encode_image(self, images):
     return self.image_feat(self.image.tokens(images))
@@ -121,89 +113,3 @@ class Model(nnx.Module):
     """[B, L, vocab] logits of the whole text stack on (masked) tokens, conditioned on the image."""
     fused = self.text.fuse(self.text.encode(tokens), tokens != PAD_ID, image_tokens)
     return self.mlm_head(fused, self.text.token_embed[...])
-
-
-def init_extra_state(config, params):
-  """Momentum copy of the params (as ALBEF's copy_params) and queues of random unit features."""
-  q, d = config.albef.queue_size, config.model.embed_dim
-  k_image, k_text = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
-  queue = lambda k: _l2_normalize(jax.random.normal(k, (q, d)))
-  return {'momentum': {k: params[k] for k in MOMENTUM_KEYS},
-          'image_queue': queue(k_image), 'text_queue': queue(k_text),
-          'queue_ptr': jnp.zeros((), jnp.int32)}
-
-
-def ema(momentum, online, m):
-  """m * momentum + (1 - m) * online, leaf by leaf; no gradient flows to the online params."""
-  return jax.tree.map(lambda a, b: (m * a + (1 - m) * jax.lax.stop_gradient(b)).astype(a.dtype),
-                      momentum, online)
-
-
-def enqueue(queue, ptr, feats):
-  """Writes feats [B, D] at rows ptr..ptr+B of queue [Q, D]; returns (queue, next ptr).
-
-  Q is a multiple of B (checked in the config), so a batch never straddles the end.
-  """
-  queue = jax.lax.dynamic_update_slice(queue, feats.astype(queue.dtype), (ptr, 0))
-  return queue, (ptr + feats.shape[0]) % queue.shape[0]
-
-
-def alpha_at(step, a):
-  """Distillation weight: linear from 0 to `a.alpha` over `a.alpha_warmup_steps` steps."""
-  if a.alpha_warmup_steps == 0:
-    return jnp.float32(a.alpha)
-  return a.alpha * jnp.minimum(1.0, step.astype(jnp.float32) / a.alpha_warmup_steps)
-
-
-def loss_fn(graphdef, params, extra, batch, step, config):
-  """ITC + ITM + MLM (+ the MoE auxiliary losses of MoE towers) of one global batch;
-  returns (loss, (metrics, new extra state))."""
-  a = config.albef
-  model = nnx.merge(graphdef, params)
-  # The momentum model moves first, then gives this step's targets (ALBEF's order).
-  momentum = ema(extra['momentum'], {k: params[k] for k in MOMENTUM_KEYS}, a.momentum)
-  model_m = nnx.merge(graphdef, {**jax.lax.stop_gradient(params), **momentum})
-  alpha = alpha_at(step, a)
-  # ALBEF clamps the temperature in place before the forward pass; the gradient
-  # is that of the clamped value (straight through).
-  t = params['temp']
-  temp = t + jax.lax.stop_gradient(jnp.clip(t, *TEMP_RANGE) - t)
-
-  images, tokens = batch['image'], batch['text']
-  mask = tokens != PAD_ID
-  image_tokens_m = jax.lax.stop_gradient(model_m.image.tokens(images))
-  image_feat_m = jax.lax.stop_gradient(model_m.image_feat(image_tokens_m))
-  text_feat_m = jax.lax.stop_gradient(model_m.encode_text(tokens))
-  mlm_logits_m = jax.lax.stop_gradient(model_m.mlm_logits(batch['mlm_text'], image_tokens_m))
-
-  def online(model):
-    image_tokens = model.image.tokens(images)
-    text_hidden = model.text.encode(tokens)
-    image_feat, text_feat = model.image_feat(image_tokens), model.text_feat(text_hidden)
-    itc, sim_i2t, sim_t2i = losses_albef.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
-                                                  extra['image_queue'], extra['text_queue'], temp, alpha)
-    # ITM: B positive pairs, then for each text a hard negative image and for
-    # each image a hard negative text, drawn with a key fixed by seed and step.
-    b = tokens.shape[0]
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), step)
-    neg_image, neg_text = losses_albef.sample_itm_negatives(key, sim_i2t[:, :b], sim_t2i[:, :b])
-    itm_logits = model.itm_logits(
-        jnp.concatenate([text_hidden, text_hidden, text_hidden[neg_text]]),
-        jnp.concatenate([mask, mask, mask[neg_text]]),
-        jnp.concatenate([image_tokens, image_tokens[neg_image], image_tokens]))
-    itm_labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
-    itm = losses_albef.itm_loss(itm_logits, itm_labels)
-    mlm_logits = model.mlm_logits(batch['mlm_text'], image_tokens)
-    mlm = losses_albef.mlm_loss(mlm_logits, batch['mlm_labels'], mlm_logits_m, alpha)
-    return itc, itm, mlm, jnp.mean(jnp.argmax(itm_logits, axis=-1) == itm_labels)
-
-  # capture: what the online model's MoE layers report (the momentum model's are not trained)
-  (itc, itm, mlm, itm_acc), intermediates = nnx.capture(online, nnx.Intermediate)(model)
-  moe_loss, moe_metrics = moe.aux_losses(intermediates, {'load_balance': config.loss.moe_load_balance,
-                                                         'router_z': config.loss.moe_router_z})
-  image_queue, ptr = enqueue(extra['image_queue'], extra['queue_ptr'], image_feat_m)
-  text_queue, _ = enqueue(extra['text_queue'], extra['queue_ptr'], text_feat_m)
-  new_extra = {'momentum': momentum, 'image_queue': image_queue, 'text_queue': text_queue, 'queue_ptr': ptr}
-  metrics = {'loss_itc': itc, 'loss_itm': itm, 'loss_mlm': mlm, 'temp': temp, 'alpha': alpha,
-             'itm_acc': itm_acc, **moe_metrics}
-  return itc + itm + mlm + moe_loss, (metrics, new_extra)

@@ -7,7 +7,8 @@ position embeddings and a learnt modality embedding; the same encoder
 encodes them all; per-modality pooling (mean over vision tokens, the CLS
 token of text) and projection heads give L2-normalised embeddings.
 
-Objectives, one per task of the alternating-gradient schedule (vlp.train.agd):
+Objectives, one per task of the alternating-gradient schedule (trained by
+vlp.recipes.imp):
   contrastive     softmax NCE between a vision modality and text, with the
                   pair's own learnt temperature (scale_image_text, scale_video_text);
   classification  cross-entropy over the class names put in prompts and
@@ -17,22 +18,15 @@ Objectives, one per task of the alternating-gradient schedule (vlp.train.agd):
 DropToken: in training a task may drop a random share of its vision tokens per
 example before the encoder (IMP: 75% of video tokens), so video costs what an
 image costs.
-
-A task touches the encoder, the embedders and heads of its modalities (text
-too, for classification) and its temperature; `untouched_params` names the
-rest, which its steps leave alone (params and optimizer state).
 """
 import math
 
 import einops
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from vlp import losses
-from vlp.models import layers, moe
-from vlp.models.align import MAX_LOGIT_SCALE, _l2_normalize
+from vlp.models import layers
 from vlp.models.text import PAD_ID
 from vlp.models.vit import grid_positions
 
@@ -141,7 +135,7 @@ class Model(nnx.Module):
       tokens = drop_tokens(tokens, drop_rate, key)
     hidden = self.encoder(tokens, mask)
     pooled = hidden[:, 0] if modality == 'text' else hidden.mean(axis=1)
-    return _l2_normalize(getattr(self, f'{modality}_head')(pooled))
+    return layers.l2_normalize(getattr(self, f'{modality}_head')(pooled))
 
   def encode_image(self, images):
     return self.encode('image', images)
@@ -156,87 +150,11 @@ class Model(nnx.Module):
     return self.encode_image(images), self.encode_text(tokens)
 
   def logit_scale(self, name: str):
-    return jnp.minimum(jnp.exp(getattr(self, f'scale_{name}')[...]), MAX_LOGIT_SCALE)
-
-
-BATCH_KEYS = ('image', 'text')  # of the default variant; tasks: batch_keys(variant)
-
-
-def batch_keys(variant) -> tuple[str, ...]:
-  t = variant.cfg
-  return (variant.vision, *(('text',) if 'text' in t.modalities else ()),
-          *(('label',) if t.loss == 'classification' else ()))
-
-
-def touched_params(variant) -> frozenset[str]:
-  """Top-level params a task's loss depends on."""
-  v = variant.vision
-  scale = f'scale_{v}_text' if variant.cfg.loss == 'contrastive' else f'scale_{v}_class'
-  return frozenset({'encoder', f'{v}_embed', f'{v}_head', 'text_embed', 'text_head', scale})
-
-
-def untouched_params(variant, params) -> frozenset[str]:
-  return frozenset(params) - touched_params(variant)
-
-
-def class_names(data: str) -> list[str]:
-  if data == 'synthetic_video':
-    from vlp.data import synthetic_video
-    return list(synthetic_video.VIDEO_CLASS_NAMES)
-  from vlp.data import synthetic
-  return list(synthetic.CLASS_NAMES)
-
-
-def class_prompts(config, task):
-  """int32 [classes * templates, L]: every class name in every template, class-major."""
-  from vlp import tasks
-  prompts = [t.format(name) for name in class_names(task.data) for t in task.templates]
-  return tasks.tokenizer_for(config).encode(prompts, config.model.text.context_length)
+    return jnp.minimum(jnp.exp(getattr(self, f'scale_{name}')[...]), layers.MAX_LOGIT_SCALE)
 
 
 def class_embeddings(model, prompts, num_classes: int):
   """The classifier: mean over templates of the prompts' text embeddings, re-normalised."""
   emb = model.encode_text(prompts)
   emb = emb.reshape(num_classes, -1, emb.shape[-1])
-  return _l2_normalize(emb.mean(axis=1))
-
-
-def init_extra_state(config, params):
-  del config, params
-  return {}
-
-
-def loss_fn(graphdef, params, extra, batch, step, config, variant):
-  """The loss of one task (variant) on its batch; returns (loss, (metrics, extra))."""
-  t, v = variant.cfg, variant.vision
-  model = nnx.merge(graphdef, params)
-  # DropToken: a key per (seed, variant, step), the same on every device
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1000 + variant.index), step)
-  if t.loss == 'classification':
-    prompts = class_prompts(config, t)  # traced once: a constant of the compiled step
-    num_classes = len(class_names(t.data))
-    other = lambda m: class_embeddings(m, prompts, num_classes)
-  else:
-    other = lambda m: m.encode_text(batch['text'])
-  forward = lambda m: (m.encode(v, batch[v], t.drop_token, key), other(m))
-  (vision_emb, other_emb), intermediates = nnx.capture(forward, nnx.Intermediate)(model)
-  metrics = {}
-  if t.loss == 'classification':
-    scale = model.logit_scale(f'{v}_class')
-    logits = scale * vision_emb @ other_emb.T
-    labels = optax.smooth_labels(jax.nn.one_hot(batch['label'], logits.shape[-1]), t.label_smoothing)
-    loss = jnp.mean(optax.softmax_cross_entropy(logits, labels))
-    metrics['accuracy'] = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-  else:
-    scale = model.logit_scale(f'{v}_text')
-    chunk = config.loss.chunk_size
-    if chunk:
-      loss = losses.chunked_softmax_contrastive(vision_emb, other_emb, scale, t.label_smoothing, chunk)
-    else:
-      loss = losses.softmax_contrastive(vision_emb, other_emb, scale, t.label_smoothing)
-  moe_loss, moe_metrics = moe.aux_losses(intermediates, {'load_balance': config.loss.moe_load_balance,
-                                                         'router_z': config.loss.moe_router_z})
-  metrics.update(logit_scale=scale, **moe_metrics)
-  if moe_metrics:
-    metrics['task_loss'] = loss
-  return loss + moe_loss, (metrics, extra)
+  return layers.l2_normalize(emb.mean(axis=1))

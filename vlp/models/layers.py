@@ -3,21 +3,21 @@
 Logical names ('embed', 'mlp', 'heads', 'kv', 'vocab', ...) are mapped to mesh
 axes by the rules table in vlp.parallel; the modules never name mesh axes.
 """
-import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from vlp import parallel
-from vlp.models import moe as moe_lib  # moe uses param() of this module, at call time
+from vlp.models import moe as moe_lib
+from vlp.models.params import param
 
-# Variables carry their logical names as metadata; vlp.parallel places them.
-# Flax's eager sharding would need a mesh at construction time.
-flax.config.update('flax_always_shard_variable', False)
+MAX_LOGIT_SCALE = 100.0  # as CLIP: keeps a runaway temperature from destabilising training
 
 
-def param(rngs, init, shape, names):
-  return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape))
+def l2_normalize(x):
+  """Unit rows in float32 (embeddings are compared by cosine similarity)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
 
 class Dense(nnx.Module):

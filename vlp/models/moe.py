@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlp import parallel
-from vlp.models import layers
+from vlp.models.params import param
 
 ROUTERS = ('top_k', 'expert_choice')
 
@@ -110,13 +110,13 @@ class MoeMlp(nnx.Module):
                capacity_factor=1.0, batch_priority=False, dtype=jnp.float32):
     if router not in ROUTERS:
       raise ValueError(f'unknown router {router!r}; known: {ROUTERS}')
-    self.router_kernel = layers.param(rngs, nnx.initializers.normal(0.02), (width, num_experts),
+    self.router_kernel = param(rngs, nnx.initializers.normal(0.02), (width, num_experts),
                                       ('embed', None))
     init = nnx.initializers.xavier_uniform(in_axis=1, out_axis=2, batch_axis=(0,))
-    self.w1 = layers.param(rngs, init, (num_experts, width, mlp_dim), ('expert', 'embed', 'mlp'))
-    self.b1 = layers.param(rngs, nnx.initializers.zeros, (num_experts, mlp_dim), ('expert', 'mlp'))
-    self.w2 = layers.param(rngs, init, (num_experts, mlp_dim, width), ('expert', 'mlp', 'embed'))
-    self.b2 = layers.param(rngs, nnx.initializers.zeros, (num_experts, width), ('expert', 'embed'))
+    self.w1 = param(rngs, init, (num_experts, width, mlp_dim), ('expert', 'embed', 'mlp'))
+    self.b1 = param(rngs, nnx.initializers.zeros, (num_experts, mlp_dim), ('expert', 'mlp'))
+    self.w2 = param(rngs, init, (num_experts, mlp_dim, width), ('expert', 'mlp', 'embed'))
+    self.b2 = param(rngs, nnx.initializers.zeros, (num_experts, width), ('expert', 'embed'))
     self.router, self.k, self.capacity_factor = router, k, capacity_factor
     self.batch_priority, self.dtype, self.num_experts = batch_priority, dtype, num_experts
 

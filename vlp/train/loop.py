@@ -3,8 +3,8 @@ checkpoints -> eval, with a time breakdown (compile, data wait, step,
 checkpoint, eval) printed at the end. A SIGTERM ends it early, after the step
 in flight and a checkpoint of it.
 
-With IMP's tasks every step runs the task the schedule picks (vlp.train.agd):
-its own iterator and compiled step, all compiled before the first step.
+Every step runs the variant the schedule picks (vlp.train.agd): its own
+iterator and compiled step, all compiled before the first step.
 """
 import collections
 import time
@@ -12,15 +12,15 @@ import time
 import jax
 import tqdm
 
-from vlp import checkpoint, config as config_lib, eval as eval_lib, parallel, tasks
+from vlp import checkpoint, eval as eval_lib, parallel, plan as plan_lib, tasks
 from vlp.train import agd, metrics as metrics_lib, preemption, state as state_lib, step as step_lib
 
 
 class Evaluators:
   """The evaluators of config.evals; `run(params)` yields ('<entry>/<metric>', value)."""
 
-  def __init__(self, config, setup, tokenizer, task_data=None):
-    self.evaluators = eval_lib.make(config, setup.graphdef, tokenizer, task_data)
+  def __init__(self, plan, setup, tokenizer, task_data=None):
+    self.evaluators = eval_lib.make(plan.config, plan.recipe.predict_fns(setup.graphdef), tokenizer, task_data)
 
   def __bool__(self):
     return bool(self.evaluators)
@@ -29,18 +29,12 @@ class Evaluators:
     yield from eval_lib.run(self.evaluators, params).items()
 
 
-def make_evaluator(config, setup, tokenizer, data=None):
-  """The config's evaluators, or None when none has data."""
-  evaluators = Evaluators(config, setup, tokenizer, data)
-  return evaluators or None
-
-
 def prepare(config, workdir, mesh=None):
-  """Everything that must hold before compiling: validated config, mesh, workdir."""
-  sizes = config_lib.validate(config, jax.device_count(), jax.process_count())
-  mesh = mesh or parallel.make_mesh(sizes)
+  """Everything that must hold before compiling: the plan (a validated config), mesh, workdir."""
+  plan = plan_lib.make(config, jax.device_count(), jax.process_count())
+  mesh = mesh or parallel.make_mesh(plan.sizes)
   checkpoint.check_workdir(config, workdir)
-  return mesh
+  return plan, mesh
 
 
 def _log(*args):
@@ -57,94 +51,108 @@ def train(config, workdir: str, progress: bool = True, step: int | None = None) 
     preempt.close()
 
 
-def _train(config, workdir, progress, resume_at, preempt):
-  times = collections.Counter()
-  mesh = prepare(config, workdir)
-  tokenizer = tasks.tokenizer_for(config)
-  setup = state_lib.make_setup(config, mesh)
-  # one variant (config.data), or IMP's tasks at each of their resolutions
-  variants = agd.variants(config, dict(mesh.shape), jax.process_count())
-  schedule = agd.Schedule(config, variants)
-  iterators = {v.data_item: tasks.train_iterator(config, tokenizer, v) for v in variants}
-  evaluator = make_evaluator(config, setup, tokenizer)
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, data_items=list(iterators))
+class _Logger:
+  """Writes a step's metrics one step late (the device is not waited for), on log steps:
+  per-variant curves ('<variant>/loss', ...) when there are several tasks, throughput,
+  input wait and skipped records."""
 
-  sizes = dict(mesh.shape)
-  _log(parallel.format_memory_table(parallel.memory_table(setup.abstract, config, sizes), sizes))
+  def __init__(self, config, writer, times, bar):
+    self.config, self.writer, self.times, self.bar = config, writer, times, bar
+    self.last = (time.perf_counter(), 0.0, 0)  # (time, data wait so far, examples so far) at the last line
+    self.examples = 0
+    self.latest = {}  # variant -> its latest metrics since the last log line
+    self.skipped = collections.Counter()  # input records skipped this run, by reason
+
+  def __call__(self, step, variant, device_metrics):
+    m = jax.device_get(device_metrics)
+    self.latest[variant.metric_prefix] = m
+    if step % self.config.log_every and step != self.config.total_steps:
+      return
+    now, waited = time.perf_counter(), self.times['data_wait']
+    elapsed = max(now - self.last[0], 1e-9)
+    out = {f'{prefix}{k}': x for prefix, vm in self.latest.items() for k, x in vm.items()}
+    out['examples_per_sec'] = (self.examples - self.last[2]) / elapsed
+    out['data_wait_frac'] = (waited - self.last[1]) / elapsed  # share of time the loop waited for input
+    out.update({f'skipped/{reason}': n for reason, n in self.skipped.items()})
+    self.last = (now, waited, self.examples)
+    self.latest.clear()
+    self.writer.write(step, out)
+    task = {'task': variant.name} if variant.metric_prefix else {}
+    self.bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{out['examples_per_sec']:.0f}", **task)
+
+
+def _compile_all(plan, setup, times) -> dict:
+  """Every variant's step, compiled once before the first step."""
   steps = {}
-  for v in variants:  # every (task, shape) compiled once, before the first step
-    steps[v.name], seconds = step_lib.compile_train_step(config, setup, v)
+  for v in plan.variants:
+    steps[v.name], seconds = step_lib.compile_train_step(plan, setup, v)
     times['compile'] += seconds
-    if v.task:
+    if v.metric_prefix:
       times[f'compile/{v.name}'] = seconds
-      _log(f'compiled {v.name}: batch {v.batch_size} at {v.image_size} px in {seconds:.1f} s')
+    _log(f'compiled {v.name}: batch {v.batch_size} at {v.image_size} px in {seconds:.1f} s')
+  return steps
+
+
+def _start(plan, setup, ckpt, iterators, resume_at):
+  """(first step, state): a fresh state, or the checkpoint's (with the input positions)."""
   start = ckpt.resume_step(resume_at)
   if start is None:
-    start, state = 0, state_lib.init_state(config, setup)
-  else:
-    # The input positions are per process; without them the pipeline starts afresh.
-    restore_data = config.checkpoint.restore_data
-    state = ckpt.restore(start, setup.abstract, iterators if restore_data else None)
-    _log(f'resumed step {start}' + ('' if restore_data else ' (train state only; input pipeline from its start)'))
+    return 0, state_lib.init_state(plan, setup)
+  # The input positions are per process; without them the pipeline starts afresh.
+  restore_data = plan.config.checkpoint.restore_data
+  state = ckpt.restore(start, setup.abstract, iterators if restore_data else None)
+  _log(f'resumed step {start}' + ('' if restore_data else ' (train state only; input pipeline from its start)'))
+  return start, state
+
+
+def _save(ckpt, done, state, iterators, config, writer, times):
+  t = time.perf_counter()
+  ckpt.save(done, state, iterators, force=True, config=config)
+  blocked = time.perf_counter() - t  # an async save returns once the arrays are off the devices
+  times['checkpoint'] += blocked
+  times['checkpoint_blocked_max'] = max(times['checkpoint_blocked_max'], blocked)
+  writer.write(done, {'checkpoint/blocked_s': blocked})
+
+
+def _train(config, workdir, progress, resume_at, preempt):
+  times = collections.Counter()
+  plan, mesh = prepare(config, workdir)
+  tokenizer = tasks.tokenizer_for(config)
+  setup = state_lib.make_setup(plan, mesh)
+  schedule = agd.Schedule(plan)
+  iterators = {v.data_item: tasks.train_iterator(plan, tokenizer, v) for v in plan.variants}
+  evaluator = Evaluators(plan, setup, tokenizer) or None
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, data_items=list(iterators))
+  _log(parallel.format_memory_table(parallel.memory_table(setup.abstract, plan.activation_bytes()), plan.sizes))
+  steps = _compile_all(plan, setup, times)
+  start, state = _start(plan, setup, ckpt, iterators, resume_at)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   batch_sharding = parallel.batch_sharding(mesh)
   bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not progress or jax.process_index() != 0,
                   unit='step', dynamic_ncols=True)
-
+  log = _Logger(config, writer, times, bar)
   pending = None  # metrics of the previous step, read after the next step is dispatched
-  last_log = (time.perf_counter(), 0.0, 0)  # (time, data wait so far, examples so far) at the last log line
-  examples = 0
-  latest = {}  # variant name -> its latest metrics since the last log line (tasks)
-  final = {}
-  skipped = collections.Counter()  # input records skipped this run, by reason
-  done = start
+  final, done = {}, start
   compiles = metrics_lib.CompileCounter()
-
-  def flush(pending):
-    nonlocal last_log
-    step, variant, device_metrics = pending
-    m = jax.device_get(device_metrics)
-    if variant.task:  # per-task curves: '<variant>/loss', ...
-      latest[variant.name] = m
-    if step % config.log_every == 0 or step == config.total_steps:
-      now, waited = time.perf_counter(), times['data_wait']
-      elapsed = max(now - last_log[0], 1e-9)
-      out = {f'{name}/{k}': x for name, vm in latest.items() for k, x in vm.items()} if latest else dict(m)
-      out['examples_per_sec'] = (examples - last_log[2]) / elapsed
-      out['data_wait_frac'] = (waited - last_log[1]) / elapsed  # share of time the loop waited for input
-      out.update({f'skipped/{reason}': n for reason, n in skipped.items()})
-      last_log = (now, waited, examples)
-      latest.clear()
-      writer.write(step, out)
-      bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{out['examples_per_sec']:.0f}",
-                      **({'task': variant.name} if variant.task else {}))
-
   for step in range(start, config.total_steps):
-    variant = variants[schedule(step)]
+    variant = plan.variants[schedule(step)]
     t0 = time.perf_counter()
     host_batch = next(iterators[variant.data_item])
-    skipped.update(host_batch.pop('skipped', {}))
+    log.skipped.update(host_batch.pop('skipped', {}))
     t1 = time.perf_counter()
     with compiles.counting():  # a step never compiles after the warm-up (tests read the count)
       batch = jax.make_array_from_process_local_data(batch_sharding, host_batch)
       state, device_metrics = steps[variant.name](state, batch)
-    examples += variant.batch_size
+    log.examples += variant.batch_size
     if pending is not None:
-      flush(pending)
-    t2 = time.perf_counter()
+      log(*pending)
     times['data_wait'] += t1 - t0
-    times['step'] += t2 - t1
-    pending = (step + 1, variant, device_metrics)
+    times['step'] += time.perf_counter() - t1
+    pending, done = (step + 1, variant, device_metrics), step + 1
     bar.update(1)
-    done = step + 1
     stop = preempt.requested()
     if done % config.checkpoint.every == 0 or done == config.total_steps or stop:
-      t = time.perf_counter()
-      ckpt.save(done, state, iterators, force=True, config=config)
-      blocked = time.perf_counter() - t  # an async save returns once the arrays are off the devices
-      times['checkpoint'] += blocked
-      times['checkpoint_blocked_max'] = max(times['checkpoint_blocked_max'], blocked)
-      writer.write(done, {'checkpoint/blocked_s': blocked})
+      _save(ckpt, done, state, iterators, config, writer, times)
     if stop:
       _log(f'preempted: saved step {done}, exiting')
       final['preempted_at'] = done
@@ -155,8 +163,12 @@ def _train(config, workdir, progress, resume_at, preempt):
       times['eval'] += time.perf_counter() - t
       writer.write(done, final)
   if pending is not None:
-    flush(pending)
+    log(*pending)
   bar.close()
+  return _finish(config, state, start, iterators, ckpt, writer, times, compiles, evaluator, final, done)
+
+
+def _finish(config, state, start, iterators, ckpt, writer, times, compiles, evaluator, final, done):
   for it in iterators.values():
     it.close()  # stops Grain's worker processes / prefetch thread
   t = time.perf_counter()

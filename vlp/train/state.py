@@ -1,9 +1,11 @@
-"""The train state: a plain dict {step, params, opt_state, [ema_params], ...}, sharded by logical rules.
+"""The train state: a plain dict, sharded by logical rules:
+
+  {'step', 'params', 'opt_state', ['ema_params'], ['model_state']}
 
 With `config.ema_decay > 0` the state also holds an exponential moving
 average of the params (sharded like them), updated in the step, for export.
-The model's module may add entries (`init_extra_state`: ALBEF's momentum
-params and feature queues); an entry whose path ends like a parameter's takes
+`model_state` is the recipe's own (`init_model_state`: ALBEF's momentum
+params and feature queues); a leaf whose path ends like a parameter's takes
 that parameter's sharding, anything else (the queues) is replicated.
 
 Shapes and shardings come from `jax.eval_shape` before anything is allocated
@@ -18,8 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp import models, parallel
+from vlp import parallel
 from vlp.train import optim
+
+
 
 
 @dataclasses.dataclass
@@ -37,28 +41,26 @@ def _params_of(model, dtype):
   return jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-def make_setup(config, mesh) -> Setup:
+def make_setup(plan, mesh) -> Setup:
+  config, recipe = plan.config, plan.recipe
   tx, lr = optim.make(config.optim, config.total_steps)
   rules = parallel.rules_from(config)
-  abstract_model = nnx.eval_shape(lambda: models.build(config.model, config.seed))
+  abstract_model = nnx.eval_shape(lambda: recipe.build(config.model, config.seed))
   graphdef, abstract_vars = nnx.split(abstract_model, nnx.Param)
   logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_vars))
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, config.model.param_dtype),
                                  nnx.to_pure_dict(abstract_vars))
   param_sh = parallel.tree_shardings(logical, abstract_params, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  abstract_extra = jax.eval_shape(lambda p: models.module(config.model).init_extra_state(config, p),
-                                  abstract_params)
-  shardings = {
-      'step': parallel.replicated(mesh),
-      'params': param_sh,
-      'opt_state': parallel.like_params_shardings(abstract_opt, param_sh, mesh),
-      **parallel.like_params_shardings(abstract_extra, param_sh, mesh),
-  }
-  shapes = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params, 'opt_state': abstract_opt,
-            **abstract_extra}
+  shardings = {'step': parallel.replicated(mesh), 'params': param_sh,
+               'opt_state': parallel.like_params_shardings(abstract_opt, param_sh, mesh)}
+  shapes = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params, 'opt_state': abstract_opt}
   if has_ema(config):
     shardings['ema_params'], shapes['ema_params'] = param_sh, abstract_params
+  abstract_model_state = jax.eval_shape(lambda p: recipe.init_model_state(config, p), abstract_params)
+  if abstract_model_state:
+    shapes['model_state'] = abstract_model_state
+    shardings['model_state'] = parallel.like_params_shardings(abstract_model_state, param_sh, mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
   return Setup(graphdef, tx, lr, abstract, shardings, mesh, rules)
 
@@ -67,13 +69,17 @@ def has_ema(config) -> bool:
   return config.get('ema_decay', 0.0) > 0  # configs saved before EMA existed have no key
 
 
-def init_state(config, setup: Setup) -> dict:
+def init_state(plan, setup: Setup) -> dict:
   """Initialises params and optimizer state directly in their sharded layout."""
+  config = plan.config
+
   def init():
-    params = _params_of(models.build(config.model, config.seed), config.model.param_dtype)
-    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': setup.tx.init(params),
-             **models.module(config.model).init_extra_state(config, params)}
+    params = _params_of(plan.recipe.build(config.model, config.seed), config.model.param_dtype)
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': setup.tx.init(params)}
     if has_ema(config):
       state['ema_params'] = params
+    model_state = plan.recipe.init_model_state(config, params)
+    if model_state:
+      state['model_state'] = model_state
     return state
   return jax.jit(init, out_shardings=setup.shardings)()

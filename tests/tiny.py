@@ -15,4 +15,5 @@ def get_config(arg=None):
   c.log_every = 1
   c.eval_every = 0
   c.checkpoint.update(every=3, keep=3)
+  c.compile_cache = ''  # tests: no persistent cache unless a test asks for one
   return c

@@ -14,10 +14,8 @@ versions of jax, flax, orbax and vlp (`step_metadata`).
 The workdir also keeps `config.json`; a workdir whose checkpoints belong to a
 model of another shape is refused before anything is compiled.
 """
-import glob
 import importlib.metadata
 import json
-import os
 import re
 
 import grain
@@ -25,7 +23,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from vlp import config as config_lib
+from vlp import config as config_lib, paths
 
 # Config keys a resume must keep: the model (shapes and meaning of the params)
 # and everything that defines the data stream the iterator state points into.
@@ -50,10 +48,10 @@ def flatten(tree: dict, prefix: str = ''):
 
 def check_workdir(config, workdir: str):
   """Writes config.json on the first run; on a resume, refuses another model."""
-  path = os.path.join(workdir, 'config.json')
+  path = paths.join(workdir, 'config.json')
   current = json.loads(config.to_json())
-  if os.path.exists(path) and os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    with open(path) as f:
+  if paths.exists(path) and paths.isdir(paths.join(workdir, 'checkpoints')):
+    with paths.open(path) as f:
       saved = json.load(f)
     # a key the saved config lacks was added to vlp since: that run had its default
     defaults = json.loads(config_lib.base_config().to_json())
@@ -64,12 +62,10 @@ def check_workdir(config, workdir: str):
         raise WorkdirMismatch(
             f'workdir {workdir} holds a checkpoint {what} ({k} is {old.get(k)!r} there, '
             f'{new.get(k)!r} here); use a new --workdir or the same config')
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if jax.process_index() == 0:  # one writer on a shared file system
     # atomically: the other processes may be reading the previous run's file right now
-    with open(path + '.tmp', 'w') as f:
-      json.dump(current, f, indent=2)
-    os.replace(path + '.tmp', path)
+    paths.write_atomic(path, json.dumps(current, indent=2))
 
 
 def _norm(v):
@@ -77,10 +73,10 @@ def _norm(v):
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = paths.join(workdir, 'config.json')
+  if not paths.exists(path):
     raise FileNotFoundError(f'{workdir} has no config.json: is it a vlp workdir?')
-  with open(path) as f:
+  with paths.open(path) as f:
     saved = json.load(f)
   # On top of today's defaults, so a workdir written before a key existed (e.g. the
   # expert mesh axis, param_dtype) still loads; JSON lists go back to tuples.
@@ -112,7 +108,7 @@ class Checkpointer:
         keep_period=cfg.keep_every or None,
         enable_async_checkpointing=cfg.async_save, read_only=read_only)
     self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options,
+        paths.join(paths.abspath(workdir), 'checkpoints'), options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        **{item: grain.checkpoint.CheckpointHandler() for item in data_items}})
 
@@ -166,8 +162,8 @@ class Checkpointer:
 
   def _check_data_processes(self, step, item):
     """Each process saved its own input position; a different process count cannot take them over."""
-    data_dir = os.path.join(str(self.manager.directory), str(step), item)
-    saved = sorted(glob.glob(os.path.join(data_dir, 'process_*-of-*.json')))
+    data_dir = paths.join(str(self.manager.directory), str(step), item)
+    saved = paths.glob(paths.join(data_dir, 'process_*-of-*.json'))
     counts = {int(re.search(r'-of-(\d+)\.json$', p).group(1)) for p in saved}
     if saved and jax.process_count() not in counts:
       raise WorkdirMismatch(

@@ -12,7 +12,7 @@ import time
 import jax
 import tqdm
 
-from vlp import checkpoint, config as config_lib, eval as eval_lib, parallel, tasks
+from vlp import checkpoint, config as config_lib, eval as eval_lib, parallel, tasks, workdir_check
 from vlp.train import agd, metrics as metrics_lib, preemption, state as state_lib, step as step_lib
 
 
@@ -39,6 +39,7 @@ def prepare(config, workdir, mesh=None):
   """Everything that must hold before compiling: validated config, mesh, workdir."""
   sizes = config_lib.validate(config, jax.device_count(), jax.process_count())
   mesh = mesh or parallel.make_mesh(sizes)
+  workdir_check.prepare(config, workdir)  # remote paths answer, a shared workdir, the compile cache
   checkpoint.check_workdir(config, workdir)
   return mesh
 

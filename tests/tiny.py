@@ -3,7 +3,6 @@ from vlp.config import base_config
 
 
 def get_config(arg=None):
-  del arg
   c = base_config()
   c.total_steps = 6
   c.batch_size = 16
@@ -16,4 +15,6 @@ def get_config(arg=None):
   c.eval_every = 0
   c.checkpoint.update(every=3, keep=3)
   c.compile_cache = ''  # tests: no persistent cache unless a test asks for one
+  if arg == 'noeval':  # `--config=tests/tiny.py:noeval`: no evaluator (multi-process tests that time launches)
+    del c.evals['retrieval']
   return c

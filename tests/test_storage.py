@@ -131,3 +131,34 @@ def test_train_resume_eval_export_load_all_on_gcs(gcs, tmp_path, monkeypatch):
   img = enc.encode_image(np.zeros((2, 16, 16, 3), np.float32))
   assert img.shape == (2, 32)
   assert _local_files(tmp_path) == []  # nothing written locally
+
+
+def test_failed_async_save_is_one_line_and_the_previous_checkpoint_restores(tmp_path, capsys):
+  import jax
+  from vlp import checkpoint, config as config_lib, parallel
+  from vlp.train import state as state_lib
+  c = tiny_config()
+  mesh = parallel.make_mesh(config_lib.mesh_shape(c, jax.device_count()))
+  setup = state_lib.make_setup(c, mesh)
+  state = state_lib.init_state(c, setup)
+  ck = checkpoint.Checkpointer(str(tmp_path), c.checkpoint)
+  ck.save(3, state, force=True)
+  ck.wait()
+  ck.save(6, state, force=True)
+  ck.wait()
+  real = ck.manager.wait_until_finished
+
+  def storage_gone():  # what an async save into a bucket that went away ends in
+    time.sleep(0.5)
+    raise OSError('Connection refused\nmore detail')
+  ck.manager.wait_until_finished = storage_gone
+  ck._saving = 9
+  with pytest.raises(checkpoint.SaveFailed) as e:
+    ck.wait(warn_after=0.2)
+  assert '\n' not in str(e.value) and 'checkpoint of step 9 could not be written' in str(e.value)
+  assert 'OSError: Connection refused' in str(e.value) and 'previous checkpoint (step 6) stays restorable' in str(e.value)
+  assert 'still retrying; the previous checkpoint (step 6) stays restorable' in capsys.readouterr().out
+  ck.manager.wait_until_finished = real
+  restored = ck.restore(6, setup.abstract)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  ck.close()

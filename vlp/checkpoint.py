@@ -37,6 +37,10 @@ class WorkdirMismatch(ValueError):
   """The workdir holds a checkpoint of another model or data stream."""
 
 
+class SaveFailed(paths.StorageError):
+  """A checkpoint could not be written (e.g. the bucket went away during an async save)."""
+
+
 def flatten(tree: dict, prefix: str = ''):
   """Yields (dotted key, leaf) of a nested dict: 'a.b.0.c'."""
   for k, v in tree.items():
@@ -145,7 +149,12 @@ class Checkpointer:
     for item, it in _by_item(data_iterators).items():
       items[item] = grain.checkpoint.CheckpointSave(it)
     meta = {'versions': versions(), **({'config': json.loads(config.to_json())} if config is not None else {})}
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force, custom_metadata=meta)
+    try:  # also where the previous async save's error comes out
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force, custom_metadata=meta)
+    except Exception as e:  # noqa: BLE001
+      raise self._failed(e) from None
+    self._saving = step
+    return saved
 
   def step_metadata(self, step: int) -> dict:
     """{'versions': {...}, 'config': {...}} written with the checkpoint of `step`."""
@@ -171,8 +180,39 @@ class Checkpointer:
           f'process(es); this run has {jax.process_count()}: every process reads its own share of '
           'the data, so resume with the same process count (or start a new --workdir)')
 
-  def wait(self):
-    self.manager.wait_until_finished()
+  def wait(self, warn_after: float = 60.0):
+    """Until the async save is committed; says so every `warn_after` seconds it is not, and turns
+    a failure into one line (the previous checkpoint stays restorable: a step counts only once
+    committed)."""
+    import concurrent.futures
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(self.manager.wait_until_finished)
+    waited = 0.0
+    try:
+      while True:
+        try:
+          future.result(timeout=warn_after)
+          return
+        except concurrent.futures.TimeoutError:
+          waited += warn_after
+          if jax.process_index() == 0:
+            print(f'checkpoint of step {getattr(self, "_saving", "?")} to {self.manager.directory} not written '
+                  f'after {waited:.0f} s (is the storage reachable?); still retrying; the previous checkpoint '
+                  f'({self._previous()}) stays restorable', flush=True)
+        except Exception as e:  # noqa: BLE001
+          raise self._failed(e) from None
+    finally:
+      pool.shutdown(wait=False)
+
+  def _previous(self):
+    steps = [s for s in self.all_steps() if s != getattr(self, '_saving', None)]
+    return f'step {steps[-1]}' if steps else 'none'
+
+  def _failed(self, e) -> SaveFailed:
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return SaveFailed(f'checkpoint of step {getattr(self, "_saving", "?")} could not be written to '
+                      f'{self.manager.directory} ({type(e).__name__}: {msg}); the previous checkpoint '
+                      f'({self._previous()}) stays restorable')
 
   def close(self):
     self.manager.close()

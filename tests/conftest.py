@@ -62,3 +62,17 @@ def gcs(_gcs_server):
   restore = gcs_emulator.set_env(_gcs_server.env())
   yield _gcs_server
   restore()
+
+
+@pytest.fixture(autouse=True)
+def _no_compile_cache_leak():
+  """A run in this process may point XLA's persistent cache at its workdir (config.compile_cache);
+  the next test must not keep writing there."""
+  yield
+  import sys
+  if 'jax' in sys.modules:
+    import jax
+    if jax.config.jax_compilation_cache_dir:
+      jax.config.update('jax_compilation_cache_dir', None)
+      from jax._src import compilation_cache
+      compilation_cache.reset_cache()

@@ -80,3 +80,39 @@ def train_losses(config, mesh, steps=3, variant=None):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+@pytest.fixture(scope='session')
+def _gcs_server():
+  import gcs_emulator
+  emu = gcs_emulator.Emulator()
+  try:
+    emu.start()
+  except gcs_emulator.Unavailable as e:
+    pytest.skip(f'GCS emulator unavailable: {e}')
+  yield emu
+  emu.stop()
+
+
+@pytest.fixture
+def gcs(_gcs_server):
+  """A local GCS emulator (fake-gcs-server on 127.0.0.1) with the standard variables set
+  (STORAGE_EMULATOR_HOST, TENSORSTORE_GCS_HTTP_URL) for this test; yields it (.bucket, .url, .env())."""
+  import gcs_emulator
+  restore = gcs_emulator.set_env(_gcs_server.env())
+  yield _gcs_server
+  restore()
+
+
+@pytest.fixture(autouse=True)
+def _no_compile_cache_leak():
+  """A run in this process may point XLA's persistent cache at its workdir (config.compile_cache);
+  the next test must not keep writing there."""
+  yield
+  import sys
+  if 'jax' in sys.modules:
+    import jax
+    if jax.config.jax_compilation_cache_dir:
+      jax.config.update('jax_compilation_cache_dir', None)
+      from jax._src import compilation_cache
+      compilation_cache.reset_cache()

@@ -4,7 +4,7 @@ from vlp.recipes import base_config
 
 
 def get_config(arg=None):
-  c = base_config(arg or 'align')
+  c = base_config('albef' if arg == 'albef' else 'align')
   c.total_steps = 6
   c.batch_size = 16
   c.model.image.update(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)
@@ -15,4 +15,7 @@ def get_config(arg=None):
   c.log_every = 1
   c.eval_every = 0
   c.checkpoint.update(every=3, keep=3)
+  c.compile_cache = ''  # tests: no persistent cache unless a test asks for one
+  if arg == 'noeval':  # `--config=tests/tiny.py:noeval`: no evaluator (multi-process tests that time launches)
+    del c.evals['retrieval']
   return c

@@ -14,10 +14,8 @@ versions of jax, flax, orbax and vlp (`step_metadata`).
 The workdir also keeps `config.json`; a workdir whose checkpoints belong to a
 model of another shape is refused before anything is compiled.
 """
-import glob
 import importlib.metadata
 import json
-import os
 import re
 
 import grain
@@ -25,7 +23,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from vlp import config as config_lib, recipes
+from vlp import config as config_lib, paths, recipes
 
 # Config keys a resume must keep: the model (shapes and meaning of the params)
 # and everything that defines the data stream the iterator state points into;
@@ -39,6 +37,10 @@ class WorkdirMismatch(ValueError):
   """The workdir holds a checkpoint of another model or data stream."""
 
 
+class SaveFailed(paths.StorageError):
+  """A checkpoint could not be written (e.g. the bucket went away during an async save)."""
+
+
 def flatten(tree: dict, prefix: str = ''):
   """Yields (dotted key, leaf) of a nested dict: 'a.b.0.c'."""
   for k, v in tree.items():
@@ -50,10 +52,10 @@ def flatten(tree: dict, prefix: str = ''):
 
 def check_workdir(config, workdir: str):
   """Writes config.json on the first run; on a resume, refuses another model."""
-  path = os.path.join(workdir, 'config.json')
+  path = paths.join(workdir, 'config.json')
   current = json.loads(config.to_json())
-  if os.path.exists(path) and os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    with open(path) as f:
+  if paths.exists(path) and paths.isdir(paths.join(workdir, 'checkpoints')):
+    with paths.open(path) as f:
       saved = json.load(f)
     # a key the saved config lacks was added to vlp since: that run had its default
     defaults = json.loads(_defaults(saved).to_json())
@@ -65,12 +67,10 @@ def check_workdir(config, workdir: str):
         raise WorkdirMismatch(
             f'workdir {workdir} holds a checkpoint {what} ({k} is {old.get(k)!r} there, '
             f'{new.get(k)!r} here); use a new --workdir or the same config')
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if jax.process_index() == 0:  # one writer on a shared file system
     # atomically: the other processes may be reading the previous run's file right now
-    with open(path + '.tmp', 'w') as f:
-      json.dump(current, f, indent=2)
-    os.replace(path + '.tmp', path)
+    paths.write_atomic(path, json.dumps(current, indent=2))
 
 
 def _norm(v):
@@ -83,10 +83,10 @@ def _defaults(saved: dict) -> ml_collections.ConfigDict:
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = paths.join(workdir, 'config.json')
+  if not paths.exists(path):
     raise FileNotFoundError(f'{workdir} has no config.json: is it a vlp workdir?')
-  with open(path) as f:
+  with paths.open(path) as f:
     saved = json.load(f)
   # On top of today's defaults, so a workdir written before a key existed (e.g. the
   # expert mesh axis, param_dtype) still loads; JSON lists go back to tuples.
@@ -118,7 +118,7 @@ class Checkpointer:
         keep_period=cfg.keep_every or None,
         enable_async_checkpointing=cfg.async_save, read_only=read_only)
     self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options,
+        paths.join(paths.abspath(workdir), 'checkpoints'), options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        **{item: grain.checkpoint.CheckpointHandler() for item in data_items}})
 
@@ -155,7 +155,12 @@ class Checkpointer:
     for item, it in _by_item(data_iterators).items():
       items[item] = grain.checkpoint.CheckpointSave(it)
     meta = {'versions': versions(), **({'config': json.loads(config.to_json())} if config is not None else {})}
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force, custom_metadata=meta)
+    try:  # also where the previous async save's error comes out
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force, custom_metadata=meta)
+    except Exception as e:  # noqa: BLE001
+      raise self._failed(e) from None
+    self._saving = step
+    return saved
 
   def step_metadata(self, step: int) -> dict:
     """{'versions': {...}, 'config': {...}} written with the checkpoint of `step`."""
@@ -172,8 +177,8 @@ class Checkpointer:
 
   def _check_data_processes(self, step, item):
     """Each process saved its own input position; a different process count cannot take them over."""
-    data_dir = os.path.join(str(self.manager.directory), str(step), item)
-    saved = sorted(glob.glob(os.path.join(data_dir, 'process_*-of-*.json')))
+    data_dir = paths.join(str(self.manager.directory), str(step), item)
+    saved = paths.glob(paths.join(data_dir, 'process_*-of-*.json'))
     counts = {int(re.search(r'-of-(\d+)\.json$', p).group(1)) for p in saved}
     if saved and jax.process_count() not in counts:
       raise WorkdirMismatch(
@@ -181,8 +186,39 @@ class Checkpointer:
           f'process(es); this run has {jax.process_count()}: every process reads its own share of '
           'the data, so resume with the same process count (or start a new --workdir)')
 
-  def wait(self):
-    self.manager.wait_until_finished()
+  def wait(self, warn_after: float = 60.0):
+    """Until the async save is committed; says so every `warn_after` seconds it is not, and turns
+    a failure into one line (the previous checkpoint stays restorable: a step counts only once
+    committed)."""
+    import concurrent.futures
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(self.manager.wait_until_finished)
+    waited = 0.0
+    try:
+      while True:
+        try:
+          future.result(timeout=warn_after)
+          return
+        except concurrent.futures.TimeoutError:
+          waited += warn_after
+          if jax.process_index() == 0:
+            print(f'checkpoint of step {getattr(self, "_saving", "?")} to {self.manager.directory} not written '
+                  f'after {waited:.0f} s (is the storage reachable?); still retrying; the previous checkpoint '
+                  f'({self._previous()}) stays restorable', flush=True)
+        except Exception as e:  # noqa: BLE001
+          raise self._failed(e) from None
+    finally:
+      pool.shutdown(wait=False)
+
+  def _previous(self):
+    steps = [s for s in self.all_steps() if s != getattr(self, '_saving', None)]
+    return f'step {steps[-1]}' if steps else 'none'
+
+  def _failed(self, e) -> SaveFailed:
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return SaveFailed(f'checkpoint of step {getattr(self, "_saving", "?")} could not be written to '
+                      f'{self.manager.directory} ({type(e).__name__}: {msg}); the previous checkpoint '
+                      f'({self._previous()}) stays restorable')
 
   def close(self):
     self.manager.close()

@@ -4,7 +4,6 @@ Config overrides are passed as `--config.a.b=value` after the other flags.
 """
 import argparse
 import json
-import os
 import sys
 
 
@@ -36,7 +35,7 @@ def cmd_train(args, overrides):
 def cmd_eval(args, overrides):
   import jax
   from flax import nnx
-  from vlp import tasks, config as config_lib, eval as eval_lib, plan as plan_lib
+  from vlp import paths, tasks, config as config_lib, eval as eval_lib, plan as plan_lib
   from vlp.export import restore_params
   config, params, step = restore_params(args.workdir, args.step, args.weights)
   if args.config:
@@ -48,10 +47,10 @@ def cmd_eval(args, overrides):
     raise config_lib.ConfigError("config key 'evals': no evaluator has data to evaluate on")
   metrics = eval_lib.run(evaluators, params)
   print(eval_lib.format_tables(evaluators, metrics))
-  model = f'{os.path.abspath(args.workdir)}@{step}' + ('/ema' if args.weights == 'ema' else '')
+  model = f'{paths.abspath(args.workdir)}@{step}' + ('/ema' if args.weights == 'ema' else '')
   records = eval_lib.records(evaluators, metrics, config, model, step)
-  out = args.json or os.path.join(args.workdir, f'eval_{step}.json')
-  with open(out, 'w') as f:
+  out = args.json or paths.join(args.workdir, f'eval_{step}.json')
+  with paths.open(out, 'w') as f:
     json.dump(records, f, indent=2, default=float)
   for r in records:
     print(json.dumps(r, default=float))

@@ -82,6 +82,7 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
   # 'interval': round-robin rounds, a task joining every `interval`-th round (IMP's code);
   # 'weighted': one task per step drawn with probability ~ `weight` (IMP's paper).
   c.agd = dict(schedule='interval')
+  c.compile_cache = 'workdir'  # XLA's persistent cache: 'workdir' = WORKDIR/compile_cache, a path (gs:// too), '' off
   c.ema_decay = 0.0  # > 0 keeps an exponential moving average of the params (`vlp export --weights=ema`)
   c.checkpoint = dict(
       every=500, keep=2, async_save=True,

@@ -6,8 +6,6 @@ jax can run them on any batch size without vlp's model code
 (`vlp.pretrained`), for CPU, GPU and TPU.
 """
 import json
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from vlp import checkpoint, config as config_lib, parallel, plan as plan_lib, recipes, tasks
+from vlp import checkpoint, config as config_lib, parallel, paths, plan as plan_lib, recipes, tasks
 from vlp.train import state as state_lib
 
 WEIGHTS, CONFIG, TOKENIZER = 'model.safetensors', 'config.json', 'tokenizer.model'
@@ -86,16 +84,15 @@ def export_encoders(model_cfg, keys, dtype, platforms=PLATFORMS) -> dict:
 
 def export(workdir: str, out: str, step=None, dtype: str = 'float32', weights: str = 'params') -> str:
   config, params, step = restore_params(workdir, step, weights)
-  os.makedirs(out, exist_ok=True)
+  paths.makedirs(out)  # local or remote (gs://); every file is written whole
   flat = {k: np.asarray(jax.device_get(v)).astype(dtype) for k, v in checkpoint.flatten(params)}
-  safetensors.numpy.save_file(flat, os.path.join(out, WEIGHTS), metadata={'step': str(step)})
-  shutil.copyfile(tasks.tokenizer_for(config).model_path, os.path.join(out, TOKENIZER))
+  paths.write_atomic(paths.join(out, WEIGHTS), safetensors.numpy.save(flat, metadata={'step': str(step)}))
+  paths.copy(tasks.tokenizer_for(config).model_path, paths.join(out, TOKENIZER))
   keys = sorted(flat)
   encoders = export_encoders(config.model, keys, dtype)
   for kind, blob in encoders.items():
-    with open(os.path.join(out, encoder_file(kind)), 'wb') as f:
-      f.write(blob)
-  with open(os.path.join(out, CONFIG), 'w') as f:
+    paths.write_atomic(paths.join(out, encoder_file(kind)), bytes(blob))
+  with paths.open(paths.join(out, CONFIG), 'w') as f:
     json.dump({'model': config.model.to_dict(), 'step': step, 'dtype': dtype, 'weights': weights,
                'param_keys': keys, **{f'{kind}_encoder': encoder_file(kind) for kind in encoders}},
               f, indent=2, default=list)
@@ -105,14 +102,14 @@ def export(workdir: str, out: str, step=None, dtype: str = 'float32', weights: s
 def load(path: str):
   """Returns (model, tokenizer) of an exported directory; model.encode_image / encode_text."""
   from vlp.data.tokenizer import Tokenizer
-  with open(os.path.join(path, CONFIG)) as f:
+  with paths.open(paths.join(path, CONFIG)) as f:
     meta = json.load(f)
   model_cfg = ml_collections.ConfigDict(meta['model'])
   model = recipes.get(model_cfg.name).build(model_cfg)
   graphdef, abstract = nnx.split(model, nnx.Param)
-  params = _unflatten(safetensors.numpy.load_file(os.path.join(path, WEIGHTS)))
+  params = _unflatten(safetensors.numpy.load(paths.read_bytes(paths.join(path, WEIGHTS))))
   expected = nnx.to_pure_dict(abstract)
   if jax.tree.structure(expected) != jax.tree.structure(params):
     raise ValueError(f'{path}: weights do not match the model config')
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-  return nnx.merge(graphdef, params), Tokenizer(os.path.join(path, TOKENIZER))
+  return nnx.merge(graphdef, params), Tokenizer(paths.join(path, TOKENIZER))

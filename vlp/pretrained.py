@@ -6,11 +6,12 @@ not vlp's model code (nor flax), so a checkpoint keeps working when the model
 code changes.
 """
 import json
-import os
 
 import jax
 import numpy as np
 import safetensors.numpy
+
+from vlp import paths
 
 
 class Encoders:
@@ -24,23 +25,22 @@ class Encoders:
 
   def __init__(self, path: str):
     from vlp.data.tokenizer import Tokenizer
-    with open(os.path.join(path, 'config.json')) as f:
+    with paths.open(paths.join(path, 'config.json')) as f:  # local or remote (gs://)
       self.config = json.load(f)
     if 'image_encoder' not in self.config:
       raise ValueError(f'{path} has no exported encoders: export it again with this version of `vlp export`')
-    flat = safetensors.numpy.load_file(os.path.join(path, 'model.safetensors'))
+    flat = safetensors.numpy.load(paths.read_bytes(paths.join(path, 'model.safetensors')))
     self.weights = [jax.device_put(flat[k]) for k in self.config['param_keys']]
-    self._image, self._text = (self._load(os.path.join(path, self.config[k]))
+    self._image, self._text = (self._load(paths.join(path, self.config[k]))
                                for k in ('image_encoder', 'text_encoder'))
-    self._video = self._load(os.path.join(path, self.config['video_encoder'])) if 'video_encoder' in self.config else None
-    self.tokenizer = Tokenizer(os.path.join(path, 'tokenizer.model'))
+    self._video = self._load(paths.join(path, self.config['video_encoder'])) if 'video_encoder' in self.config else None
+    self.tokenizer = Tokenizer(paths.join(path, 'tokenizer.model'))
     model = self.config['model']
     self.image_size, self.context_length = model['image']['image_size'], model['text']['context_length']
 
   @staticmethod
   def _load(file):
-    with open(file, 'rb') as f:
-      exported = jax.export.deserialize(bytearray(f.read()))
+    exported = jax.export.deserialize(bytearray(paths.read_bytes(file)))
     return jax.jit(exported.call)
 
   def preprocess(self, images) -> np.ndarray:

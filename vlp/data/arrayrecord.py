@@ -8,11 +8,14 @@ is a few integers need.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+import hashlib
 import os
+import tempfile
 
 from array_record.python import array_record_module
 import grain
 
+from vlp import paths as vpaths
 from vlp.data import files, records
 
 SUFFIX = '.array_record'
@@ -41,9 +44,32 @@ def expand(paths: str | Sequence[str]) -> list[str]:
 
 def looks_like(path: str) -> bool:
   """Whether a path (file, glob or directory) names ArrayRecord files rather than tar shards."""
-  if os.path.isdir(path):
-    return any(f.endswith(SUFFIX) for f in os.listdir(path))
+  if not vpaths.has_magic(path) and vpaths.isdir(path):
+    return any(f.endswith(SUFFIX) for f in vpaths.listdir(path))
   return path.endswith(SUFFIX)
+
+
+def cache_dir() -> str:
+  return os.path.join(tempfile.gettempdir(), 'vlp-array-record-cache')
+
+
+def local_files(paths: Sequence[str]) -> list[str]:
+  """The files as local paths: array_record's reader opens local files only, so a remote
+  file (gs://...) is copied once into cache_dir() (named by its path and size) and read there."""
+  out = []
+  for p in paths:
+    if not vpaths.is_remote(p):
+      out.append(p)
+      continue
+    size = vpaths.path(p).stat().length
+    name = hashlib.sha1(f'{p}:{size}'.encode()).hexdigest()[:16] + '-' + vpaths.basename(p)
+    local = os.path.join(cache_dir(), name)
+    if not os.path.exists(local):
+      os.makedirs(cache_dir(), exist_ok=True)
+      vpaths.copy(p, f'{local}.{os.getpid()}.tmp')
+      os.replace(f'{local}.{os.getpid()}.tmp', local)
+    out.append(local)
+  return out
 
 
 class Source(grain.sources.RandomAccessDataSource):
@@ -51,7 +77,7 @@ class Source(grain.sources.RandomAccessDataSource):
 
   def __init__(self, paths: str | Sequence[str]):
     self.paths = expand(paths)
-    self._data = grain.sources.ArrayRecordDataSource(self.paths)
+    self._data = grain.sources.ArrayRecordDataSource(local_files(self.paths))
 
   def __len__(self) -> int:
     return len(self._data)

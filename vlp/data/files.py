@@ -1,25 +1,15 @@
-"""Shard lists from what users type: paths, globs, `{00000..00099}` ranges, directories."""
+"""Shard lists from what users type: paths, globs, `{00000..00099}` ranges, directories,
+local or remote (gs://...: through vlp.paths)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-import glob
-import os
-import re
 
-_RANGE = re.compile(r'\{(\d+)\.\.(\d+)\}')
+from vlp import paths
 
 
 def _brace_ranges(pattern: str) -> list[str]:
   """'a/{00000..00002}.tar' -> a/00000.tar, a/00001.tar, a/00002.tar (width kept, as in bash)."""
-  m = _RANGE.search(pattern)
-  if not m:
-    return [pattern]
-  lo, hi = m.group(1), m.group(2)
-  width = len(lo) if lo.startswith('0') or len(lo) == len(hi) else 0
-  out = []
-  for i in range(int(lo), int(hi) + 1):
-    out += _brace_ranges(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])
-  return out
+  return paths.brace_ranges(pattern)
 
 
 def expand(patterns: str | Sequence[str], suffix: str) -> list[str]:
@@ -33,15 +23,17 @@ def expand(patterns: str | Sequence[str], suffix: str) -> list[str]:
     patterns = [patterns]
   out = []
   for pattern in patterns:
-    for p in _brace_ranges(os.path.expanduser(pattern)):
-      if os.path.isdir(p):
-        found = sorted(glob.glob(os.path.join(glob.escape(p), '*' + suffix)))
-      elif glob.has_magic(p):
-        found = sorted(f for f in glob.glob(p) if os.path.isfile(f))
+    for p in _brace_ranges(paths.normalize(pattern)):
+      if paths.has_magic(p):
+        is_dir = False
+        found = [f for f in paths.glob(p) if paths.is_remote(f) or paths.isfile(f)]
       else:
-        found = [p] if os.path.isfile(p) else []
+        is_dir = paths.isdir(p)
+        if is_dir:
+          found = paths.glob(paths.join(p, '*' + suffix))
+        else:
+          found = [p] if paths.isfile(p) else []
       if not found:
-        raise ValueError(f'{p!r} matches no file' + (f' (no *{suffix} in the directory)'
-                                                       if os.path.isdir(p) else ''))
+        raise ValueError(f'{p!r} matches no file' + (f' (no *{suffix} in the directory)' if is_dir else ''))
       out += found
   return out

@@ -16,6 +16,7 @@ import dataclasses
 
 import pyarrow.parquet as pq
 
+from vlp import paths as vpaths
 from vlp.data import records
 
 # The columns read from metadata (the others, e.g. hashes, are not needed to filter).
@@ -27,7 +28,8 @@ def read_metadata(paths: Sequence[str]) -> dict[str, dict]:
   """url -> {column: value} over LAION metadata parquet files (lower-case column names)."""
   rows = {}
   for path in paths:
-    table = pq.read_table(path)
+    with vpaths.open(path, 'rb') as f:  # local or remote (gs://)
+      table = pq.read_table(f)
     names = {n.lower(): n for n in table.column_names}
     if 'url' not in names:
       raise ValueError(f'{path}: no URL column (columns: {", ".join(table.column_names)})')

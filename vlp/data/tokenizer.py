@@ -22,6 +22,7 @@ import grain
 import numpy as np
 import sentencepiece as spm
 
+from vlp import paths
 from vlp.config import ConfigError
 from vlp.data import arrayrecord, records, synthetic
 
@@ -70,7 +71,7 @@ class Tokenizer:
 
   def __init__(self, model_path: str):
     self.model_path = model_path
-    with open(model_path, 'rb') as f:
+    with paths.open(model_path, 'rb') as f:  # local or remote (gs://)
       self._load(f.read())
 
   def _load(self, proto: bytes):
@@ -152,7 +153,7 @@ def sample_lines(path: str, max_sentences: int, held_out: int = 1000,
   """
   keep = max_sentences + held_out
   rng, reservoir, n = random.Random(seed), [], 0
-  with open(path, encoding='utf-8') as f:
+  with paths.open(path, encoding='utf-8') as f:
     for line in f:
       if not line.strip():
         continue

@@ -24,6 +24,7 @@ import json
 import os
 import tarfile
 
+from vlp import paths
 from vlp.data import files, records
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
@@ -85,18 +86,17 @@ class _EndWatch:
 
 
 def _open(path: str):
-  f = open(path, 'rb')
+  f = paths.open(path, 'rb')  # local or remote (gs://: read as a stream)
   if f.read(2) == b'\x1f\x8b':  # a .tar.gz: decompressed on the fly
-    f.close()
-    f = gzip.open(path, 'rb')
-  else:
     f.seek(0)
+    return gzip.GzipFile(fileobj=f, mode='rb')
+  f.seek(0)
   return f
 
 
 def read_shard(path: str) -> Iterator[dict]:
   """Records of one shard in file order (skipped ones included, with their reason)."""
-  key, group, shard = None, {}, os.path.basename(path)
+  key, group, shard = None, {}, paths.basename(path)
   with _open(path) as f:
     watch = _EndWatch(f)
     try:
@@ -136,7 +136,7 @@ def read_shards(paths: Sequence[str], process_index: int = 0, process_count: int
 def download_stats(path: str) -> dict | None:
   """The `NNNNN_stats.json` img2dataset wrote beside a shard (count, successes, failures), if any."""
   stats = path[:-len(SUFFIX)] + '_stats.json' if path.endswith(SUFFIX) else None
-  if not stats or not os.path.isfile(stats):
+  if not stats or not paths.isfile(stats):
     return None
-  with open(stats) as f:
+  with paths.open(stats) as f:
     return json.load(f)

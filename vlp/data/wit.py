@@ -35,6 +35,7 @@ import re
 import sys
 import zlib
 
+from vlp import paths as vpaths
 from vlp.data import records, webdataset
 
 REQUIRED = ('language', 'image_url', 'caption_reference_description', 'caption_attribution_description',
@@ -57,9 +58,10 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # context descriptions run to
 
 def _open_text(path: str):
   """Text of a plain or gzipped file (by its magic bytes, not its name)."""
-  with open(path, 'rb') as f:
-    gz = f.read(2) == b'\x1f\x8b'
-  raw = gzip.open(path, 'rb') if gz else open(path, 'rb')
+  raw = vpaths.open(path, 'rb')  # local or remote
+  gz = raw.read(2) == b'\x1f\x8b'
+  raw.seek(0)
+  raw = gzip.GzipFile(fileobj=raw, mode='rb') if gz else raw
   # surrogateescape: a stray non-UTF-8 byte spoils its row (bad_utf8), not the file.
   return io.TextIOWrapper(raw, encoding='utf-8', errors='surrogateescape', newline='')
 
@@ -147,7 +149,7 @@ def _row_record(key: str, row: dict, policy: CaptionPolicy) -> dict:
 
 def read_tsv(path: str, policy: CaptionPolicy = CaptionPolicy()) -> Iterator[dict]:
   """Records (image still empty: see `join`) of one WIT TSV, skipped ones included."""
-  name = os.path.basename(path).split('.tsv')[0]
+  name = vpaths.basename(path).split('.tsv')[0]
   row_number = 0
   with _open_text(path) as f:
     reader = csv.DictReader(f, delimiter='\t')

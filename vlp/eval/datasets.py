@@ -5,10 +5,10 @@ their captions); classification sets become images, labels and class names.
 Everything is read once, at the model's image size, before any compiling.
 """
 import json
-import os
 
 import numpy as np
 
+from vlp import paths
 from vlp.data import pipeline, records, synthetic, synthetic_video, transforms
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif')
@@ -21,7 +21,7 @@ class KarpathySource:
   `image_dir/[filepath/]filename`; a random-access source with `captions(i)`."""
 
   def __init__(self, path: str, image_dir: str, split: str = 'test'):
-    with open(path) as f:
+    with paths.open(path) as f:  # local or remote (gs://), as the images
       entries = json.load(f)['images']
     self.entries = [e for e in entries if e['split'] == split]
     if not self.entries:
@@ -34,13 +34,12 @@ class KarpathySource:
 
   def file(self, index: int) -> str:
     e = self.entries[index]
-    return os.path.join(self.image_dir, e.get('filepath', ''), e['filename'])
+    return paths.join(self.image_dir, *([e['filepath']] if e.get('filepath') else []), e['filename'])
 
   def __getitem__(self, index: int) -> dict:
     key = self.entries[index]['filename']
     try:
-      with open(self.file(index), 'rb') as f:
-        image = f.read()
+      image = paths.read_bytes(self.file(index))
     except FileNotFoundError:
       return records.skipped(key, 'missing_image')
     return records.make(key, image, self.entries[index]['sentences'][0]['raw'])
@@ -99,17 +98,25 @@ def _load_images(images, image_size, max_pixels):
 def image_folder(root: str, limit: int = 0):
   """(files, labels, class_names) of ROOT/<class>/<image>: classes are the sorted
   subfolders, named by their folder name with '_' read as a space."""
-  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  classes = _subfolders(root)
   if not classes:
     raise ValueError(f'{root}: no class subfolders')
   files, labels = [], []
   for c, name in enumerate(classes):
-    for f in sorted(os.listdir(os.path.join(root, name))):
+    for f in paths.listdir(paths.join(root, name)):
       if f.lower().endswith(IMAGE_EXTENSIONS):
-        files.append(os.path.join(root, name, f))
+        files.append(paths.join(root, name, f))
         labels.append(c)
   keep = _spread(len(files), limit)
   return [files[i] for i in keep], np.asarray(labels)[keep], [c.replace('_', ' ') for c in classes]
+
+
+def _subfolders(root: str) -> list[str]:
+  """The class folders of ROOT: local subdirectories, or on an object store the prefixes
+  that hold objects (an object store has no empty folders)."""
+  if paths.is_remote(root):
+    return sorted({paths.basename(paths.dirname(f)) for f in paths.glob(paths.join(root, '*', '*'))})
+  return sorted(d for d in paths.listdir(root) if paths.isdir(paths.join(root, d)))
 
 
 def _tfds_classification(e, limit):
@@ -141,8 +148,7 @@ def classification_data(e, config) -> dict:
     files, labels, names = image_folder(e.path, e.num_images)
     images = []
     for path in files:
-      with open(path, 'rb') as f:
-        images.append(f.read())
+      images.append(paths.read_bytes(path))
   else:
     images, labels, names = _tfds_classification(e, e.num_images)
   return {'image': _load_images(images, size, max_pixels), 'label': np.asarray(labels, np.int32),

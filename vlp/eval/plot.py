@@ -1,6 +1,7 @@
 """A PNG of a workdir's curves: training loss and eval metrics over steps (from metrics.jsonl)."""
-import os
+import io
 
+from vlp import paths
 from vlp.train import metrics as metrics_lib
 
 # Eval metrics worth a curve; per-language ones ('retrieval/en/t2i@1') would crowd the plot.
@@ -38,7 +39,9 @@ def plot(workdir: str, out: str | None = None) -> str:
     if len(keys) > 1:
       ax.legend(fontsize=7)
   fig.tight_layout()
-  out = out or os.path.join(workdir, 'metrics.png')
-  fig.savefig(out, dpi=100)
+  out = out or paths.join(workdir, 'metrics.png')
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=100)
+  paths.write_atomic(out, buf.getvalue())  # local or remote (gs://)
   plt.close(fig)
   return out

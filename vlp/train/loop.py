@@ -12,7 +12,7 @@ import time
 import jax
 import tqdm
 
-from vlp import checkpoint, eval as eval_lib, parallel, plan as plan_lib, tasks
+from vlp import checkpoint, eval as eval_lib, parallel, plan as plan_lib, tasks, workdir_check
 from vlp.train import agd, metrics as metrics_lib, preemption, state as state_lib, step as step_lib
 
 
@@ -33,6 +33,7 @@ def prepare(config, workdir, mesh=None):
   """Everything that must hold before compiling: the plan (a validated config), mesh, workdir."""
   plan = plan_lib.make(config, jax.device_count(), jax.process_count())
   mesh = mesh or parallel.make_mesh(plan.sizes)
+  workdir_check.prepare(config, workdir)  # remote paths answer, a shared workdir, the compile cache
   checkpoint.check_workdir(config, workdir)
   return plan, mesh
 

@@ -1,9 +1,12 @@
 """Metrics to JSONL and TensorBoard event files (process 0 only), and a compilation counter."""
 import contextlib
+import io
 import json
-import os
+import time
 
 import jax
+
+from vlp import paths
 
 _BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'  # jax._src.dispatch
 _counters = []  # the CompileCounters counting now
@@ -41,10 +44,14 @@ class MetricWriter:
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter  # imported here: only process 0 writes
-    path = os.path.join(workdir, 'metrics.jsonl')
+    path = paths.join(workdir, 'metrics.jsonl')
     _truncate_after(path, resume_step)
-    self.jsonl = open(path, 'a')
-    self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+    # an object store has no append: the log is kept and uploaded whole (RemoteLog)
+    self.jsonl = RemoteLog(path) if paths.is_remote(path) else open(path, 'a')
+    tb = paths.join(workdir, 'tb')
+    if paths.is_remote(tb):
+      _register_remote_tensorboard(tb)
+    self.tb = SummaryWriter(tb)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -62,16 +69,73 @@ class MetricWriter:
 
 
 def read_jsonl(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+  with paths.open(paths.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
 def _truncate_after(path: str, step: int):
   """On a resume, drops the lines a preempted run wrote after its last checkpoint,
   so the log holds one trajectory."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return
-  with open(path) as f:
+  with paths.open(path) as f:
     kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-  with open(path, 'w') as f:
-    f.writelines(kept)
+  paths.write_atomic(path, ''.join(kept))
+
+
+class RemoteLog:
+  """A text file on an object store written like one opened with 'a': the lines so far are
+  kept and the whole object uploaded on flush, at most every `interval` seconds (and on close)."""
+
+  def __init__(self, path: str, interval: float = 30.0):
+    self.path, self.interval, self.last = path, interval, 0.0
+    self.text = paths.read_text(path) if paths.exists(path) else ''
+    self.dirty = False
+
+  def write(self, s: str):
+    self.text += s
+    self.dirty = True
+
+  def flush(self, force: bool = False):
+    if self.dirty and (force or time.monotonic() - self.last >= self.interval):
+      paths.write_atomic(self.path, self.text)
+      self.last, self.dirty = time.monotonic(), False
+
+  def close(self):
+    self.flush(force=True)
+
+
+class _RemoteEvents:
+  """A TensorBoard event file on an object store, through vlp.paths (gcsfs): the bytes so
+  far, uploaded whole on each flush (tensorboardX flushes every flush_secs and on close)."""
+
+  def __init__(self, path):
+    self.path, self.buffer, self.closed = path, io.BytesIO(), False
+
+  def write(self, data):
+    self.buffer.write(data)
+
+  def flush(self):
+    if not self.closed:
+      paths.write_atomic(self.path, self.buffer.getvalue())
+
+  def close(self):
+    if not self.closed:
+      self.flush()
+      self.closed = True
+
+
+class _RemoteEventsFactory:
+
+  def open(self, path):
+    return _RemoteEvents(path)
+
+  def directory_check(self, path):
+    del path  # object stores need no directories
+
+
+def _register_remote_tensorboard(path: str):
+  """tensorboardX's own gs:// writer uses google-cloud-storage and retries a dead endpoint for
+  minutes at exit; this one goes through the same path layer as everything else."""
+  from tensorboardX import record_writer
+  record_writer.register_writer_factory(path.split('://', 1)[0], _RemoteEventsFactory())

@@ -1,0 +1,164 @@
+"""Every path may be gs://: the path layer, data shards, and train -> checkpoint -> resume ->
+eval -> export -> vlp.load_pretrained on a local GCS emulator (fake-gcs-server, reached
+through STORAGE_EMULATOR_HOST / TENSORSTORE_GCS_HTTP_URL only), with nothing written locally."""
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+import data_fixtures as fx
+import gcs_emulator
+import vlp
+from vlp import cli, export, paths, workdir_check
+from vlp.config import ConfigError
+from vlp.data import arrayrecord, pipeline, tokenizer as tok, webdataset
+from vlp.train import loop, metrics as metrics_lib
+
+
+def test_path_layer_local_and_remote(gcs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  root = f'gs://{gcs.bucket}/layer'
+  assert paths.is_remote(root) and not paths.is_remote(str(tmp_path)) and not paths.is_remote('file:///x')
+  assert paths.join(root, 'a', 'b.txt') == f'{root}/a/b.txt' and paths.abspath(root) == root
+  paths.makedirs(paths.join(root, 'dir'))
+  for i in range(3):
+    paths.write_atomic(paths.join(root, f'{i:05d}.tar'), b'x' * i)
+  assert paths.glob(f'{root}/{{00000..00001}}.tar') == [f'{root}/00000.tar', f'{root}/00001.tar']
+  assert paths.glob(f'{root}/*.tar') == [f'{root}/{i:05d}.tar' for i in range(3)]
+  assert paths.exists(f'{root}/00002.tar') and not paths.exists(f'{root}/nope')
+  assert paths.read_bytes(f'{root}/00002.tar') == b'xx'
+  with paths.open(f'{root}/t.txt', 'w') as f:
+    f.write('hello')
+  assert paths.read_text(f'{root}/t.txt') == 'hello'
+  assert os.listdir(tmp_path) == []  # no ./gs:/... made locally
+  # local paths through the same calls
+  paths.write_atomic(str(tmp_path / 'l.txt'), 'a')
+  assert paths.glob(str(tmp_path / '*.txt')) == [str(tmp_path / 'l.txt')] and paths.read_text(tmp_path / 'l.txt') == 'a'
+
+
+def test_bad_remote_paths_are_one_line(gcs):
+  with pytest.raises(ValueError, match=r"^'gs://vlp-test/none/\*\.tar' matches no file$"):
+    webdataset.expand(f'gs://{gcs.bucket}/none/*.tar')
+  with pytest.raises(paths.StorageError, match='bucket gs://no-such-bucket-x does not exist') as e:
+    paths.check_reachable('gs://no-such-bucket-x/run', 'workdir')
+  assert '\n' not in str(e.value) and 'GOOGLE_APPLICATION_CREDENTIALS' in str(e.value)
+  config = tiny_config(**{'data.tokenizer': 'gs://no-such-bucket-y/sp.model'})
+  with pytest.raises(paths.StorageError, match="config key 'data.tokenizer' gs://no-such-bucket-y/sp.model"):
+    workdir_check.check_reachable(config, f'gs://{gcs.bucket}/run')
+
+
+def test_unreachable_endpoint_is_one_line_within_the_timeout(gcs, monkeypatch):
+  import gcsfs
+  dead = gcs_emulator.Emulator()
+  dead.port = gcs_emulator._free_port()  # nothing listens there
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', dead.url)
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  try:
+    t = time.time()
+    with pytest.raises(paths.StorageError, match=r'workdir gs://vlp-test/run: (no answer|cannot access)') as e:
+      paths.check_reachable('gs://vlp-test/run', 'workdir', timeout=3)
+    assert time.time() - t < 10 and '\n' not in str(e.value)
+  finally:
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def remote_shards(gcs, tmp_path_factory):
+  """4 webdataset shards and their ArrayRecord conversion, in the bucket."""
+  local = tmp_path_factory.mktemp('shards')
+  for s in range(4):
+    fx.write_shard(str(local / 'tars'), s, [fx.sample(s * 5 + i, image=fx.jpeg(s * 5 + i, (40, 32))) for i in range(5)])
+  recs = [r for r in webdataset.read_shards(webdataset.expand(str(local / 'tars')))]
+  arrayrecord.write(str(local / 'ar' / 'all.array_record'), recs)
+  root = f'gs://{gcs.bucket}/shards'
+  for f in sorted(os.listdir(local / 'tars')):
+    paths.copy(str(local / 'tars' / f), f'{root}/tars/{f}')
+  paths.copy(str(local / 'ar' / 'all.array_record'), f'{root}/ar/all.array_record')
+  return root, str(local)
+
+
+def test_webdataset_and_arrayrecord_read_from_gcs(remote_shards):
+  root, local = remote_shards
+  shards = webdataset.expand(f'{root}/tars/{{00000..00003}}.tar')
+  assert shards == [f'{root}/tars/{i:05d}.tar' for i in range(4)]
+  assert webdataset.expand(f'{root}/tars') == shards  # a "directory" prefix
+  remote = [r['key'] for r in webdataset.read_shards(shards)]
+  assert remote == [r['key'] for r in webdataset.read_shards(webdataset.expand(f'{local}/tars'))] and len(remote) == 20
+  prep = pipeline.Preprocess(tok.builtin_tokenizer(), 16, 24, train=True)
+  it = iter(pipeline.stream_dataset(shards, webdataset.read_shard, prep, cycle_length=2, shuffle_window=4,
+                                    batch_size=4, seed=0, process_index=0, process_count=1))
+  batch = next(it)
+  assert batch['image'].shape == (4, 24, 24, 3)
+  assert arrayrecord.looks_like(f'{root}/ar')
+  source = arrayrecord.Source(f'{root}/ar/*.array_record')
+  assert len(source) == 20 and source[3]['key'] == remote[3]
+  batch = next(iter(pipeline.train_dataset(source, prep, batch_size=4, seed=0, process_index=0, process_count=1)))
+  assert batch['image'].shape == (4, 24, 24, 3)
+
+
+def _local_files(root):
+  return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+
+
+@pytest.mark.slow
+def test_train_resume_eval_export_load_all_on_gcs(gcs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  workdir, out = f'gs://{gcs.bucket}/e2e/run', f'gs://{gcs.bucket}/e2e/export'
+  tokenizer = f'gs://{gcs.bucket}/e2e/sp.model'
+  paths.copy(tok.builtin_tokenizer().model_path, tokenizer)
+  overrides = {'total_steps': 3, 'data.tokenizer': tokenizer, 'checkpoint.every': 3,
+               'compile_cache': f'gs://{gcs.bucket}/e2e/xla'}
+  loop.train(tiny_config(**overrides), workdir, progress=False)
+  names = gcs.objects('e2e/run/')
+  assert 'e2e/run/config.json' in names and 'e2e/run/metrics.jsonl' in names
+  assert any(n.startswith('e2e/run/checkpoints/3/state/') for n in names)
+  assert 'e2e/run/checkpoints/3/data/process_0-of-1.json' in names
+  assert any(n.startswith('e2e/run/tb/events.out.tfevents') for n in names)
+  assert any(n.startswith('e2e/xla/') for n in gcs.objects('e2e/xla/'))  # the compile cache, in the bucket
+  result = loop.train(tiny_config(**{**overrides, 'total_steps': 6}), workdir, progress=False)  # resumes at 3
+  assert sorted(r['step'] for r in metrics_lib.read_jsonl(workdir) if 'loss' in r) == list(range(1, 7))
+  assert 'retrieval/i2t@1' in result
+  assert cli.main(['eval', f'--workdir={workdir}']) == 0
+  records = json.loads(paths.read_text(f'{workdir}/eval_6.json'))
+  assert records and 'metrics' in records[0]
+  export.export(workdir, out)
+  enc = vlp.load_pretrained(out)
+  e = enc.encode_text(['a red circle', 'a blue square'])
+  assert e.shape == (2, 32) and np.allclose(np.linalg.norm(e, axis=-1), 1, atol=1e-5)
+  img = enc.encode_image(np.zeros((2, 16, 16, 3), np.float32))
+  assert img.shape == (2, 32)
+  assert _local_files(tmp_path) == []  # nothing written locally
+
+
+def test_failed_async_save_is_one_line_and_the_previous_checkpoint_restores(tmp_path, capsys):
+  import jax
+  from vlp import checkpoint, config as config_lib, parallel
+  from vlp.train import state as state_lib
+  c = tiny_config()
+  mesh = parallel.make_mesh(config_lib.mesh_shape(c, jax.device_count()))
+  setup = state_lib.make_setup(c, mesh)
+  state = state_lib.init_state(c, setup)
+  ck = checkpoint.Checkpointer(str(tmp_path), c.checkpoint)
+  ck.save(3, state, force=True)
+  ck.wait()
+  ck.save(6, state, force=True)
+  ck.wait()
+  real = ck.manager.wait_until_finished
+
+  def storage_gone():  # what an async save into a bucket that went away ends in
+    time.sleep(0.5)
+    raise OSError('Connection refused\nmore detail')
+  ck.manager.wait_until_finished = storage_gone
+  ck._saving = 9
+  with pytest.raises(checkpoint.SaveFailed) as e:
+    ck.wait(warn_after=0.2)
+  assert '\n' not in str(e.value) and 'checkpoint of step 9 could not be written' in str(e.value)
+  assert 'OSError: Connection refused' in str(e.value) and 'previous checkpoint (step 6) stays restorable' in str(e.value)
+  assert 'still retrying; the previous checkpoint (step 6) stays restorable' in capsys.readouterr().out
+  ck.manager.wait_until_finished = real
+  restored = ck.restore(6, setup.abstract)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  ck.close()

@@ -14,7 +14,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from vlp import checkpoint, config as config_lib, parallel, paths, plan as plan_lib, recipes, tasks
+from vlp import checkpoint, config as config_lib, parallel, paths, plan as plan_lib, pretrained, recipes, tasks
 from vlp.train import state as state_lib
 
 WEIGHTS, CONFIG, TOKENIZER = 'model.safetensors', 'config.json', 'tokenizer.model'
@@ -107,7 +107,7 @@ def load(path: str):
   model_cfg = ml_collections.ConfigDict(meta['model'])
   model = recipes.get(model_cfg.name).build(model_cfg)
   graphdef, abstract = nnx.split(model, nnx.Param)
-  params = _unflatten(safetensors.numpy.load(paths.read_bytes(paths.join(path, WEIGHTS))))
+  params = _unflatten(pretrained.read_weights(paths.join(path, WEIGHTS)))
   expected = nnx.to_pure_dict(abstract)
   if jax.tree.structure(expected) != jax.tree.structure(params):
     raise ValueError(f'{path}: weights do not match the model config')

@@ -14,6 +14,13 @@ import safetensors.numpy
 from vlp import paths
 
 
+def read_weights(path: str) -> dict:
+  """{dotted name: array} of a safetensors file, local or remote (bfloat16 included, which
+  safetensors' in-memory numpy loader does not read)."""
+  with paths.local_copy_if_remote(path) as local:
+    return safetensors.numpy.load_file(local)
+
+
 class Encoders:
   """encode_image(images) / encode_text(texts or tokens) -> L2-normalised [B, D] float32;
   an IMP export also has encode_video(clips).
@@ -29,7 +36,7 @@ class Encoders:
       self.config = json.load(f)
     if 'image_encoder' not in self.config:
       raise ValueError(f'{path} has no exported encoders: export it again with this version of `vlp export`')
-    flat = safetensors.numpy.load(paths.read_bytes(paths.join(path, 'model.safetensors')))
+    flat = read_weights(paths.join(path, 'model.safetensors'))
     self.weights = [jax.device_put(flat[k]) for k in self.config['param_keys']]
     self._image, self._text = (self._load(paths.join(path, self.config[k]))
                                for k in ('image_encoder', 'text_encoder'))

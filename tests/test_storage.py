@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import init_of, setup_of, tiny_config
 
 import data_fixtures as fx
 import gcs_emulator
@@ -136,11 +136,10 @@ def test_train_resume_eval_export_load_all_on_gcs(gcs, tmp_path, monkeypatch):
 def test_failed_async_save_is_one_line_and_the_previous_checkpoint_restores(tmp_path, capsys):
   import jax
   from vlp import checkpoint, config as config_lib, parallel
-  from vlp.train import state as state_lib
   c = tiny_config()
   mesh = parallel.make_mesh(config_lib.mesh_shape(c, jax.device_count()))
-  setup = state_lib.make_setup(c, mesh)
-  state = state_lib.init_state(c, setup)
+  setup = setup_of(c, mesh)
+  state = init_of(c, setup)
   ck = checkpoint.Checkpointer(str(tmp_path), c.checkpoint)
   ck.save(3, state, force=True)
   ck.wait()

@@ -136,7 +136,8 @@ def _task_variants(config, recipe, name, t, key, sizes, process_count, first: in
     devices = math.lcm(shards, process_count)
     if batch < devices or batch % devices:
       raise ConfigError(f"config key '{key('batch_size')}': {batch} examples at {size} px do not split into "
-                        f'{devices} equal parts (the batch devices data*fsdp = {shards}, and {process_count} processes)')
+                        f'{devices} equal parts: not divisible by the batch devices data*fsdp = {shards} and by '
+                        f'{process_count} processes')
     if batch % unit:
       raise ConfigError(f"config key '{key('micro')}': {batch} examples at {size} px do not split into {unit} "
                         f'equal parts ({t.accum_steps} micro-batches over data*fsdp = {shards} devices)')

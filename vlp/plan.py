@@ -21,7 +21,6 @@ import jax
 
 from vlp import config as config_lib, parallel, recipes
 from vlp.config import ConfigError, check
-from vlp.recipes import DEFAULT_TASK
 
 # the default task's fields are the config's top-level keys; 'micro' names the key that
 # splits a batch into micro-batches

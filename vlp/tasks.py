@@ -13,7 +13,7 @@ import jax
 from vlp import config as config_lib
 from vlp.config import ConfigError
 from vlp.data import arrayrecord, pipeline, synthetic, synthetic_video, webdataset
-from vlp.data.tokenizer import for_config as tokenizer_for
+from vlp.data.tokenizer import for_config as tokenizer_for  # noqa: F401 - callers use tasks.tokenizer_for
 
 
 def _paths_error(key, e):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vlp import config as config_lib, losses
+from vlp import config as config_lib
 from vlp.bench import flops
 from vlp.config import ConfigError, check
 from vlp.data import synthetic, synthetic_video, tokenizer as tokenizer_lib

@@ -37,6 +37,14 @@ class WorkdirMismatch(ValueError):
   """The workdir holds a checkpoint of another model or data stream."""
 
 
+class CorruptCheckpoint(FileNotFoundError):
+  """A checkpoint that does not restore: a truncated or corrupt file, a missing one, a partial commit."""
+
+
+COMMIT_MARKER = 'commit_success.txt'  # Orbax writes it last, into the step and each item
+CORRUPT_DIR = 'checkpoints_corrupt'  # beside checkpoints/: where steps that do not restore are set aside
+
+
 class SaveFailed(paths.StorageError):
   """A checkpoint could not be written (e.g. the bucket went away during an async save)."""
 
@@ -116,9 +124,11 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, save_interval_steps=cfg.every,
         keep_period=cfg.keep_every or None,
-        enable_async_checkpointing=cfg.async_save, read_only=read_only)
+        enable_async_checkpointing=cfg.async_save, read_only=read_only,
+        cleanup_tmp_directories=not read_only)  # the half-written steps of a killed run
+    self.workdir = paths.abspath(workdir)
     self.manager = ocp.CheckpointManager(
-        paths.join(paths.abspath(workdir), 'checkpoints'), options=options,
+        paths.join(self.workdir, 'checkpoints'), options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        **{item: grain.checkpoint.CheckpointHandler() for item in data_items}})
 
@@ -139,14 +149,54 @@ class Checkpointer:
     if requested is None:
       return self.latest_step()
     steps = self.all_steps()
-    if requested not in steps:
-      raise FileNotFoundError(f'--step: no checkpoint of step {requested} in {self.manager.directory} '
-                              f'(saved: {steps})')
+    self._saved(requested)
     for later in (s for s in steps if s > requested):
       if jax.process_index() == 0:
         print(f'resuming step {requested}: deleting the later checkpoint {later}')
       self.manager.delete(later)
     return requested
+
+  def resume(self, requested: int | None, abstract_state, data_iterators=None):
+    """(step, state) to go on from: `requested` (see resume_step), or the newest step that restores;
+    (None, None) when there is none.
+
+    A newest step that does not restore is reported in one line naming it and why, set aside
+    into checkpoints_corrupt/ (its step number can be saved again), and the next older one
+    tried. A requested step that does not restore raises CorruptCheckpoint instead.
+    """
+    if requested is not None:
+      try:
+        state = self.restore(self._saved(requested), abstract_state, data_iterators)
+      except CorruptCheckpoint as e:
+        raise CorruptCheckpoint(f'--step={requested}: {e}') from None
+      return self.resume_step(requested), state
+    steps = self.all_steps()
+    for i in range(len(steps) - 1, -1, -1):
+      try:
+        return steps[i], self.restore(steps[i], abstract_state, data_iterators)
+      except CorruptCheckpoint as e:
+        fallback = f'resuming step {steps[i - 1]}' if i else 'no older checkpoint: starting afresh'
+        if jax.process_index() == 0:
+          print(f'{e}; {fallback}', flush=True)
+        self._set_aside(steps[i])
+    return None, None
+
+  def _saved(self, step):
+    if step not in self.all_steps():
+      raise FileNotFoundError(f'--step: no checkpoint of step {step} in {self.manager.directory} '
+                              f'(saved: {self.all_steps()})')
+    return step
+
+  def _set_aside(self, step):
+    """Moves a step that does not restore out of Orbax's way, kept for a post-mortem."""
+    if jax.process_index() == 0:
+      dest = paths.join(self.workdir, CORRUPT_DIR)
+      paths.makedirs(dest)
+      name = str(step)
+      while paths.exists(paths.join(dest, name)):
+        name += '_'
+      paths.rename(paths.join(str(self.manager.directory), str(step)), paths.join(dest, name))
+    self.manager.reload()
 
   def save(self, step: int, state, data_iterators=None, force=False, config=None) -> bool:
     """Starts a save (async: returns once the arrays are copied off the devices).
@@ -168,12 +218,27 @@ class Checkpointer:
 
   def restore(self, step, abstract_state, data_iterators=None):
     """Restores state (onto the shardings of `abstract_state`) and, if given, the iterators in place
-    (data_iterators as for save)."""
+    (data_iterators as for save). A step that does not restore raises CorruptCheckpoint naming it."""
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     for item, it in _by_item(data_iterators).items():
       self._check_data_processes(step, item)
       items[item] = grain.checkpoint.CheckpointRestore(it)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
+    missing = [p for p in ('', 'state/', *(f'{i}/' for i in items if i != 'state'))
+               if not paths.exists(paths.join(str(self.manager.directory), f'{step}/{p}{COMMIT_MARKER}'))]
+    if missing:
+      raise self._corrupt(step, f'no {missing[0]}{COMMIT_MARKER}: a partial commit')
+    try:  # the state first: the iterators are set in place only once it has restored
+      state = self.manager.restore(step, args=ocp.args.Composite(state=items.pop('state')))['state']
+      if items:
+        self.manager.restore(step, args=ocp.args.Composite(**items))
+      return state
+    except Exception as e:  # noqa: BLE001 - whatever the file layer raised: one line naming the step
+      while (e.__cause__ or e.__context__) is not None:  # the file layer's own words are at the root
+        e = e.__cause__ or e.__context__
+      raise self._corrupt(step, f'{type(e).__name__}: {_first_line(e)}') from None
+
+  def _corrupt(self, step, why) -> CorruptCheckpoint:
+    return CorruptCheckpoint(f'checkpoint step {step} in {self.manager.directory} does not restore ({why})')
 
   def _check_data_processes(self, step, item):
     """Each process saved its own input position; a different process count cannot take them over."""
@@ -215,7 +280,7 @@ class Checkpointer:
     return f'step {steps[-1]}' if steps else 'none'
 
   def _failed(self, e) -> SaveFailed:
-    msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    msg = _first_line(e)
     return SaveFailed(f'checkpoint of step {getattr(self, "_saving", "?")} could not be written to '
                       f'{self.manager.directory} ({type(e).__name__}: {msg}); the previous checkpoint '
                       f'({self._previous()}) stays restorable')
@@ -228,3 +293,7 @@ def _by_item(data_iterators) -> dict:
   if data_iterators is None:
     return {}
   return data_iterators if isinstance(data_iterators, dict) else {'data': data_iterators}
+
+
+def _first_line(e, limit: int = 300) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

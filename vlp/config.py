@@ -83,6 +83,8 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
   # 'weighted': one task per step drawn with probability ~ `weight` (IMP's paper).
   c.agd = dict(schedule='interval')
   c.compile_cache = 'workdir'  # XLA's persistent cache: 'workdir' = WORKDIR/compile_cache, a path (gs:// too), '' off
+  # a step with a non-finite loss or grad norm is not applied; K in a row roll back (vlp.train.guard)
+  c.nonfinite = dict(guard=True, max_consecutive=5, spike_window=100, spike_zscore=6.0)
   c.ema_decay = 0.0  # > 0 keeps an exponential moving average of the params (`vlp export --weights=ema`)
   c.checkpoint = dict(
       every=500, keep=2, async_save=True,
@@ -252,7 +254,6 @@ def check(ok: bool, key: str, message: str):
   """Raises ConfigError naming `key` unless ok."""
   if not ok:
     raise ConfigError(f"config key '{key}': {message}")
-
 
 
 def check_positive_ints(section, key: str, names=('width', 'depth', 'num_heads', 'mlp_dim')):

@@ -8,12 +8,13 @@ iterator and compiled step, all compiled before the first step.
 """
 import collections
 import time
+import types
 
 import jax
 import tqdm
 
 from vlp import checkpoint, eval as eval_lib, parallel, plan as plan_lib, tasks, workdir_check
-from vlp.train import agd, metrics as metrics_lib, preemption, state as state_lib, step as step_lib
+from vlp.train import agd, guard, metrics as metrics_lib, preemption, state as state_lib, step as step_lib
 
 
 class Evaluators:
@@ -57,8 +58,8 @@ class _Logger:
   per-variant curves ('<variant>/loss', ...) when there are several tasks, throughput,
   input wait and skipped records."""
 
-  def __init__(self, config, writer, times, bar):
-    self.config, self.writer, self.times, self.bar = config, writer, times, bar
+  def __init__(self, config, writer, times, bar, tracker):
+    self.config, self.writer, self.times, self.bar, self.tracker = config, writer, times, bar, tracker
     self.last = (time.perf_counter(), 0.0, 0)  # (time, data wait so far, examples so far) at the last line
     self.examples = 0
     self.latest = {}  # variant -> its latest metrics since the last log line
@@ -66,6 +67,10 @@ class _Logger:
 
   def __call__(self, step, variant, device_metrics):
     m = jax.device_get(device_metrics)
+    warnings = self.tracker.observe(step, variant.metric_prefix, m)
+    if warnings:
+      self.writer.write(step, warnings)
+    m = {k: v for k, v in m.items() if k != 'nonfinite'}  # counted over the run instead
     self.latest[variant.metric_prefix] = m
     if step % self.config.log_every and step != self.config.total_steps:
       return
@@ -75,6 +80,7 @@ class _Logger:
     out['examples_per_sec'] = (self.examples - self.last[2]) / elapsed
     out['data_wait_frac'] = (waited - self.last[1]) / elapsed  # share of time the loop waited for input
     out.update({f'skipped/{reason}': n for reason, n in self.skipped.items()})
+    out['skipped_nonfinite'] = self.tracker.skipped
     self.last = (now, waited, self.examples)
     self.latest.clear()
     self.writer.write(step, out)
@@ -96,23 +102,51 @@ def _compile_all(plan, setup, times) -> dict:
 
 def _start(plan, setup, ckpt, iterators, resume_at):
   """(first step, state): a fresh state, or the checkpoint's (with the input positions)."""
-  start = ckpt.resume_step(resume_at)
-  if start is None:
-    return 0, state_lib.init_state(plan, setup)
   # The input positions are per process; without them the pipeline starts afresh.
   restore_data = plan.config.checkpoint.restore_data
-  state = ckpt.restore(start, setup.abstract, iterators if restore_data else None)
+  start, state = ckpt.resume(resume_at, setup.abstract, iterators if restore_data else None)
+  if start is None:
+    return 0, state_lib.init_state(plan, setup)
   _log(f'resumed step {start}' + ('' if restore_data else ' (train state only; input pipeline from its start)'))
   return start, state
 
 
-def _save(ckpt, done, state, iterators, config, writer, times):
+def _save(ckpt, done, state, iterators, config, writer, times) -> bool:
+  """Starts the checkpoint of step `done`; False (and nothing saved) if a param is not finite."""
   t = time.perf_counter()
+  if not guard.params_finite(state):
+    _log(f'step {done}: a param is not finite: not saving this checkpoint')
+    return False
   ckpt.save(done, state, iterators, force=True, config=config)
   blocked = time.perf_counter() - t  # an async save returns once the arrays are off the devices
   times['checkpoint'] += blocked
   times['checkpoint_blocked_max'] = max(times['checkpoint_blocked_max'], blocked)
   writer.write(done, {'checkpoint/blocked_s': blocked})
+  return True
+
+
+class _Rollback:
+  """Rolls the train state back to the last checkpoint (a fresh state without one); the
+  input pipeline goes on. A second rollback to the same checkpoint stops the run."""
+
+  def __init__(self, plan, setup, ckpt, writer):
+    self.plan, self.setup, self.ckpt, self.writer = plan, setup, ckpt, writer
+    self.last = None  # the step rolled back to last time
+
+  def __call__(self, at_step: int, why: str):
+    self.ckpt.wait()
+    target = self.ckpt.latest_step() or 0
+    if target == self.last:
+      raise guard.Diverged(f'training diverged at step {at_step}: {why}, again after rolling back to step '
+                           f'{target} with no checkpoint since; stopping (lower optim.lr, or look at the data)')
+    self.last = target
+    if target:
+      state = self.ckpt.restore(target, self.setup.abstract)  # the train state only
+    else:
+      state = state_lib.init_state(self.plan, self.setup)
+    _log(f'step {at_step}: {why}: rolled back to step {target}; the input pipeline goes on')
+    self.writer.write(at_step, {'rollback/to_step': target})
+    return target, state
 
 
 def _train(config, workdir, progress, resume_at, preempt):
@@ -120,7 +154,6 @@ def _train(config, workdir, progress, resume_at, preempt):
   plan, mesh = prepare(config, workdir)
   tokenizer = tasks.tokenizer_for(config)
   setup = state_lib.make_setup(plan, mesh)
-  schedule = agd.Schedule(plan)
   iterators = {v.data_item: tasks.train_iterator(plan, tokenizer, v) for v in plan.variants}
   evaluator = Evaluators(plan, setup, tokenizer) or None
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, data_items=list(iterators))
@@ -128,45 +161,73 @@ def _train(config, workdir, progress, resume_at, preempt):
   steps = _compile_all(plan, setup, times)
   start, state = _start(plan, setup, ckpt, iterators, resume_at)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
-  batch_sharding = parallel.batch_sharding(mesh)
   bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not progress or jax.process_index() != 0,
                   unit='step', dynamic_ncols=True)
-  log = _Logger(config, writer, times, bar)
+  log = _Logger(config, writer, times, bar, guard.Tracker(config.nonfinite, log=_log))
+  run = types.SimpleNamespace(plan=plan, steps=steps, iterators=iterators, ckpt=ckpt, writer=writer, log=log,
+                              times=times, preempt=preempt, evaluator=evaluator, bar=bar,
+                              compiles=metrics_lib.CompileCounter(), rollback=_Rollback(plan, setup, ckpt, writer),
+                              batch_sharding=parallel.batch_sharding(mesh))
+  state, final, done = _steps(run, start, state)
+  bar.close()
+  return _finish(config, state, start, iterators, ckpt, writer, times, run.compiles, evaluator, final, done)
+
+
+def _steps(run, start, state):
+  """Steps from `start` to the end (or a preemption); returns (state, final eval metrics, last step)."""
+  config, log, times = run.plan.config, run.log, run.times
+  schedule = agd.Schedule(run.plan)
   pending = None  # metrics of the previous step, read after the next step is dispatched
-  final, done = {}, start
-  compiles = metrics_lib.CompileCounter()
-  for step in range(start, config.total_steps):
-    variant = plan.variants[schedule(step)]
+  final, done, step = {}, start, start
+  while step < config.total_steps:
+    variant = run.plan.variants[schedule(step)]
     t0 = time.perf_counter()
-    host_batch = next(iterators[variant.data_item])
+    host_batch = next(run.iterators[variant.data_item])
     log.skipped.update(host_batch.pop('skipped', {}))
     t1 = time.perf_counter()
-    with compiles.counting():  # a step never compiles after the warm-up (tests read the count)
-      batch = jax.make_array_from_process_local_data(batch_sharding, host_batch)
-      state, device_metrics = steps[variant.name](state, batch)
+    with run.compiles.counting():  # a step never compiles after the warm-up (tests read the count)
+      batch = jax.make_array_from_process_local_data(run.batch_sharding, host_batch)
+      state, device_metrics = run.steps[variant.name](state, batch)
     log.examples += variant.batch_size
     if pending is not None:
       log(*pending)
     times['data_wait'] += t1 - t0
     times['step'] += time.perf_counter() - t1
-    pending, done = (step + 1, variant, device_metrics), step + 1
-    bar.update(1)
-    stop = preempt.requested()
+    pending, done, step = (step + 1, variant, device_metrics), step + 1, step + 1
+    run.bar.update(1)
+    if log.tracker.rollback_due():  # seen one step late: the step just dispatched goes too
+      pending, (step, state) = None, _roll_back(run, done - 1, f'{log.tracker.in_a_row} non-finite steps in a row')
+      done = step
+      continue
+    stop = run.preempt.requested()
     if done % config.checkpoint.every == 0 or done == config.total_steps or stop:
-      _save(ckpt, done, state, iterators, config, writer, times)
+      if not _save(run.ckpt, done, state, run.iterators, config, run.writer, times):
+        if stop:
+          _log(f'preempted: step {done} not saved (a param is not finite), exiting')
+          break
+        pending, (step, state) = None, _roll_back(run, done, 'a param is not finite')
+        done = step
+        continue
     if stop:
       _log(f'preempted: saved step {done}, exiting')
       final['preempted_at'] = done
       break
-    if evaluator and (done == config.total_steps or (config.eval_every and done % config.eval_every == 0)):
+    if run.evaluator and (done == config.total_steps or (config.eval_every and done % config.eval_every == 0)):
       t = time.perf_counter()
-      final = dict(evaluator.run(state['params']))
+      final = dict(run.evaluator.run(state['params']))
       times['eval'] += time.perf_counter() - t
-      writer.write(done, final)
+      run.writer.write(done, final)
   if pending is not None:
     log(*pending)
-  bar.close()
-  return _finish(config, state, start, iterators, ckpt, writer, times, compiles, evaluator, final, done)
+  return state, final, done
+
+
+def _roll_back(run, at_step, why):
+  step, state = run.rollback(at_step, why)
+  run.log.tracker.in_a_row = 0
+  run.bar.n = step
+  run.bar.refresh()
+  return step, state
 
 
 def _finish(config, state, start, iterators, ckpt, writer, times, compiles, evaluator, final, done):

@@ -2,7 +2,9 @@
 batch, gradients (accumulated over its micro-batches), the optimizer update; state donated.
 
 The update leaves the params the variant's task does not touch, and their
-optimizer state, as they were (vlp.train.agd.select_touched).
+optimizer state, as they were (vlp.train.agd.select_touched). A step whose loss
+or gradient norm is not finite leaves the whole state as it was, bar the step
+counter (vlp.train.guard; `config.nonfinite.guard`).
 """
 import time
 
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from vlp import parallel
-from vlp.train import agd
+from vlp.train import agd, guard
 
 
 def micro_batches(batch, k: int):
@@ -47,6 +49,7 @@ def make_train_step(plan, setup, variant):
   config, recipe = plan.config, plan.recipe
   graphdef, tx, lr_schedule = setup.graphdef, setup.tx, setup.lr_schedule
   untouched = recipe.untouched_params(variant, setup.abstract['params'])
+  guarded = config.nonfinite.guard
 
   def train_step(state, batch):
     model_state = state.get('model_state', {})
@@ -61,13 +64,18 @@ def make_train_step(plan, setup, variant):
     # a task's step leaves what it does not touch alone: no Adam drift, no weight decay
     params = agd.select_touched(params, state['params'], untouched)
     opt_state = agd.select_touched(opt_state, state['opt_state'], untouched)
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': lr_schedule(state['step']), **aux}
-    new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+    grad_norm = optax.tree.norm(grads)
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': lr_schedule(state['step']), **aux}
+    new = {'params': params, 'opt_state': opt_state}
     if 'ema_params' in state:
       new['ema_params'] = optax.incremental_update(params, state['ema_params'], 1.0 - config.ema_decay)
     if 'model_state' in state:
       new['model_state'] = model_state
-    return new, metrics
+    if guarded:  # a non-finite step changes nothing but the step counter (vlp.train.guard)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      new = guard.keep_if(finite, new, {k: state[k] for k in new})
+      metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
+    return {'step': state['step'] + 1, **new}, metrics
 
   return train_step
 

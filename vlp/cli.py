@@ -132,6 +132,7 @@ def cmd_data(args, overrides):
 def main(argv=None):
   from vlp.config import ConfigError
   from vlp.checkpoint import WorkdirMismatch
+  from vlp.train.guard import Diverged
   argv = sys.argv[1:] if argv is None else argv
   argv, overrides = _split_overrides(argv)
   parser = argparse.ArgumentParser(prog='vlp', description=__doc__)
@@ -191,7 +192,7 @@ def main(argv=None):
   if overrides and args.command not in ('train', 'eval', 'bench'):
     parser.error(f'--config.* overrides do not apply to `vlp {args.command}`')
   # Data tools and eval data report bad paths and inputs as ValueError: one line, no traceback.
-  user_errors = (ConfigError, WorkdirMismatch, FileNotFoundError) + ((ValueError,) if args.command in ('data', 'eval') else ())
+  user_errors = (ConfigError, WorkdirMismatch, FileNotFoundError, Diverged) + ((ValueError,) if args.command in ('data', 'eval') else ())
   try:
     args.fn(args, overrides)
   except user_errors as e:

@@ -15,6 +15,10 @@ everything that cannot become one is yielded as `records.skipped(key, reason)`:
   truncated_shard  the tar ends before its end-of-archive marker (what comes
                    after the cut is lost and unknown: one skip for it)
   bad_shard        the file is not a tar at all
+  unsafe_member    a member named by an absolute path or one with `..` in it
+
+Members are read into memory only: nothing of a shard is ever written to disk,
+and a member whose name points outside the archive is skipped before it is read.
 """
 from __future__ import annotations
 
@@ -40,6 +44,11 @@ def _split(name: str) -> tuple[str, str]:
   base = os.path.basename(name)
   key, _, ext = base.partition('.')
   return key, ext.lower()
+
+
+def _unsafe(name: str) -> bool:
+  """An absolute member name, or one that climbs out of the archive ('a/../../b')."""
+  return name.startswith(('/', '\\')) or os.path.isabs(name) or '..' in name.replace('\\', '/').split('/')
 
 
 def _record(key: str, group: dict[str, bytes]) -> dict:
@@ -107,6 +116,9 @@ def read_shard(path: str) -> Iterator[dict]:
     try:
       for member in tar:
         if not member.isfile():
+          continue
+        if _unsafe(member.name):
+          yield records.skipped(f'{shard}:{member.name}', 'unsafe_member')
           continue
         k, ext = _split(member.name)
         if k != key and key is not None:

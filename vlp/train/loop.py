@@ -33,6 +33,7 @@ class Evaluators:
 def prepare(config, workdir, mesh=None):
   """Everything that must hold before compiling: the plan (a validated config), mesh, workdir."""
   plan = plan_lib.make(config, jax.device_count(), jax.process_count())
+  guard.validate(config.nonfinite)
   mesh = mesh or parallel.make_mesh(plan.sizes)
   workdir_check.prepare(config, workdir)  # remote paths answer, a shared workdir, the compile cache
   checkpoint.check_workdir(config, workdir)
@@ -158,8 +159,8 @@ def _train(config, workdir, progress, resume_at, preempt):
   evaluator = Evaluators(plan, setup, tokenizer) or None
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, data_items=list(iterators))
   _log(parallel.format_memory_table(parallel.memory_table(setup.abstract, plan.activation_bytes()), plan.sizes))
+  start, state = _start(plan, setup, ckpt, iterators, resume_at)  # before compiling: a bad --step fails fast
   steps = _compile_all(plan, setup, times)
-  start, state = _start(plan, setup, ckpt, iterators, resume_at)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not progress or jax.process_index() != 0,
                   unit='step', dynamic_ncols=True)
@@ -201,7 +202,9 @@ def _steps(run, start, state):
       continue
     stop = run.preempt.requested()
     if done % config.checkpoint.every == 0 or done == config.total_steps or stop:
-      if not _save(run.ckpt, done, state, run.iterators, config, run.writer, times):
+      if _in_nonfinite_run(device_metrics) and not (stop or done == config.total_steps):
+        _log(f'step {done}: in a run of non-finite steps: not saving this checkpoint')
+      elif not _save(run.ckpt, done, state, run.iterators, config, run.writer, times):
         if stop:
           _log(f'preempted: step {done} not saved (a param is not finite), exiting')
           break
@@ -220,6 +223,12 @@ def _steps(run, start, state):
   if pending is not None:
     log(*pending)
   return state, final, done
+
+
+def _in_nonfinite_run(device_metrics) -> bool:
+  """Whether the step just done was not applied (read now: a save step waits for the device anyway),
+  so that a periodic checkpoint, the one a rollback goes to, is taken after a finite step."""
+  return 'nonfinite' in device_metrics and float(device_metrics['nonfinite']) > 0
 
 
 def _roll_back(run, at_step, why):

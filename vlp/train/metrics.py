@@ -70,7 +70,7 @@ class MetricWriter:
 
 def read_jsonl(workdir: str) -> list[dict]:
   with paths.open(paths.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in f if _step_of(line) != float('inf')]
 
 
 def _truncate_after(path: str, step: int):
@@ -79,8 +79,16 @@ def _truncate_after(path: str, step: int):
   if not paths.exists(path):
     return
   with paths.open(path) as f:
-    kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    kept = [line for line in f if _step_of(line) <= step]
   paths.write_atomic(path, ''.join(kept))
+
+
+def _step_of(line: str) -> float:
+  """The step of a log line; a line a kill cut short (or an empty one) counts as after every step."""
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError, TypeError):
+    return float('inf')
 
 
 class RemoteLog:

@@ -44,16 +44,18 @@ def _resume(workdir):
     it.close()
 
 
-def _a_state_file(workdir, step):
+def _state_files(workdir, step):
+  """The files of the step's arrays (OCDBT data; a restore need not read every one)."""
   d = os.path.join(workdir, 'checkpoints', str(step), 'state', 'ocdbt.process_0', 'd')
-  return os.path.join(d, sorted(os.listdir(d))[0])
+  return [os.path.join(d, n) for n in os.listdir(d)]
 
 
 def _damage(workdir, how, step):
   ckpts = os.path.join(workdir, 'checkpoints')
   if how == 'truncated':
-    with open(_a_state_file(workdir, step), 'r+b') as f:
-      f.truncate(10)
+    for path in _state_files(workdir, step):  # as a copy or upload cut short leaves them
+      with open(path, 'r+b') as f:
+        f.truncate(10)
   elif how == 'deleted':
     os.remove(os.path.join(ckpts, str(step), 'data', 'process_0-of-1.json'))
   else:  # the commit marker: the step never finished

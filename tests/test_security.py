@@ -58,3 +58,4 @@ def test_a_workdir_config_is_json_and_never_executed(tmp_path):
     checkpoint.load_workdir_config(str(tmp_path))
   assert not marker.exists()
   assert paths.exists(str(tmp_path / 'config.json'))
+

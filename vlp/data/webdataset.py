@@ -15,6 +15,7 @@ everything that cannot become one is yielded as `records.skipped(key, reason)`:
   truncated_shard  the tar ends before its end-of-archive marker (what comes
                    after the cut is lost and unknown: one skip for it)
   bad_shard        the file is not a tar at all
+  unreadable_shard the file cannot be opened (deleted or unreachable since it was listed)
   unsafe_member    a member named by an absolute path or one with `..` in it
 
 Members are read into memory only: nothing of a shard is ever written to disk,
@@ -106,7 +107,12 @@ def _open(path: str):
 def read_shard(path: str) -> Iterator[dict]:
   """Records of one shard in file order (skipped ones included, with their reason)."""
   key, group, shard = None, {}, paths.basename(path)
-  with _open(path) as f:
+  try:
+    f = _open(path)
+  except OSError:  # deleted (or unreachable) since the run listed it
+    yield records.skipped(f'{shard}:', 'unreadable_shard')
+    return
+  with f:
     watch = _EndWatch(f)
     try:
       tar = tarfile.open(fileobj=watch, mode='r:')

@@ -96,3 +96,4 @@ def test_sigkill_during_an_async_save_leaves_the_previous_checkpoint(tmp_path):
   ckpt.save(2, restored, force=True)  # and training can go on saving over the torn step
   ckpt.wait()
   assert ckpt.all_steps() == [1, 2]
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']  # the torn write's temporary dir is gone

@@ -42,6 +42,8 @@ class CorruptCheckpoint(FileNotFoundError):
 
 
 COMMIT_MARKER = 'commit_success.txt'  # Orbax writes it last, into the step and each item
+# a storage that did not answer, not a damaged checkpoint: the run stops instead of setting the step aside
+_UNREACHABLE = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'Connection refused', 'Connection reset', 'timed out')
 CORRUPT_DIR = 'checkpoints_corrupt'  # beside checkpoints/: where steps that do not restore are set aside
 
 
@@ -235,7 +237,11 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 - whatever the file layer raised: one line naming the step
       while (e.__cause__ or e.__context__) is not None:  # the file layer's own words are at the root
         e = e.__cause__ or e.__context__
-      raise self._corrupt(step, f'{type(e).__name__}: {_first_line(e)}') from None
+      why = f'{type(e).__name__}: {_first_line(e)}'
+      if isinstance(e, (ConnectionError, TimeoutError)) or any(c in why for c in _UNREACHABLE):
+        raise paths.StorageError(f'checkpoint step {step} in {self.manager.directory} could not be read '
+                                 f'({why}); is the storage reachable? nothing was set aside') from None
+      raise self._corrupt(step, why) from None
 
   def _corrupt(self, step, why) -> CorruptCheckpoint:
     return CorruptCheckpoint(f'checkpoint step {step} in {self.manager.directory} does not restore ({why})')

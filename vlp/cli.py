@@ -120,6 +120,16 @@ def cmd_bench(args, overrides):
   print(json.dumps(result))
 
 
+def cmd_bench_quality(args, overrides):
+  from vlp.bench import quality
+  config = _load_config(args.config, overrides)
+  result = quality.run(config, None if args.compare == 'none' else args.compare)
+  print(quality.table(result))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(result, f, indent=1)
+
+
 def cmd_data(args, overrides):
   if args.tool == 'tokenizer':
     from vlp.data import tokenizer
@@ -175,6 +185,11 @@ def main(argv=None):
     p.add_argument('--compare', default=None, choices=('open_clip', 'dense'),
                    help='open_clip: the same ALIGN model in open_clip; dense: the config without MoE')
     p.set_defaults(fn=cmd_bench)
+  p = bench.add_parser('quality', help='held-out retrieval after training, vlp against open_clip side by side')
+  p.add_argument('--config', required=True)
+  p.add_argument('--compare', default='open_clip', choices=('open_clip', 'none'))
+  p.add_argument('--json', default='', help='also write the rows and differences to this file')
+  p.set_defaults(fn=cmd_bench_quality)
   p = bench.add_parser('data', help='images/s of the input pipeline (flags: vlp bench data -h)', add_help=False)
   p.set_defaults(fn=cmd_bench_data)  # its flags are parsed by vlp.bench.data
   p = bench.add_parser('retrieval', help='recall@K: chunked vs dense top-k (flags: -h)', add_help=False)
@@ -191,7 +206,8 @@ def main(argv=None):
   if overrides and args.command not in ('train', 'eval', 'bench'):
     parser.error(f'--config.* overrides do not apply to `vlp {args.command}`')
   # Data tools and eval data report bad paths and inputs as ValueError: one line, no traceback.
-  user_errors = (ConfigError, WorkdirMismatch, FileNotFoundError) + ((ValueError,) if args.command in ('data', 'eval') else ())
+  from vlp.bench.compare import ReferenceEnvError  # the torch environment of a comparison is missing
+  user_errors = (ConfigError, WorkdirMismatch, FileNotFoundError, ReferenceEnvError) + ((ValueError,) if args.command in ('data', 'eval') else ())
   try:
     args.fn(args, overrides)
   except user_errors as e:

@@ -63,6 +63,9 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
       schedule='cosine',  # 'cosine', 'linear' or 'constant' after warm-up
       weight_decay=0.05, b1=0.9, b2=0.98, eps=1e-6,
       clip_norm=1.0,  # global-norm clipping; 0 disables
+      # params (by name) without weight decay, besides vectors and biases; open_clip decays
+      # every matrix, embeddings included: ()
+      no_decay=('pos_embed',),
   )
   # Mesh axis sizes; -1 takes the devices left over. Params are sharded by the
   # logical-axis rules of vlp.parallel, the batch over (data, fsdp).
@@ -278,6 +281,7 @@ def validate_common(config):
   check(o.schedule in ('cosine', 'linear', 'constant'), 'optim.schedule',
          f'{o.schedule!r} not in cosine/linear/constant')
   check(o.lr > 0, 'optim.lr', 'must be > 0')
+  check(all(isinstance(n, str) for n in o.no_decay), 'optim.no_decay', f'must be param names, got {o.no_decay!r}')
   check(o.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0')
   check(config.total_steps > 0, 'total_steps', 'must be > 0')
   check(isinstance(config.accum_steps, int) and config.accum_steps >= 1, 'accum_steps', 'must be >= 1')
@@ -290,6 +294,9 @@ def validate_common(config):
   check(0.0 <= config.ema_decay < 1.0, 'ema_decay', 'must be in [0, 1)')
   _validate_evals(config)
   c = config.checkpoint
+  check(c.every >= 1, 'checkpoint.every', 'must be >= 1 (the last step is always saved)')
+  check(config.log_every >= 1, 'log_every', 'must be >= 1')
+  check(config.eval_every >= 0, 'eval_every', 'must be >= 0 (0: only at the end)')
   check(c.keep >= 1, 'checkpoint.keep', 'must be >= 1')
   check(c.keep_every >= 0, 'checkpoint.keep_every', 'must be >= 0')
   check(config.agd.schedule in SCHEDULES, 'agd.schedule', f'{config.agd.schedule!r} not in {"/".join(SCHEDULES)}')

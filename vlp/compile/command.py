@@ -78,8 +78,9 @@ def run(config, topology: str, num_slices: int = 1, json_path: str | None = None
   if json_path:
     with open(json_path, 'w') as f:
       json.dump(rec, f, indent=1, default=lambda x: list(x) if isinstance(x, tuple) else float(x))
-  p(f'fits: {"yes" if rec["fits"] else "NO"} (largest program {report.gib(rec["bytes_per_device"])} of '
-    f'{report.gib(topo.chip.hbm_bytes)} HBM)' + (f'; record: {json_path}' if json_path else ''))
+  p(f'fits: {"yes" if rec["fits"] else "NO, " + rec["not_fitting"]} (largest compiled program '
+    f'{report.gib(rec["bytes_per_device"])} of {report.gib(topo.chip.hbm_bytes)} HBM)'
+    + (f'; record: {json_path}' if json_path else ''))
   return rec
 
 

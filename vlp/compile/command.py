@@ -39,13 +39,14 @@ def _compile_all(plan, setup, variants, evals: bool, chip, num_devices: int, p) 
   return out
 
 
-def _table_vs_compiled(plan, setup, variants, programs) -> tuple[dict, dict]:
+def _table_vs_compiled(plan, setup, programs) -> tuple[dict, dict]:
+  """The training-start memory table, and how it compares with the largest compiled train step."""
   table = parallel.memory_table(setup.abstract, plan.activation_bytes())
-  train = [(e, v) for e, v in zip(programs, variants) if 'memory' in e]
+  train = [e for e in programs if e['kind'] == 'train' and 'memory' in e]
   if not train:
     return table, report.table_vs_compiled(table, None, 0)
-  entry, v = max(train, key=lambda ev: ev[0]['memory']['total'])
-  batch = parallel.bytes_per_device(plan.batch_spec(v, setup.mesh))
+  entry = max(train, key=lambda e: e['memory']['total'])
+  batch = parallel.bytes_per_device(plan.batch_spec(plan.variant(entry['variant']), setup.mesh))
   return table, report.table_vs_compiled(table, entry, batch)
 
 
@@ -71,7 +72,7 @@ def run(config, topology: str, num_slices: int = 1, json_path: str | None = None
   programs = _compile_all(plan, setup, chosen, evals, topo.chip, len(devices), p)
   report.memory_lines(p, programs, topo.chip)
   report.step_lines(p, programs)
-  table, vs = _table_vs_compiled(plan, setup, chosen, programs)
+  table, vs = _table_vs_compiled(plan, setup, programs)
   report.table_lines(p, table, vs, topo.chip)
   rec = report.record(config_name, topo, num_slices, len(devices), processes, plan.sizes, programs, table, vs)
   rec['variants_compiled'] = [v.name for v in chosen]

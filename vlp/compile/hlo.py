@@ -149,11 +149,12 @@ def dumped_buffers(module: str, n: int = 5):
   return best
 
 
-def largest_leaves(tree, n: int = 5):
-  """[(bytes per device, shape, path)] of the largest leaves of a tree of sharded ShapeDtypeStructs."""
+def largest_leaves(tree, n: int = 5, name: str = 'state'):
+  """[(bytes per device, shape, name + path)] of the largest leaves of a tree of sharded
+  ShapeDtypeStructs."""
   out = []
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     shard = x.sharding.shard_shape(x.shape) if getattr(x, 'sharding', None) is not None else x.shape
     out.append((int(math.prod(shard) * np.dtype(x.dtype).itemsize), f'{np.dtype(x.dtype).name}{list(shard)}',
-                'state' + jax.tree_util.keystr(path)))
+                name + jax.tree_util.keystr(path)))
   return sorted(out, key=lambda t: -t[0])[:n]

@@ -108,5 +108,5 @@ def eval_encoder(name: str, jitted, args, chip, num_devices: int) -> dict:
   if compiled is not None:
     analyse(entry, compiled, chip, num_devices, None)
   if not entry['fits']:
-    entry['largest_buffers'] = hlo.dumped_buffers('jit_*lambda') or hlo.largest_leaves(args)
+    entry['largest_buffers'] = hlo.dumped_buffers('jit_*lambda') or hlo.largest_leaves(args, name='args')
   return entry

@@ -84,8 +84,9 @@ def table_lines(p, table: dict, vs: dict, chip):
     + f'; total {gib(vs["table_total"])}')
   if 'program' not in vs:
     return
-  acts = (f'activations (est.) {gib(vs["table_activations"])} vs compiled temp {gib(vs["compiled_temp"])} '
-          f'({vs["activations_ratio"]:.2f}x)' if vs['activations_ratio'] else 'no activation estimate')
+  ratio = f' ({vs["activations_ratio"]:.2f}x)' if vs['activations_ratio'] else ''
+  acts = (f'activations (est.) {gib(vs["table_activations"])} vs compiled temp {gib(vs["compiled_temp"])}{ratio}'
+          if vs['table_activations'] is not None else 'no activation estimate')
   p(f'  against {vs["program"]} compiled for {chip.name}: state {gib(vs["table_state"])} vs compiled arguments '
     f'less the batch {gib(vs["compiled_state"])} ({vs["state_ratio"]:.2f}x); {acts}; total '
     f'{gib(vs["table_total"])} vs {gib(vs["compiled_total"])}: the table is {vs["total_ratio"]:.2f}x the compiled bytes')

@@ -206,7 +206,8 @@ def test_paper_size_config_fits_its_topology(path, topology):
 
 @pytest.mark.slow
 @requires_libtpu
-@pytest.mark.skipif(not os.environ.get('VLP_COMPILE_PAPER'), reason='set VLP_COMPILE_PAPER=1 (5 train steps and 3 encoders: about 2 min)')
+@pytest.mark.skipif(not os.environ.get('VLP_COMPILE_PAPER'),
+                    reason='set VLP_COMPILE_PAPER=1 (4 train steps and 3 encoders: about 2 min)')
 def test_imp_variants_and_video_encoder_compile():
   rec = command.run(_config('tests/tiny_imp.py'), 'v5e:2x2', out=open(os.devnull, 'w'))
   names = [p['name'] for p in rec['programs']]

@@ -1,5 +1,4 @@
 """`vlp compile`: everything compiled for one topology, the report printed, the record written."""
-import contextlib
 import dataclasses
 import json
 import sys
@@ -78,7 +77,7 @@ def run(config, topology: str, num_slices: int = 1, json_path: str | None = None
   rec['variants_compiled'] = [v.name for v in chosen]
   if json_path:
     with open(json_path, 'w') as f:
-      json.dump(rec, f, indent=1, default=lambda x: list(x) if isinstance(x, tuple) else float(x))
+      json.dump(rec, f, indent=1, default=float)  # numpy scalars
   p(f'fits: {"yes" if rec["fits"] else "NO, " + rec["not_fitting"]} (largest compiled program '
     f'{report.gib(rec["bytes_per_device"])} of {report.gib(topo.chip.hbm_bytes)} HBM)'
     + (f'; record: {json_path}' if json_path else ''))
@@ -90,10 +89,11 @@ def main(config, topology, num_slices=1, json_path=None, config_name='', variant
   """The CLI's body: 0 when everything fits, 1 when not (one line on stderr)."""
   if not target.have_libtpu():
     raise ConfigError("vlp compile needs libtpu to compile for TPU: pip install -e '.[tpu]' (or '.[test]')")
-  with contextlib.ExitStack() as stack:
-    stack.callback(target.cleanup_dump)
+  try:
     rec = run(config, topology, num_slices, json_path, config_name=config_name, variants=variants,
               evals=evals, hbm_bytes=hbm_bytes)
+  finally:
+    target.cleanup_dump()
   if not rec['fits']:
     print(f'vlp compile: {report.not_fit_line(rec)}', file=sys.stderr)
     return 1

@@ -155,6 +155,13 @@ def test_two_slices_put_data_over_dcn_and_a_smaller_hbm_fails_them():
 
 
 @requires_libtpu
+def test_unknown_variant_is_refused_before_anything_compiles():
+  from vlp.config import ConfigError
+  with pytest.raises(ConfigError, match=r"--variants: \['nope'\] not among \['default'\]"):
+    command.run(_config('tests/tiny.py'), 'v5e:2x2', variants='nope', out=open(os.devnull, 'w'))
+
+
+@requires_libtpu
 def test_config_that_does_not_fit_exits_1_naming_its_largest_buffers(tmp_path):
   """A 40M-token vocabulary, replicated (no FSDP), cannot fit 16 GB: the TPU compiler refuses
   it, and `vlp compile` says so in one line naming the largest buffers (from XLA's buffer

@@ -162,4 +162,8 @@ def format_memory_table(table: dict, sizes: dict) -> str:
   lines = [f'per-device memory (mesh {mesh}):']
   lines += [f'  {k:<20} {v / 2**20:10.2f} MiB' for k, v in table.items()]
   lines.append(f'  {"total":<20} {sum(table.values()) / 2**20:10.2f} MiB')
+  if 'activations (est.)' in table:  # how far off it is, per TPU topology: `vlp compile`
+    lines += ["  an estimate: the state rows are the arrays' bytes (a TPU pads dimensions under 128), the",
+              "  activation row leaves out gradients and the update's temporaries; `vlp compile` compares it",
+              '  with the compiled step']
   return '\n'.join(lines)

@@ -31,7 +31,7 @@ def test_bench_tiny_is_the_issue_architecture():
   assert dense(c.model.image) == dict(image_size=64, patch_size=8, width=256, depth=4, num_heads=4,
                                       mlp_dim=1024, pool='cls')
   assert dense(c.model.text) == dict(vocab_size=1024, context_length=32, width=256, depth=4,
-                                     num_heads=4, mlp_dim=1024)
+                                     num_heads=4, mlp_dim=1024, causal=True, pool='eos')
   assert (c.model.embed_dim, c.batch_size, c.model.dtype, c.optim.name) == (256, 128, 'float32', 'adamw')
 
 

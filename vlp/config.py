@@ -63,9 +63,7 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
       schedule='cosine',  # 'cosine', 'linear' or 'constant' after warm-up
       weight_decay=0.05, b1=0.9, b2=0.98, eps=1e-6,
       clip_norm=1.0,  # global-norm clipping; 0 disables
-      # params (by name) without weight decay, besides vectors and biases; open_clip decays
-      # every matrix, embeddings included: ()
-      no_decay=('pos_embed',),
+      no_decay=('pos_embed',),  # param names without weight decay besides vectors/biases (open_clip: ())
   )
   # Mesh axis sizes; -1 takes the devices left over. Params are sharded by the
   # logical-axis rules of vlp.parallel, the batch over (data, fsdp).
@@ -271,15 +269,13 @@ def validate_common(config):
   """Checks the keys every recipe shares; raises ConfigError naming the key."""
   m = config.model
   check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', f'{m.dtype!r} not in float32/bfloat16')
-  check(m.param_dtype in ('float32', 'bfloat16'), 'model.param_dtype',
-         f'{m.param_dtype!r} not in float32/bfloat16')
+  check(m.param_dtype in ('float32', 'bfloat16'), 'model.param_dtype', f'{m.param_dtype!r} not in float32/bfloat16')
   check(m.remat in REMAT_POLICIES, 'model.remat', f'{m.remat!r} not in {"/".join(REMAT_POLICIES)}')
   check(0.0 <= config.loss.label_smoothing < 1.0, 'loss.label_smoothing', 'must be in [0, 1)')
   check(config.loss.chunk_size >= 0, 'loss.chunk_size', 'must be >= 0')
   o = config.optim
   check(o.name in ('adamw', 'lamb'), 'optim.name', f'{o.name!r} not in adamw/lamb')
-  check(o.schedule in ('cosine', 'linear', 'constant'), 'optim.schedule',
-         f'{o.schedule!r} not in cosine/linear/constant')
+  check(o.schedule in ('cosine', 'linear', 'constant'), 'optim.schedule', f'{o.schedule!r} not in cosine/linear/constant')
   check(o.lr > 0, 'optim.lr', 'must be > 0')
   check(all(isinstance(n, str) for n in o.no_decay), 'optim.no_decay', f'must be param names, got {o.no_decay!r}')
   check(o.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0')
@@ -294,11 +290,9 @@ def validate_common(config):
   check(0.0 <= config.ema_decay < 1.0, 'ema_decay', 'must be in [0, 1)')
   _validate_evals(config)
   c = config.checkpoint
-  check(c.every >= 1, 'checkpoint.every', 'must be >= 1 (the last step is always saved)')
-  check(config.log_every >= 1, 'log_every', 'must be >= 1')
-  check(config.eval_every >= 0, 'eval_every', 'must be >= 0 (0: only at the end)')
-  check(c.keep >= 1, 'checkpoint.keep', 'must be >= 1')
-  check(c.keep_every >= 0, 'checkpoint.keep_every', 'must be >= 0')
+  for key, value, low in (('checkpoint.every', c.every, 1), ('checkpoint.keep', c.keep, 1), ('log_every', config.log_every, 1),
+                          ('checkpoint.keep_every', c.keep_every, 0), ('eval_every', config.eval_every, 0)):
+    check(value >= low, key, f'must be >= {low}')
   check(config.agd.schedule in SCHEDULES, 'agd.schedule', f'{config.agd.schedule!r} not in {"/".join(SCHEDULES)}')
   check(not config.tasks or config.accum_steps == 1, 'accum_steps',
          'with config.tasks each task accumulates on its own: set tasks.<name>.accum_steps')

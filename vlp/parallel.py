@@ -83,6 +83,11 @@ def activation_rules(mesh, rules):
     _ACTIVATIONS.pop()
 
 
+def active_mesh():
+  """The mesh of the sharded step being traced (see activation_rules), or None."""
+  return _ACTIVATIONS[-1][0] if _ACTIVATIONS else None
+
+
 def constrain(x, names):
   """Pins an activation to the sharding its logical axis names give (e.g. ('batch', None, 'mlp'))."""
   if not _ACTIVATIONS:

@@ -125,7 +125,7 @@ class Imp(base.Recipe):
     else:
       scale = model.logit_scale(f'{v}_text')
       loss = align.contrastive(vision_emb, other_emb, scale, None, 'softmax', t.label_smoothing,
-                               config.loss.chunk_size)
+                               config.loss.chunk_size, config.loss.impl)
     moe_loss, moe_metrics = base.moe_aux(intermediates, config.loss)
     metrics.update(logit_scale=scale, **moe_metrics)
     if moe_metrics:

@@ -11,10 +11,12 @@ over the mesh's batch axes:
 - the softmax and sigmoid losses gather the text rows (B x D) and compute a
   [rows, B] block of logits (in blocks of `chunk_size` rows with the chunked
   variants); the softmax's column logsumexps are combined across devices;
-- `ring_sigmoid_contrastive` keeps each device's image rows while the text
-  blocks travel a ring of the devices (`ppermute`), as in the SigLIP paper:
-  [rows, rows] logits at a time and no gathered text.
-Without a mesh they compute over the whole batch on one device.
+- `ring_sigmoid_contrastive` / `ring_softmax_contrastive` keep each device's
+  image rows while the text blocks travel a ring of the devices (`ppermute`),
+  as in the SigLIP paper: [rows, rows] logits at a time, no gathered text, and
+  a custom VJP that runs the ring again backwards instead of keeping blocks.
+Without a mesh they compute over the whole batch on one device. `temp_bytes`
+is what their value and gradient allocate per device (the memory table's term).
 """
 import functools
 import math
@@ -305,3 +307,25 @@ def ring_softmax_contrastive(image_emb, text_emb, logit_scale, label_smoothing=0
   its columns' running logsumexp round with it."""
   local = functools.partial(_ring_softmax_local, eps=float(label_smoothing))
   return _per_shard(local, mesh, image_emb, text_emb, logit_scale)
+
+
+def temp_bytes(head: str, impl: str, batch: int, shards: int, embed_dim: int, chunk_size: int = 0) -> int:
+  """Per-device bytes of the temporaries of the loss's value and gradient (float32), as XLA
+  allocates them (fitted to `memory_analysis()` of the compiled loss and gradient on 8 CPU
+  devices, B = 1k-8k, D = 128-768: within 10%; tests/test_parallel.py compares them).
+
+  With r = batch / shards rows per device: 'gather' holds the gathered text and its
+  gradient (B x D each) and [r, B] logits with their gradient, or with chunk_size c
+  a [c, B] block; 'ring' holds [r, r] blocks and [r, D] travelling text.
+  """
+  r, b, d = batch // shards, batch, embed_dim
+  c = min(chunk_size, r) if chunk_size else r
+  if impl == 'ring':
+    elements = 4 * r * r + 3 * r * d + d * d // 2 if head == 'sigmoid' else 3 * r * r + 2 * r * d + d * d // 8
+  elif c == r:
+    elements = 2 * r * b + b * d
+  elif head == 'sigmoid':
+    elements = 4 * b * d + c * b + 2 * c * d
+  else:
+    elements = 3 * b * d + c * b + r * d + 3 * c * d
+  return 4 * elements

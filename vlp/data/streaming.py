@@ -146,8 +146,8 @@ def reader_parts(num_shards: int, reader: int, readers: int) -> list[tuple[int, 
 
 
 def reader_seed(seed: int, reader: int) -> int:
-  """The shuffle seed of one reader: every reader its own (reader 0, alone in a one-process
-  job without workers, keeps `seed`)."""
+  """The shuffle seed of one reader: every reader its own; reader 0 keeps `seed`, so a
+  one-process job without workers reads in the same order as before readers had seeds."""
   return int(np.random.SeedSequence([seed, reader]).generate_state(1)[0]) if reader else seed
 
 

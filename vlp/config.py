@@ -18,7 +18,6 @@ import ml_collections
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 SCHEDULES = ('interval', 'weighted')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable')
-LOSS_IMPLS = ('gather', 'ring')  # loss.impl: how the batch devices share the contrastive logits (vlp.losses)
 
 
 def moe_config() -> dict:

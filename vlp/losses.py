@@ -27,6 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from vlp import parallel
 
+IMPLS = ('gather', 'ring')  # config.loss.impl: how the batch devices share the logits
+
 
 def _batch_axes(mesh, n: int):
   """(mesh, batch axes of size > 1, shard count) while the batch is split; (None, (), 1) otherwise."""

@@ -19,7 +19,7 @@ import math
 
 import jax
 
-from vlp import config as config_lib, parallel, recipes
+from vlp import config as config_lib, losses, parallel, recipes
 from vlp.config import ConfigError, check
 
 # the default task's fields are the config's top-level keys; 'micro' names the key that
@@ -78,7 +78,7 @@ def make(config, num_devices: int, process_count: int = 1) -> Plan:
   _check_sections(config, recipe)
   config_lib.validate_common(config)
   loss = config.loss
-  check(loss.impl in config_lib.LOSS_IMPLS, 'loss.impl', f'{loss.impl!r} not in {"/".join(config_lib.LOSS_IMPLS)}')
+  check(loss.impl in losses.IMPLS, 'loss.impl', f'{loss.impl!r} not in {"/".join(losses.IMPLS)}')
   check(loss.impl != 'ring' or not loss.chunk_size, 'loss.chunk_size',
         'must be 0 with loss.impl=ring (its blocks are [rows, rows] already)')
   for name, _ in config.mesh_rules:

@@ -47,10 +47,10 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
       remat='none',  # rematerialise Transformer blocks: 'none', 'full' or 'dots_saveable'
       **sections.pop('model', {}),
   )
-  # chunk_size > 0: the loss walks the global batch in blocks of that many rows, so
-  # at most chunk_size x batch logits exist at once (also in the backward pass).
+  # impl (vlp.losses): 'gather' (each device's rows x the gathered text; chunk_size > 0: in
+  # blocks of that many rows) or 'ring' (text blocks pass round the devices: [rows, rows]).
   # moe_*: weights of the MoE auxiliary losses (Switch load balancing, ST-MoE router z-loss)
-  c.loss = dict(label_smoothing=0.0, chunk_size=0, moe_load_balance=0.01, moe_router_z=0.001)
+  c.loss = dict(label_smoothing=0.0, impl='gather', chunk_size=0, moe_load_balance=0.01, moe_router_z=0.001)
   # Gradient accumulation: the step averages the gradients (and losses) of this many
   # micro-batches; micro-batch j holds examples j, j+k, j+2k, ... of the global batch.
   # A contrastive loss only contrasts within a micro-batch: the result is the mean of

@@ -27,8 +27,14 @@ def towers() -> dict:
   )
 
 
-def contrastive(image_emb, text_emb, scale, bias, head: str, label_smoothing: float, chunk: int):
-  """The softmax or sigmoid loss, over the whole batch or in row blocks of `chunk`."""
+def contrastive(image_emb, text_emb, scale, bias, head: str, label_smoothing: float, chunk: int,
+                impl: str = 'gather'):
+  """The softmax or sigmoid loss, on a ring of the batch devices (impl='ring') or against the
+  gathered text, over each device's rows or in row blocks of `chunk`."""
+  if impl == 'ring':
+    if head == 'softmax':
+      return losses.ring_softmax_contrastive(image_emb, text_emb, scale, label_smoothing)
+    return losses.ring_sigmoid_contrastive(image_emb, text_emb, scale, bias)
   if head == 'softmax':
     if chunk:
       return losses.chunked_softmax_contrastive(image_emb, text_emb, scale, label_smoothing, chunk)
@@ -108,7 +114,7 @@ class Align(base.Recipe):
     image_emb, text_emb = layers.l2_normalize(image_raw), layers.l2_normalize(text_raw)
     scale = jnp.minimum(model.logit_scale(), layers.MAX_LOGIT_SCALE)
     loss = contrastive(image_emb, text_emb, scale, model.logit_bias(), config.model.head,
-                       variant.cfg.label_smoothing, config.loss.chunk_size)
+                       variant.cfg.label_smoothing, config.loss.chunk_size, config.loss.impl)
     moe_loss, moe_metrics = base.moe_aux(intermediates, config.loss)
     metrics = health_metrics(image_raw, text_raw, image_emb, text_emb, scale, model.logit_bias())
     if moe_metrics:  # an MoE model: the loss includes its auxiliary losses
@@ -119,15 +125,14 @@ class Align(base.Recipe):
     return flops.align_train_flops(config.model, variant.batch_size)
 
   def activation_bytes(self, config, variant, sizes):
-    """Both towers on one micro-batch, plus the contrastive logits (a row block of them with
-    loss.chunk_size) and their softmax in float32."""
+    """Both towers on one micro-batch, plus the contrastive loss's temporaries (vlp.losses)."""
     m = config.model
     batch = variant.batch_size // variant.accum_steps
     im = m.image
     seq = (variant.image_size // im.patch_size) ** 2 + 1
     total = tower_activation_bytes(config, [(im, seq), (m.text, m.text.context_length)], batch, sizes)
-    rows = config.loss.chunk_size or batch
-    return total + 2 * rows * batch * 4
+    return total + losses.temp_bytes(m.head, config.loss.impl, batch, sizes['data'] * sizes['fsdp'],
+                                     m.embed_dim, config.loss.chunk_size)
 
 
 RECIPE = Align()

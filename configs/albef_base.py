@@ -5,6 +5,10 @@ queues of 65536, batch 512, AdamW lr 1e-4 with weight decay 0.02, 30 epochs.
   vlp train --config=configs/albef_base.py --workdir=DIR --config.data.name=webdataset \\
       --config.data.train='laion/{00000..00999}.tar' --config.data.tokenizer=sp32k.model
 
+Target topology: v4-32 (16 v4 chips, 2x2x4; 32 examples per chip), checked before any chip
+is booked:
+  vlp compile --config=configs/albef_base.py --topology=v4-32 --json=albef_base.json
+
 The text stack starts from scratch with vlp's SentencePiece vocabulary (ALBEF
 loads bert-base-uncased): give a 30k-ish tokenizer (`vlp data tokenizer`).
 """

@@ -16,7 +16,6 @@ def get_config(arg=None):
   c.model.image.update(image_size=32, patch_size=4, width=128, depth=3, num_heads=4, mlp_dim=512)
   c.model.text.update(vocab_size=1024, context_length=32, width=128, depth=3, num_heads=4, mlp_dim=512)
   c.model.embed_dim = 128
-  c.loss.label_smoothing = 0.1  # as in ALIGN
   c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.05)
   c.eval_every = 200
   # besides the held-out retrieval: zero-shot colour+shape classification of 500 unseen scenes

@@ -31,7 +31,7 @@ def test_bench_tiny_is_the_issue_architecture():
   assert dense(c.model.image) == dict(image_size=64, patch_size=8, width=256, depth=4, num_heads=4,
                                       mlp_dim=1024, pool='cls')
   assert dense(c.model.text) == dict(vocab_size=1024, context_length=32, width=256, depth=4,
-                                     num_heads=4, mlp_dim=1024)
+                                     num_heads=4, mlp_dim=1024, causal=True, pool='eos')
   assert (c.model.embed_dim, c.batch_size, c.model.dtype, c.optim.name) == (256, 128, 'float32', 'adamw')
 
 
@@ -72,6 +72,15 @@ def test_bad_overrides(override, message):
     ('mesh.expert=3', 'mesh.data'),
     ('checkpoint.keep_every=-1', 'checkpoint.keep_every'),
     ("mesh_rules=(('embed',),)", 'mesh_rules'),
+    ('checkpoint.every=0', 'checkpoint.every'),
+    ('log_every=0', 'log_every'),
+    ('model.text.pool=mean', 'model.text.pool'),
+    ('model.text.pool=cls', 'model.text.pool'),  # causal attention: CLS sees only itself
+    ('model.arch.gelu=relu', 'model.arch.gelu'),
+    ('model.arch.init=he', 'model.arch.init'),
+    ('model.arch.ln_eps=0.0', 'model.arch.ln_eps'),
+    ('model.logit_scale_init=-1.0', 'model.logit_scale_init'),
+    ("optim.no_decay=(1,)", 'optim.no_decay'),
 ])
 def test_validation_names_the_key(override, key):
   c = config_lib.apply_overrides(recipes.base_config(), [override])

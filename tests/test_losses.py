@@ -94,3 +94,91 @@ def test_chunked_loss_never_holds_the_whole_logit_matrix():
 
   seen = set(shapes(jax.make_jaxpr(grad)(img, txt).jaxpr))
   assert (8, 64) in seen and (64, 64) not in seen
+
+
+def _naive_softmax_grads(img, txt, scale, eps):
+  """d loss / d (img, txt, scale) of the softmax loss, from d loss / d logits =
+  (softmax over the row - target + softmax over the column - target) / 2B."""
+  n = len(img)
+  dots = img @ txt.T
+  logits = scale * dots
+  rows = np.exp(logits - logits.max(1, keepdims=True))
+  rows /= rows.sum(1, keepdims=True)
+  cols = np.exp(logits - logits.max(0, keepdims=True))
+  cols /= cols.sum(0, keepdims=True)
+  target = (1 - eps) * np.eye(n) + eps / n
+  dl = (rows - target + cols - target) / (2 * n)
+  return scale * dl @ txt, scale * dl.T @ img, np.sum(dl * dots), 0.0
+
+
+def _naive_sigmoid_grads(img, txt, scale, bias):
+  """d loss / d logits = -z sigmoid(-z logits) / B."""
+  n = len(img)
+  dots = img @ txt.T
+  z = 2 * np.eye(n) - 1
+  dl = -z / (1 + np.exp(z * (scale * dots + bias))) / n
+  return scale * dl @ txt, scale * dl.T @ img, np.sum(dl * dots), np.sum(dl)
+
+
+_SHARDED = {  # name -> (head, loss(x, y, scale, bias, eps, mesh))
+    'softmax': ('softmax', lambda x, y, s, b, e, m: losses.softmax_contrastive(x, y, s, e, mesh=m)),
+    'softmax_chunked': ('softmax', lambda x, y, s, b, e, m: losses.chunked_softmax_contrastive(
+        x, y, s, e, chunk_size=4, mesh=m)),
+    'softmax_ring': ('softmax', lambda x, y, s, b, e, m: losses.ring_softmax_contrastive(x, y, s, e, mesh=m)),
+    'sigmoid': ('sigmoid', lambda x, y, s, b, e, m: losses.sigmoid_contrastive(x, y, s, b, mesh=m)),
+    'sigmoid_chunked': ('sigmoid', lambda x, y, s, b, e, m: losses.chunked_sigmoid_contrastive(
+        x, y, s, b, chunk_size=4, mesh=m)),
+    'sigmoid_ring': ('sigmoid', lambda x, y, s, b, e, m: losses.ring_sigmoid_contrastive(x, y, s, b, mesh=m)),
+}
+_MESHES = [{'data': 8}, {'data': 2, 'fsdp': 2, 'tensor': 2}]  # the batch over one axis, over two beside another
+
+
+@pytest.mark.parametrize('sizes', _MESHES, ids=lambda s: '-'.join(f'{k}{v}' for k, v in s.items()))
+@pytest.mark.parametrize('name', sorted(_SHARDED))
+def test_losses_on_the_batch_devices_equal_the_formula_with_gradients(name, sizes):
+  import jax
+  from vlp import parallel
+  head, loss = _SHARDED[name]
+  mesh = parallel.make_mesh(sizes)
+  rng = np.random.default_rng(len(name))
+  img, txt = _normalized(rng, 64, 8), _normalized(rng, 64, 8)
+  scale, bias, eps = (14.3, 0.0, 0.1) if head == 'softmax' else (10.0, -3.0, 0.0)
+  naive = _naive_softmax(img, txt, scale, eps) if head == 'softmax' else _naive_sigmoid(img, txt, scale, bias)
+  naive_grads = (_naive_softmax_grads if head == 'softmax' else _naive_sigmoid_grads)(
+      img, txt, scale, bias if head == 'sigmoid' else eps)
+  x, y = img.astype(np.float32), txt.astype(np.float32)
+  f = jax.jit(jax.value_and_grad(lambda *a: loss(*a, eps, mesh), argnums=(0, 1, 2, 3)))
+  value, grads = f(x, y, np.float32(scale), np.float32(bias))
+  np.testing.assert_allclose(value, naive, rtol=1e-6)
+  for got, want in zip(grads, naive_grads):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  # and the same as the whole batch on one device
+  whole, whole_grads = jax.jit(jax.value_and_grad(lambda *a: loss(*a, eps, None), argnums=(0, 1, 2, 3)))(
+      x, y, np.float32(scale), np.float32(bias))
+  np.testing.assert_allclose(value, whole, rtol=1e-6)
+  for got, want in zip(grads, whole_grads):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def _compiled_shapes(loss, mesh, n=64, d=8):
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from vlp import parallel
+  rows = jax.ShapeDtypeStruct((n, d), np.float32, sharding=NamedSharding(mesh, P(parallel.BATCH_AXES)))
+  scalar = jax.ShapeDtypeStruct((), np.float32, sharding=NamedSharding(mesh, P()))
+  grad = jax.jit(jax.grad(lambda x, y, s, b: loss(x, y, s, b, 0.1, mesh), argnums=(0, 1, 2, 3)))
+  return grad.lower(rows, rows, scalar, scalar).compile().as_text()
+
+
+@pytest.mark.parametrize('name', ['softmax', 'sigmoid', 'softmax_ring', 'sigmoid_ring'])
+def test_each_device_holds_its_rows_of_the_logits_or_a_ring_block(name):
+  """8 devices, 64 rows: the per-device program has [8, 64] logits (gather) or [8, 8]
+  blocks and no gathered text (ring), never [64, 64]."""
+  from vlp import parallel
+  hlo = _compiled_shapes(_SHARDED[name][1], parallel.make_mesh({'data': 8}))
+  assert 'f32[64,64]' not in hlo
+  if name.endswith('ring'):
+    assert 'f32[8,8]' in hlo and 'f32[64,8]' not in hlo and 'f32[8,64]' not in hlo
+    assert 'collective-permute' in hlo and 'all-gather' not in hlo
+  else:
+    assert 'f32[8,64]' in hlo and 'f32[64,8]' in hlo  # the gathered text

@@ -1,7 +1,11 @@
-"""Model pieces: any-resolution position embeddings, padding mask, logical axis names."""
+"""Model pieces: any-resolution position embeddings, padding mask, causal text and its pooling,
+the architecture choices (init, GELU, LayerNorm eps), the heads' starts, logical axis names."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import build_model, tiny_config
 from flax import nnx
 
@@ -34,9 +38,82 @@ def test_padding_does_not_change_the_text_embedding():
 
 
 def test_heads_start_as_the_papers_say():
-  align, siglip = _model(), _model(**{'model.head': 'sigmoid'})
-  assert float(align.logit_scale()) == 1.0 and align.logit_bias() is None  # ALIGN: temperature 1.0
+  clip, siglip = _model(), _model(**{'model.head': 'sigmoid'})
+  assert float(clip.logit_scale()) == np.float32(1 / 0.07) and clip.logit_bias() is None  # CLIP's start
   assert float(siglip.logit_scale()) == np.float32(10.0) and float(siglip.logit_bias()) == -10.0
+  align = _model(**{'model.logit_scale_init': 1.0})  # ALIGN's paper
+  assert float(align.logit_scale()) == 1.0
+  biased = _model(**{'model.head': 'sigmoid', 'model.logit_bias_init': -5.0, 'model.logit_scale_init': 2.0})
+  assert float(biased.logit_bias()) == -5.0 and float(biased.logit_scale()) == np.float32(2.0)
+
+
+def _text_features(model, tokens):
+  return np.asarray(model.text(jnp.asarray(tokens)))
+
+
+def test_causal_text_pools_at_sep_and_sees_only_the_past():
+  model = _model()  # ALIGN's default text: causal, pooled at [SEP]
+  assert model.text.causal and model.text.pool == 'eos'
+  a = np.array([[2, 10, 11, 12, 3, 0, 0, 0]])
+  b = np.array([[2, 10, 11, 12, 3, 7, 7, 7]])  # the same caption, other tokens after [SEP]
+  c = np.array([[2, 10, 11, 13, 3, 0, 0, 0]])  # another word before [SEP]
+  # Without pooling: the tokens up to [SEP] are the same in a and b
+  x = lambda t: np.asarray(model.text.encoder(
+      (jnp.take(model.text.token_embed[...], t, axis=0) + model.text.pos_embed[...][:t.shape[1]]),
+      mask=jnp.asarray(t != 0)[:, None, :] & jnp.tril(jnp.ones((8, 8), bool))[None]))
+  np.testing.assert_allclose(x(a)[:, :5], x(b)[:, :5], atol=1e-5)  # causal: the future is unseen
+  np.testing.assert_allclose(_text_features(model, a), x(a)[:, 4], atol=1e-6)  # pooled at [SEP], index 4
+  assert not np.allclose(_text_features(model, a), _text_features(model, c), atol=1e-4)
+  # a batch of captions of several lengths pools each at its own [SEP]
+  both = np.concatenate([a, np.array([[2, 10, 3, 0, 0, 0, 0, 0]])])
+  np.testing.assert_allclose(_text_features(model, both)[0], _text_features(model, a)[0], atol=1e-5)
+
+
+def test_bidirectional_text_pools_at_cls_and_sees_everything():
+  model = _model(**{'model.text.causal': False, 'model.text.pool': 'cls'})  # BERT / ALIGN's paper
+  a = np.array([[2, 10, 11, 12, 3, 0]])
+  c = np.array([[2, 10, 11, 13, 3, 0]])
+  assert not np.allclose(_text_features(model, a), _text_features(model, c), atol=1e-4)  # CLS sees token 3
+
+
+def test_clip_init_scales_kernels_with_width_and_depth():
+  """CLIP's init (open_clip's TextTransformer.init_parameters): std width^-0.5 for attention
+  inputs, (2 width)^-0.5 for the MLP input, width^-0.5 (2 depth)^-0.5 for both output
+  projections and width^-0.5 for the towers' projections."""
+  width, depth = 128, 3
+  model = _model(**{'model.text.width': width, 'model.text.mlp_dim': 512, 'model.text.depth': depth,
+                    'model.text.num_heads': 4})
+  block = model.text.encoder.blocks[0]
+  want = {'qkv': width ** -0.5, 'out': width ** -0.5 * (2 * depth) ** -0.5,
+          'fc1': (2 * width) ** -0.5, 'fc2': width ** -0.5 * (2 * depth) ** -0.5}
+  got = {'qkv': block.attn.qkv[...], 'out': block.attn.out[...],
+         'fc1': block.mlp.fc1.kernel[...], 'fc2': block.mlp.fc2.kernel[...]}
+  for k, std in want.items():
+    x = np.asarray(got[k])
+    assert abs(x.mean()) < 3 * std / math.sqrt(x.size), k
+    assert np.std(x) == pytest.approx(std, rel=0.05), k
+  assert np.std(np.asarray(model.text_proj.kernel[...])) == pytest.approx(width ** -0.5, rel=0.1)
+  xavier = _model(**{'model.arch.init': 'xavier', 'model.text.width': width, 'model.text.mlp_dim': 512,
+                     'model.text.num_heads': 4})
+  fc1 = np.asarray(xavier.text.encoder.blocks[0].mlp.fc1.kernel[...])
+  assert np.std(fc1) == pytest.approx(math.sqrt(2 / (width + 512)), rel=0.05)  # Glorot
+
+
+def test_gelu_and_layernorm_eps_follow_the_arch():
+  from vlp.models import layers
+  x = np.linspace(-4, 4, 101, dtype=np.float32)
+  erf = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))  # the exact GELU
+  tanh = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+  np.testing.assert_allclose(layers.Arch(gelu='erf').activation(jnp.asarray(x)), erf, atol=1e-6)
+  np.testing.assert_allclose(layers.Arch(gelu='tanh').activation(jnp.asarray(x)), tanh, atol=1e-6)
+  assert not np.allclose(erf, tanh, atol=1e-4)
+  model = _model(**{'model.arch.ln_eps': 1e-3})
+  ln = model.text.encoder.blocks[0].ln1
+  assert ln.eps == 1e-3
+  v = np.array([[0.01, -0.01, 0.02, -0.02]], np.float32)  # small variance: eps shows
+  mu, var = v.mean(-1, keepdims=True), v.var(-1, keepdims=True)
+  ln_small = layers.LayerNorm(4, rngs=nnx.Rngs(0), eps=1e-3)
+  np.testing.assert_allclose(ln_small(jnp.asarray(v)), (v - mu) / np.sqrt(var + 1e-3), atol=1e-5)
 
 
 def test_every_matrix_has_logical_axis_names():

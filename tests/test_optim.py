@@ -36,9 +36,11 @@ def test_decay_mask_skips_biases_norms_and_positions():
   params = {'dense': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3)}, 'ln': {'scale': jnp.ones(3)},
             'pos_embed': jnp.ones((4, 3)), 'log_scale': jnp.ones(()), 'qkv': jnp.ones((3, 3, 1, 3)),
             'qkv_bias': jnp.ones((3, 1, 3))}
-  mask = optim.decay_mask(params)
+  mask = optim.decay_mask()(params)
   assert mask == {'dense': {'kernel': True, 'bias': False}, 'ln': {'scale': False},
                   'pos_embed': False, 'log_scale': False, 'qkv': True, 'qkv_bias': False}
+  # open_clip's mask: every matrix decays, position embeddings too
+  assert optim.decay_mask(())(params)['pos_embed']
 
 
 @pytest.mark.parametrize('name', ['adamw', 'lamb'])

@@ -156,10 +156,90 @@ def test_grad_accumulation_is_the_mean_of_micro_batch_losses():
 
 
 @pytest.mark.slow
-def test_chunked_loss_in_the_step_gives_the_same_training():
+def test_chunked_and_ring_losses_in_the_step_give_the_same_training():
   mesh = parallel.make_mesh({'data': 4, 'fsdp': 2, 'tensor': 1, 'expert': 1})
-  whole, *_ = _losses(tiny_config(**{'model.head': 'sigmoid'}), mesh, steps=2)
-  chunked, *_ = _losses(tiny_config(**{'model.head': 'sigmoid', 'loss.chunk_size': 4}), mesh, steps=2)
+  sigmoid = {'model.head': 'sigmoid', 'batch_size': 32}  # 4 rows per device
+  whole, *_ = _losses(tiny_config(**sigmoid), mesh, steps=2)
+  chunked, *_ = _losses(tiny_config(**sigmoid, **{'loss.chunk_size': 2}), mesh, steps=2)
+  ring, *_ = _losses(tiny_config(**sigmoid, **{'loss.impl': 'ring'}), mesh, steps=2)
   np.testing.assert_allclose(chunked, whole, atol=1e-5)
-  with pytest.raises(config_lib.ConfigError, match="'loss.chunk_size'"):
-    plan_lib.validate(tiny_config(**{'loss.chunk_size': 5}), 8)
+  np.testing.assert_allclose(ring, whole, atol=1e-5)
+
+
+def test_loss_impl_and_chunk_size_are_checked():
+  with pytest.raises(config_lib.ConfigError, match="'loss.chunk_size': 4 does not divide the 6 rows per device"):
+    plan_lib.validate(tiny_config(batch_size=48, **{'loss.chunk_size': 4}), 8)
+  plan_lib.validate(tiny_config(batch_size=48, **{'loss.chunk_size': 3}), 8)
+  plan_lib.validate(tiny_config(batch_size=48, **{'loss.chunk_size': 64}), 8)  # larger: all 6 rows at once
+  with pytest.raises(config_lib.ConfigError, match="'loss.impl'"):
+    plan_lib.validate(tiny_config(**{'loss.impl': 'allgather'}), 8)
+  with pytest.raises(config_lib.ConfigError, match="'loss.chunk_size': must be 0 with loss.impl=ring"):
+    plan_lib.validate(tiny_config(**{'loss.impl': 'ring', 'loss.chunk_size': 2}), 8)
+  with pytest.raises(config_lib.ConfigError, match="'loss.impl'"):
+    plan_lib.validate(tiny_config('albef', **{'model.text.depth': 3, 'model.fusion_layer': 2, 'loss.impl': 'ring'}), 8)
+
+
+_LOSS_IMPLS = [('softmax', 'gather', 0), ('softmax', 'gather', 64), ('softmax', 'ring', 0),
+               ('sigmoid', 'gather', 0), ('sigmoid', 'gather', 64), ('sigmoid', 'ring', 0)]
+
+
+@pytest.mark.parametrize('sizes', [{'data': 8}, {'data': 2, 'fsdp': 2, 'tensor': 2}],
+                         ids=lambda s: '-'.join(f'{k}{v}' for k, v in s.items()))
+def test_memory_table_loss_term_agrees_with_the_compiled_loss(sizes):
+  """The recipe's estimate of the contrastive loss (in the memory table's activations) against
+  memory_analysis() of the compiled loss and gradient, batch 2048 x 256 on 8 devices."""
+  from jax.sharding import NamedSharding
+  from vlp import losses
+  from vlp.recipes import align
+  mesh = parallel.make_mesh(sizes)
+  rows = jax.ShapeDtypeStruct((2048, 256), jnp.float32, sharding=NamedSharding(mesh, P(parallel.BATCH_AXES)))
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=parallel.replicated(mesh))
+  for head, impl, chunk in _LOSS_IMPLS:
+    config = tiny_config(batch_size=2048, **{'model.embed_dim': 256, 'model.head': head, 'loss.impl': impl,
+                                             'loss.chunk_size': chunk, 'mesh.data': sizes['data'],
+                                             'mesh.fsdp': sizes.get('fsdp', 1), 'mesh.tensor': sizes.get('tensor', 1)})
+    plan = plan_lib.make(config, 8)
+    m = config.model
+    towers = align.tower_activation_bytes(config, [(m.image, (m.image.image_size // m.image.patch_size) ** 2 + 1),
+                                                   (m.text, m.text.context_length)], 2048, plan.sizes)
+    estimate = plan.activation_bytes() - towers
+    assert estimate == losses.temp_bytes(head, impl, 2048, 8 // sizes.get('tensor', 1), 256, chunk)
+    loss = lambda x, y, s, b: align.contrastive(x, y, s, b, head, 0.1, chunk, impl)
+    with parallel.activation_rules(mesh, parallel.RULES):
+      compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(rows, rows, scalar, scalar).compile()
+    measured = compiled.memory_analysis().temp_size_in_bytes
+    assert 0.85 * measured <= estimate <= 1.15 * measured, (head, impl, chunk, estimate, measured)
+
+
+def _devices(processes):
+  """Stand-ins for devices: only their process_index matters to shared_batch_rows."""
+  return np.array([type('Device', (), {'process_index': p})() for p in processes], dtype=object)
+
+
+def test_a_mesh_whose_processes_would_share_batch_rows_is_refused():
+  # 2 processes x 4 devices, as jax.make_mesh lays them out (process-major, tensor and expert last)
+  axes = config_lib.MESH_AXES
+  devices = _devices([0, 0, 0, 0, 1, 1, 1, 1])
+  assert parallel.shared_batch_rows(devices.reshape(2, 2, 2, 1), axes) == []  # data 2, fsdp 2, tensor 2
+  assert parallel.shared_batch_rows(devices.reshape(1, 1, 8, 1), axes) == [(0, [0, 1])]  # tensor 8
+  assert parallel.shared_batch_rows(devices.reshape(2, 1, 1, 4), axes) == []  # expert 4: one process each
+  assert parallel.shared_batch_rows(devices.reshape(4, 2, 1, 1).transpose(1, 0, 2, 3), axes) == []
+  interleaved = _devices([0, 1] * 4).reshape(4, 1, 2, 1)  # tensor pairs across the processes
+  assert parallel.shared_batch_rows(interleaved, axes) == [(b, [0, 1]) for b in range(4)]
+  # the plan refuses such a mesh before anything is built, naming the key
+  with pytest.raises(config_lib.ConfigError, match=r"'mesh.tensor'.* 8 devices .* the 4 devices of a process"):
+    plan_lib.make(tiny_config(**{'mesh.data': 1, 'mesh.tensor': 8}), 8, process_count=2)
+  with pytest.raises(config_lib.ConfigError, match=r"'mesh.expert'.* 4 devices .* the 2 devices of a process"):
+    plan_lib.make(tiny_config(**{'mesh.data': 2, 'mesh.expert': 4}), 8, process_count=4)
+  plan_lib.make(tiny_config(**{'mesh.data': 4, 'mesh.tensor': 2}), 8, process_count=4)
+  plan_lib.make(tiny_config(**{'mesh.data': 1, 'mesh.tensor': 8}), 8, process_count=1)
+
+
+@pytest.mark.slow
+def test_two_processes_refuse_a_tensor_axis_across_them_before_compiling(tmp_path):
+  from test_multihost import launch
+  proc = launch(tmp_path / 'run', 2, 2, {'mesh.data': 1, 'mesh.tensor': 4})  # 2 processes x 2 devices
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 2, out[-3000:]
+  assert out.count("vlp: error: config key 'mesh.tensor'") == 2 and 'Traceback' not in out, out[-3000:]
+  assert 'compiled' not in out and 'per-device memory' not in out

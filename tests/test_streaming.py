@@ -85,9 +85,57 @@ def test_two_processes_read_disjoint_shares_covering_the_data(data, kind):
     assert {n // PER_SHARD for n in shares[0]} == {0, 2} and {n // PER_SHARD for n in shares[1]} == {1, 3}
 
 
-def test_more_processes_than_shards_is_a_clear_error(data):
-  with pytest.raises(ValueError, match='process 4 gets none'):
-    build('webdataset', data['webdataset'], process_index=4, process_count=5)
+def _fake_read(path, n=None):
+  """Records of a made-up shard 's<index>-<records>': keys '<path>/<row>'."""
+  for i in range(int(path.split('-')[1]) if n is None else n):
+    yield {'key': f'{path}/{i}'}
+
+
+def _reader_iterators(paths, processes, workers, **kw):
+  """Every (process, worker) reader's iterator, as Grain's worker processes slice the dataset."""
+  import copy
+  from grain._src.python.dataset.transformations import prefetch
+  out = {}
+  for p in range(processes):
+    ds = streaming.shard_stream(paths, _fake_read, seed=0, process_index=p, process_count=processes, **kw)
+    for w in range(workers):
+      worker_ds = copy.deepcopy(ds)
+      prefetch._set_slice_iter_dataset(worker_ds, slice(w, None, workers))
+      out[p, w] = iter(worker_ds)
+  return out
+
+
+def test_more_readers_than_shards_split_the_shards_by_rows():
+  # 3 shards of 7 records for 2 processes x 4 workers: each shard in 3 parts by rows (9 parts, 8 readers)
+  paths = [f's{i}-7' for i in range(3)]
+  readers = _reader_iterators(paths, 2, 4, cycle_length=2, shuffle_window=1)
+  seen = []
+  for (p, w), it in readers.items():
+    parts = streaming.reader_parts(3, p + 2 * w, 8)
+    assert parts and all(k == 3 for _, (j, k) in parts)
+    seen += [next(it)['key'] for _ in range(sum(len(range(j, 7, k)) for _, (j, k) in parts))]  # one pass
+  assert sorted(seen) == sorted(f'{p}/{i}' for p in paths for i in range(7))  # every record once
+
+
+def test_emulated_hosts_and_workers_never_repeat_a_record_within_a_global_batch():
+  # 8 hosts x 4 Grain workers = 32 readers over 12 shards of 40 records (split by rows); a host batch
+  # of 8 comes from one worker, the workers taking turns: 24 global batches of 64, every reader
+  # going round its 13 to 27 records 2 to 3 times. (Before: the workers of a host shared its
+  # repeated shard list and seed; each opened the same shards in several of its 4 slots.)
+  hosts, workers, batch = 8, 4, 8
+  readers = _reader_iterators([f's{i}-40' for i in range(12)], hosts, workers, cycle_length=4, shuffle_window=1)
+  duplicates = []
+  for t in range(24):
+    keys = [next(readers[p, t % workers])['key'] for p in range(hosts) for _ in range(batch)]
+    duplicates.append(len(keys) - len(set(keys)))
+  assert duplicates == [0] * 24, duplicates
+
+
+def test_a_shuffle_window_beyond_a_readers_records_is_refused():
+  readers = _reader_iterators([f's{i}-10' for i in range(4)], 1, 2, cycle_length=2, shuffle_window=50)
+  with pytest.raises(ValueError, match=r'reader 1 of 2 .* 20 records per pass: a record comes again about 20 .*'
+                     r'shuffle_window=50'):
+    next(readers[0, 1])
 
 
 def test_changed_shard_list_is_refused_on_restore(data):
@@ -147,7 +195,8 @@ def test_all_skipped_stops_with_a_clear_error(tmp_path):
   shards = str(tmp_path / 'bad')
   fx.write_shard(shards, 0, [fx.sample(i, image=b'junk') for i in range(5)])
   ds = pipeline.stream_dataset(webdataset.expand(shards), webdataset.read_shard,
-                               pipeline.Preprocess(tok.builtin_tokenizer(), 16, 24), batch_size=4, seed=0)
+                               pipeline.Preprocess(tok.builtin_tokenizer(), 16, 24), batch_size=4, seed=0,
+                               shuffle_window=1)
   with pytest.raises(pipeline.NoUsableData, match='corrupt_image'):
     next(iter(ds))
 
@@ -185,5 +234,5 @@ def test_only_empty_shards_is_a_clear_error(tmp_path):
   for i in range(2):
     tarfile.open(tmp_path / f'{i:05d}.tar', 'w').close()
   it = iter(streaming.shard_stream(webdataset.expand(str(tmp_path)), webdataset.read_shard, seed=0))
-  with pytest.raises(ValueError, match='every shard of this process is empty'):
+  with pytest.raises(ValueError, match='every shard .* of this reader is empty'):
     next(it)

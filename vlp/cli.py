@@ -1,4 +1,4 @@
-"""`vlp train|eval|export|bench|data` — the command line.
+"""`vlp train|eval|export|bench|compile|data` — the command line.
 
 Config overrides are passed as `--config.a.b=value` after the other flags.
 """
@@ -120,6 +120,25 @@ def cmd_bench(args, overrides):
   print(json.dumps(result))
 
 
+def cmd_bench_quality(args, overrides):
+  from vlp.bench import quality
+  config = _load_config(args.config, overrides)
+  result = quality.run(config, None if args.compare == 'none' else args.compare)
+  print(quality.table(result))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(result, f, indent=1)
+
+
+def cmd_compile(args, overrides):
+  from vlp.compile import command, target
+  target.prepare_env()  # before any JAX backend starts
+  config = _load_config(args.config, overrides)
+  hbm = None if args.hbm_gib is None else int(args.hbm_gib * 2 ** 30)
+  return command.main(config, args.topology, args.num_slices, args.json, config_name=args.config,
+                      variants=args.variants, evals=not args.no_eval, hbm_bytes=hbm)
+
+
 def cmd_data(args, overrides):
   if args.tool == 'tokenizer':
     from vlp.data import tokenizer
@@ -127,6 +146,18 @@ def cmd_data(args, overrides):
   else:
     from vlp.data import convert
     {'convert': convert.main_convert, 'check': convert.main_check}[args.tool](args.rest)
+
+
+def _add_compile(sub):
+  p = sub.add_parser('compile', help='compile the train step ahead of time for a TPU slice (memory, FLOPs, collectives)')
+  p.add_argument('--config', required=True)
+  p.add_argument('--topology', required=True, help='v5p-256 (v4/v5p: TensorCores; v5e/v6e: chips) or v5e:16x16')
+  p.add_argument('--num_slices', type=int, default=1, help='slices joined by DCN; the data axis spans them')
+  p.add_argument('--json', default=None, help='write the record here')
+  p.add_argument('--variants', default='', help='comma-separated task variants to compile (default all)')
+  p.add_argument('--no_eval', action='store_true', help='leave out the eval encoders')
+  p.add_argument('--hbm_gib', type=float, default=None, help="HBM per chip to check against (default: the chip's)")
+  p.set_defaults(fn=cmd_compile)
 
 
 def main(argv=None):
@@ -176,10 +207,16 @@ def main(argv=None):
     p.add_argument('--compare', default=None, choices=('open_clip', 'dense'),
                    help='open_clip: the same ALIGN model in open_clip; dense: the config without MoE')
     p.set_defaults(fn=cmd_bench)
+  p = bench.add_parser('quality', help='held-out retrieval after training, vlp against open_clip side by side')
+  p.add_argument('--config', required=True)
+  p.add_argument('--compare', default='open_clip', choices=('open_clip', 'none'))
+  p.add_argument('--json', default='', help='also write the rows and differences to this file')
+  p.set_defaults(fn=cmd_bench_quality)
   p = bench.add_parser('data', help='images/s of the input pipeline (flags: vlp bench data -h)', add_help=False)
   p.set_defaults(fn=cmd_bench_data)  # its flags are parsed by vlp.bench.data
   p = bench.add_parser('retrieval', help='recall@K: chunked vs dense top-k (flags: -h)', add_help=False)
   p.set_defaults(fn=cmd_bench_retrieval)
+  _add_compile(sub)
   p = sub.add_parser('data', help='data tools: `vlp data tokenizer|convert|check ...` (-h after the tool for its flags)')
   p.add_argument('tool', choices=('tokenizer', 'convert', 'check'))
   p.add_argument('rest', nargs=argparse.REMAINDER)
@@ -189,16 +226,18 @@ def main(argv=None):
     args.rest = rest
   elif rest:
     parser.error(f'unrecognized arguments: {" ".join(rest)}')
-  if overrides and args.command not in ('train', 'eval', 'bench'):
+  if overrides and args.command not in ('train', 'eval', 'bench', 'compile'):
     parser.error(f'--config.* overrides do not apply to `vlp {args.command}`')
   # Data tools and eval data report bad paths and inputs as ValueError: one line, no traceback.
-  user_errors = (ConfigError, WorkdirMismatch, FileNotFoundError, Diverged) + ((ValueError,) if args.command in ('data', 'eval') else ())
+  from vlp.bench.compare import ReferenceEnvError  # the torch environment of a comparison is missing
+  user_errors = (ConfigError, WorkdirMismatch, FileNotFoundError, ReferenceEnvError, Diverged) + \
+      ((ValueError,) if args.command in ('data', 'eval') else ())
   try:
-    args.fn(args, overrides)
+    rc = args.fn(args, overrides)
   except user_errors as e:
     print(f'vlp: error: {e}', file=sys.stderr)
     return 2
-  return 0
+  return rc or 0
 
 
 if __name__ == '__main__':

@@ -47,10 +47,10 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
       remat='none',  # rematerialise Transformer blocks: 'none', 'full' or 'dots_saveable'
       **sections.pop('model', {}),
   )
-  # chunk_size > 0: the loss walks the global batch in blocks of that many rows, so
-  # at most chunk_size x batch logits exist at once (also in the backward pass).
+  # impl (vlp.losses): 'gather' (each device's rows x the gathered text; chunk_size > 0: in
+  # blocks of that many rows) or 'ring' (text blocks pass round the devices: [rows, rows]).
   # moe_*: weights of the MoE auxiliary losses (Switch load balancing, ST-MoE router z-loss)
-  c.loss = dict(label_smoothing=0.0, chunk_size=0, moe_load_balance=0.01, moe_router_z=0.001)
+  c.loss = dict(label_smoothing=0.0, impl='gather', chunk_size=0, moe_load_balance=0.01, moe_router_z=0.001)
   # Gradient accumulation: the step averages the gradients (and losses) of this many
   # micro-batches; micro-batch j holds examples j, j+k, j+2k, ... of the global batch.
   # A contrastive loss only contrasts within a micro-batch: the result is the mean of
@@ -63,6 +63,7 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
       schedule='cosine',  # 'cosine', 'linear' or 'constant' after warm-up
       weight_decay=0.05, b1=0.9, b2=0.98, eps=1e-6,
       clip_norm=1.0,  # global-norm clipping; 0 disables
+      no_decay=('pos_embed',),  # param names without weight decay besides vectors/biases (open_clip: ())
   )
   # Mesh axis sizes; -1 takes the devices left over. Params are sharded by the
   # logical-axis rules of vlp.parallel, the batch over (data, fsdp).
@@ -83,8 +84,7 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
   # 'weighted': one task per step drawn with probability ~ `weight` (IMP's paper).
   c.agd = dict(schedule='interval')
   c.compile_cache = 'workdir'  # XLA's persistent cache: 'workdir' = WORKDIR/compile_cache, a path (gs:// too), '' off
-  # a step with a non-finite loss or grad norm is not applied; K in a row roll back (vlp.train.guard)
-  c.nonfinite = dict(guard=True, max_consecutive=5, spike_window=100, spike_zscore=6.0)
+  c.nonfinite = dict(guard=True, max_consecutive=5, spike_window=100, spike_zscore=6.0)  # vlp.train.guard
   c.ema_decay = 0.0  # > 0 keeps an exponential moving average of the params (`vlp export --weights=ema`)
   c.checkpoint = dict(
       every=500, keep=2, async_save=True,
@@ -269,16 +269,15 @@ def validate_common(config):
   """Checks the keys every recipe shares; raises ConfigError naming the key."""
   m = config.model
   check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', f'{m.dtype!r} not in float32/bfloat16')
-  check(m.param_dtype in ('float32', 'bfloat16'), 'model.param_dtype',
-         f'{m.param_dtype!r} not in float32/bfloat16')
+  check(m.param_dtype in ('float32', 'bfloat16'), 'model.param_dtype', f'{m.param_dtype!r} not in float32/bfloat16')
   check(m.remat in REMAT_POLICIES, 'model.remat', f'{m.remat!r} not in {"/".join(REMAT_POLICIES)}')
   check(0.0 <= config.loss.label_smoothing < 1.0, 'loss.label_smoothing', 'must be in [0, 1)')
   check(config.loss.chunk_size >= 0, 'loss.chunk_size', 'must be >= 0')
   o = config.optim
   check(o.name in ('adamw', 'lamb'), 'optim.name', f'{o.name!r} not in adamw/lamb')
-  check(o.schedule in ('cosine', 'linear', 'constant'), 'optim.schedule',
-         f'{o.schedule!r} not in cosine/linear/constant')
+  check(o.schedule in ('cosine', 'linear', 'constant'), 'optim.schedule', f'{o.schedule!r} not in cosine/linear/constant')
   check(o.lr > 0, 'optim.lr', 'must be > 0')
+  check(all(isinstance(n, str) for n in o.no_decay), 'optim.no_decay', f'must be param names, got {o.no_decay!r}')
   check(o.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0')
   check(config.total_steps > 0, 'total_steps', 'must be > 0')
   check(isinstance(config.accum_steps, int) and config.accum_steps >= 1, 'accum_steps', 'must be >= 1')
@@ -291,8 +290,9 @@ def validate_common(config):
   check(0.0 <= config.ema_decay < 1.0, 'ema_decay', 'must be in [0, 1)')
   _validate_evals(config)
   c = config.checkpoint
-  check(c.keep >= 1, 'checkpoint.keep', 'must be >= 1')
-  check(c.keep_every >= 0, 'checkpoint.keep_every', 'must be >= 0')
+  for key, value, low in (('checkpoint.every', c.every, 1), ('checkpoint.keep', c.keep, 1), ('log_every', config.log_every, 1),
+                          ('checkpoint.keep_every', c.keep_every, 0), ('eval_every', config.eval_every, 0)):
+    check(value >= low, key, f'must be >= {low}')
   check(config.agd.schedule in SCHEDULES, 'agd.schedule', f'{config.agd.schedule!r} not in {"/".join(SCHEDULES)}')
   check(not config.tasks or config.accum_steps == 1, 'accum_steps',
          'with config.tasks each task accumulates on its own: set tasks.<name>.accum_steps')

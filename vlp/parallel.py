@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vlp.config import MESH_AXES
+from vlp.config import MESH_AXES, ConfigError
 
 # logical axis -> mesh axis or axes (None: replicated). FSDP shards the model
 # width of every weight (and its optimizer state); tensor parallelism splits
@@ -36,10 +36,35 @@ def rules_from(config) -> dict:
 
 
 def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
-  """A mesh with axes (data, fsdp, tensor, expert) over `devices` (default: all)."""
+  """A mesh with axes (data, fsdp, tensor, expert) over `devices` (default: all); refuses one
+  whose processes would share batch rows (see shared_batch_rows)."""
   shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+  mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
+  shared = shared_batch_rows(mesh.devices, mesh.axis_names)
+  if shared:
+    block, procs = shared[0]
+    spans = ' x '.join(f'{a}={mesh.shape[a]}' for a in mesh.axis_names if a not in BATCH_AXES and mesh.shape[a] > 1)
+    raise ConfigError(f"config key 'mesh': processes {procs} would hold the same batch rows (block {block} of "
+                      f"data x fsdp = {math.prod(mesh.shape[a] for a in BATCH_AXES)}, {len(shared)} such blocks): "
+                      f'{spans} spans processes; the batch is split over data x fsdp only')
+  return mesh
+
+
+def shared_batch_rows(devices: np.ndarray, axis_names) -> list[tuple[int, list[int]]]:
+  """(batch block, its processes) for every block of batch rows (one per data x fsdp
+  coordinate) that devices of more than one process hold: a tensor or expert group that
+  spans processes. Each process feeds its own rows (jax.make_array_from_process_local_data),
+  so such a mesh would give hosts the same rows and a wrong global batch."""
+  batch = [axis_names.index(a) for a in BATCH_AXES]
+  rest = [i for i in range(len(axis_names)) if i not in batch]
+  blocks = np.transpose(devices, batch + rest).reshape(math.prod(devices.shape[i] for i in batch), -1)
+  out = []
+  for block, group in enumerate(blocks):
+    procs = sorted({d.process_index for d in group})
+    if len(procs) > 1:
+      out.append((block, procs))
+  return out
 
 
 def _mesh_axes(axis, dim, mesh, used):
@@ -81,6 +106,11 @@ def activation_rules(mesh, rules):
     yield
   finally:
     _ACTIVATIONS.pop()
+
+
+def active_mesh():
+  """The mesh of the sharded step being traced (see activation_rules), or None."""
+  return _ACTIVATIONS[-1][0] if _ACTIVATIONS else None
 
 
 def constrain(x, names):
@@ -162,4 +192,8 @@ def format_memory_table(table: dict, sizes: dict) -> str:
   lines = [f'per-device memory (mesh {mesh}):']
   lines += [f'  {k:<20} {v / 2**20:10.2f} MiB' for k, v in table.items()]
   lines.append(f'  {"total":<20} {sum(table.values()) / 2**20:10.2f} MiB')
+  if 'activations (est.)' in table:  # how far off it is, per TPU topology: `vlp compile`
+    lines += ["  an estimate: the state rows are the arrays' bytes (a TPU pads dimensions under 128), the",
+              "  activation row leaves out gradients and the update's temporaries; `vlp compile` compares it",
+              '  with the compiled step']
   return '\n'.join(lines)

@@ -19,7 +19,7 @@ import math
 
 import jax
 
-from vlp import config as config_lib, parallel, recipes
+from vlp import config as config_lib, losses, parallel, recipes
 from vlp.config import ConfigError, check
 
 # the default task's fields are the config's top-level keys; 'micro' names the key that
@@ -77,11 +77,16 @@ def make(config, num_devices: int, process_count: int = 1) -> Plan:
   recipe = recipes.get(config.model.name)
   _check_sections(config, recipe)
   config_lib.validate_common(config)
+  loss = config.loss
+  check(loss.impl in losses.IMPLS, 'loss.impl', f'{loss.impl!r} not in {"/".join(losses.IMPLS)}')
+  check(loss.impl != 'ring' or not loss.chunk_size, 'loss.chunk_size',
+        'must be 0 with loss.impl=ring (its blocks are [rows, rows] already)')
   for name, _ in config.mesh_rules:
     check(name in parallel.RULES, f'mesh_rules.{name}', f'unknown logical axis; known: {", ".join(parallel.RULES)}')
   recipe.validate(config)
   _check_evals(config, recipe)
   sizes = config_lib.mesh_shape(config, num_devices)
+  _check_batch_hosts(sizes, num_devices, process_count)
   tasks = dict(config.tasks) if config.tasks else recipe.default_tasks(config)
   variants = []
   for name in sorted(tasks):
@@ -94,6 +99,18 @@ def make(config, num_devices: int, process_count: int = 1) -> Plan:
 def validate(config, num_devices: int, process_count: int = 1) -> dict:
   """Checks the config before anything is built; returns the mesh axis sizes."""
   return make(config, num_devices, process_count).sizes
+
+
+def _check_batch_hosts(sizes, num_devices: int, process_count: int):
+  """Every process feeds its own batch rows, and the batch is split over data x fsdp: the
+  tensor x expert devices that share rows must lie within one process (parallel.make_mesh
+  checks the real device layout)."""
+  local, group = num_devices // process_count, sizes['tensor'] * sizes['expert']
+  if process_count > 1 and local % group:
+    key = 'mesh.tensor' if sizes['tensor'] > 1 else 'mesh.expert'
+    raise ConfigError(f"config key '{key}': the tensor x expert = {group} devices of a block of batch rows do not "
+                      f'fit in the {local} devices of a process ({process_count} processes): processes would feed '
+                      f'the same rows; make tensor x expert divide {local}')
 
 
 def _check_sections(config, recipe):
@@ -147,9 +164,9 @@ def _task_variants(config, recipe, name, t, key, sizes, process_count, first: in
                 seed=config.seed if default else config.seed + 1009 * (index + 1),
                 metric_prefix='' if default else f'{vname}/', cfg=t)
     micro = batch // t.accum_steps
-    chunk = config.loss.chunk_size
-    check(t.loss != 'contrastive' or not chunk or micro % chunk == 0, 'loss.chunk_size',
-          f'{chunk} does not divide the micro-batch {micro} of {vname}')
+    chunk, rows = config.loss.chunk_size, micro // shards  # the loss walks each device's rows in chunks
+    check(t.loss != 'contrastive' or not chunk or rows % min(chunk, rows) == 0, 'loss.chunk_size',
+          f'{chunk} does not divide the {rows} rows per device of the micro-batch {micro} of {vname}')
     spec = {k: jax.ShapeDtypeStruct((batch, *shape), dtype) for k, (shape, dtype) in recipe.batch_spec(config, v).items()}
     out.append(dataclasses.replace(v, spec=spec))
   return out

@@ -11,7 +11,7 @@ module, so it also runs as a plain file:
 
 Builds `open_clip.model.CLIP(embed_dim, vision_cfg=CLIPVisionCfg(...),
 text_cfg=CLIPTextCfg(...))` with the vlp architecture (ViT: CLS token, learned
-pos emb, pre-LN, GELU; text: bidirectional, pooled at the first token, linear
+pos emb, pre-LN, GELU; text: causal pooled at [SEP] or bidirectional pooled at [CLS], as the config says; linear
 projections without bias), fp32, AdamW (lr 1e-3, wd 0.1, open_clip's
 defaults: betas (0.9, 0.98), eps 1e-6, no decay on gains/biases/logit_scale)
 and the standard `open_clip.loss.ClipLoss`, trains on one fixed random batch
@@ -123,7 +123,8 @@ def build_model(oc, cfg: dict):
       width=tx["width"], heads=tx["num_heads"], layers=tx["depth"],
       mlp_ratio=tx["mlp_dim"] / tx["width"],
       no_causal_mask=not causal,
-      pool_type=tx.get("pool", "first" if not causal else "argmax"),
+      # vlp's 'eos' pools at [SEP] (id 3 in vlp's tokenizer), CLIP's EOT
+      pool_type={"cls": "first", "eos": "eos"}.get(tx.get("pool", "cls"), "first"), eos_id=3,
       proj_bias=False, proj_type="linear")
   model = oc.CLIP(e, vision_cfg=vision_cfg, text_cfg=text_cfg,
                   quick_gelu=False, cast_dtype=None, output_dict=True)

@@ -161,11 +161,12 @@ def stream_dataset(paths: Sequence[str], read: Callable[[str], Iterator[dict]],
                    preprocess: Preprocess, *, batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1, cycle_length: int = 4,
                    shuffle_window: int = 1000) -> grain.IterDataset:
-  """Like train_dataset, over shards read front to back (see vlp.data.streaming)."""
+  """Like train_dataset, over shards read front to back (see vlp.data.streaming): every
+  (process, worker) reads its own part of the shards and preprocesses with its own seed."""
   ds = streaming.shard_stream(paths, read, seed=seed, process_index=process_index,
                               process_count=process_count, cycle_length=cycle_length,
-                              shuffle_window=shuffle_window)
-  return SkipCountingBatch(ds.random_map(preprocess, seed=seed), batch_size)
+                              shuffle_window=shuffle_window, transform=preprocess)
+  return SkipCountingBatch(ds, batch_size)
 
 
 def make_iterator(dataset: grain.IterDataset, num_workers: int,

@@ -3,6 +3,8 @@
 Logical names ('embed', 'mlp', 'heads', 'kv', 'vocab', ...) are mapped to mesh
 axes by the rules table in vlp.parallel; the modules never name mesh axes.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,6 +16,41 @@ from vlp.models.params import param
 MAX_LOGIT_SCALE = 100.0  # as CLIP: keeps a runaway temperature from destabilising training
 
 
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  """The choices in which the papers' Transformers differ (config `model.arch`).
+
+  init: 'xavier' (Xavier-uniform kernels, as BERT/ViT ports commonly do) or 'clip'
+    (CLIP's scaled normals: QKV std width^-0.5, MLP input (2 width)^-0.5, both output
+    projections width^-0.5 (2 depth)^-0.5, so the residual stream does not grow with
+    depth); gelu: 'tanh' (the tanh approximation) or 'erf' (exact, as torch's default);
+  ln_eps: LayerNorm epsilon (1e-6 in big_vision's ViT, 1e-5 in torch and CLIP).
+  """
+  init: str = 'xavier'
+  gelu: str = 'tanh'
+  ln_eps: float = 1e-6
+
+  def kernel(self, role: str, width: int, depth: int, xavier):
+    """The initializer of a `role` kernel ('qkv', 'mlp_in', 'out' of a block of a `depth` stack;
+    'proj' a tower's output projection): with init 'xavier', `xavier`."""
+    if self.init != 'clip':
+      return xavier
+    std = {'qkv': width ** -0.5, 'proj': width ** -0.5, 'mlp_in': (2 * width) ** -0.5,
+           'out': width ** -0.5 * (2 * depth) ** -0.5}[role]
+    return nnx.initializers.normal(std)
+
+  def activation(self, x):
+    return jax.nn.gelu(x, approximate=self.gelu == 'tanh')
+
+
+ARCH_CHOICES = {'init': ('xavier', 'clip'), 'gelu': ('tanh', 'erf')}
+
+
+def arch_of(model_cfg) -> Arch:
+  """The Arch of a model config; configs exported before `model.arch` existed get the old one."""
+  return Arch(**model_cfg.get('arch', {}))
+
+
 def l2_normalize(x):
   """Unit rows in float32 (embeddings are compared by cosine similarity)."""
   x = x.astype(jnp.float32)
@@ -23,8 +60,8 @@ def l2_normalize(x):
 class Dense(nnx.Module):
   """y = x @ W + b over the last axis of x, W with logical names (in_name, out_name)."""
 
-  def __init__(self, d_in, d_out, names, *, rngs, use_bias=True, dtype=jnp.float32):
-    self.kernel = param(rngs, nnx.initializers.xavier_uniform(), (d_in, d_out), names)
+  def __init__(self, d_in, d_out, names, *, rngs, use_bias=True, dtype=jnp.float32, init=None):
+    self.kernel = param(rngs, init or nnx.initializers.xavier_uniform(), (d_in, d_out), names)
     self.bias = param(rngs, nnx.initializers.zeros, (d_out,), names[1:]) if use_bias else None
     self.dtype = dtype
 
@@ -51,12 +88,14 @@ class LayerNorm(nnx.Module):
 
 def _attend(q, k, v, mask, out, out_bias, dt):
   """Scaled dot-product attention of q [B, L, H, K] to k, v [B, S, H, K], then the output
-  projection out [H, K, D]; mask [B, S] bool, True where a key may be attended to."""
+  projection out [H, K, D]; mask bool, True where a key may be attended to: [B, S] (the same
+  keys for every query) or [B, L, S] (per query, e.g. causal)."""
   # heads split over `tensor`: each device attends with its own heads
   q, k, v = (parallel.constrain(t, ('batch', None, 'heads', None)) for t in (q, k, v))
   logits = jnp.einsum('bqhk,bshk->bhqs', q, k) * (q.shape[-1] ** -0.5)
   if mask is not None:
-    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+    mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
   weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
   y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
   return jnp.einsum('bqhk,hkd->bqd', y, out.astype(dt)) + out_bias.astype(dt)
@@ -71,20 +110,21 @@ class SelfAttention(nnx.Module):
   keeps attention logits from growing without bound.
   """
 
-  def __init__(self, width, num_heads, *, rngs, dtype=jnp.float32, qk_norm=False):
+  def __init__(self, width, num_heads, *, rngs, dtype=jnp.float32, qk_norm=False, arch=Arch(), depth=1):
     head_dim = width // num_heads
-    init = nnx.initializers.xavier_uniform(in_axis=0, out_axis=(2, 3), batch_axis=(1,))
+    init = arch.kernel('qkv', width, depth,
+                       nnx.initializers.xavier_uniform(in_axis=0, out_axis=(2, 3), batch_axis=(1,)))
     self.qkv = param(rngs, init, (width, 3, num_heads, head_dim), ('embed', None, 'heads', 'kv'))
     self.qkv_bias = param(rngs, nnx.initializers.zeros, (3, num_heads, head_dim), (None, 'heads', 'kv'))
-    out_init = nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+    out_init = arch.kernel('out', width, depth, nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2))
     self.out = param(rngs, out_init, (num_heads, head_dim, width), ('heads', 'kv', 'embed'))
     self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ('embed',))
-    norm = lambda: LayerNorm(head_dim, rngs=rngs, dtype=dtype, names=('kv',))
+    norm = lambda: LayerNorm(head_dim, rngs=rngs, dtype=dtype, names=('kv',), eps=arch.ln_eps)
     self.q_norm, self.k_norm = (norm(), norm()) if qk_norm else (None, None)
     self.dtype = dtype
 
   def __call__(self, x, mask=None):
-    """x: [B, L, D]; mask: [B, L] bool, True where a key may be attended to."""
+    """x: [B, L, D]; mask: [B, L] or [B, L, L] bool, True where a key may be attended to."""
     dt = self.dtype
     qkv = jnp.einsum('bld,dthk->tblhk', x.astype(dt), self.qkv[...].astype(dt))
     q, k, v = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
@@ -119,30 +159,35 @@ class CrossAttention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-  def __init__(self, width, mlp_dim, *, rngs, dtype=jnp.float32):
-    self.fc1 = Dense(width, mlp_dim, ('embed', 'mlp'), rngs=rngs, dtype=dtype)
-    self.fc2 = Dense(mlp_dim, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
+  def __init__(self, width, mlp_dim, *, rngs, dtype=jnp.float32, arch=Arch(), depth=1):
+    xavier = nnx.initializers.xavier_uniform()
+    self.fc1 = Dense(width, mlp_dim, ('embed', 'mlp'), rngs=rngs, dtype=dtype,
+                     init=arch.kernel('mlp_in', width, depth, xavier))
+    self.fc2 = Dense(mlp_dim, width, ('mlp', 'embed'), rngs=rngs, dtype=dtype,
+                     init=arch.kernel('out', width, depth, xavier))
+    self.arch = arch
 
   def __call__(self, x):
-    return self.fc2(parallel.constrain(jax.nn.gelu(self.fc1(x)), ('batch', None, 'mlp')))
+    return self.fc2(parallel.constrain(self.arch.activation(self.fc1(x)), ('batch', None, 'mlp')))
 
 
-def _mlp(width, mlp_dim, rngs, dtype, moe):
+def _mlp(width, mlp_dim, rngs, dtype, moe, arch=Arch(), depth=1):
   """A dense MLP, or with `moe` (MoeMlp keyword arguments) a Mixture-of-Experts."""
   if moe:
     return moe_lib.MoeMlp(width, mlp_dim, rngs=rngs, dtype=dtype, **moe)
-  return Mlp(width, mlp_dim, rngs=rngs, dtype=dtype)
+  return Mlp(width, mlp_dim, rngs=rngs, dtype=dtype, arch=arch, depth=depth)
 
 
 class Block(nnx.Module):
   """Pre-LayerNorm Transformer block; `moe` (vlp.models.moe.MoeMlp keyword arguments with
   num_experts) replaces its MLP by a Mixture-of-Experts."""
 
-  def __init__(self, width, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, moe=None, qk_norm=False):
-    self.ln1 = LayerNorm(width, rngs=rngs, dtype=dtype)
-    self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype, qk_norm=qk_norm)
-    self.ln2 = LayerNorm(width, rngs=rngs, dtype=dtype)
-    self.mlp = _mlp(width, mlp_dim, rngs, dtype, moe)
+  def __init__(self, width, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, moe=None, qk_norm=False,
+               arch=Arch(), depth=1):
+    self.ln1 = LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
+    self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype, qk_norm=qk_norm, arch=arch, depth=depth)
+    self.ln2 = LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
+    self.mlp = _mlp(width, mlp_dim, rngs, dtype, moe, arch, depth)
 
   def __call__(self, x, mask=None):
     x = parallel.constrain(x, ('batch', None, None))
@@ -194,12 +239,12 @@ class Encoder(nnx.Module):
   `qk_norm` normalises queries and keys in every block."""
 
   def __init__(self, width, depth, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, remat='none', moe=None,
-               qk_norm=False):
+               qk_norm=False, arch=Arch()):
     self.blocks = nnx.List([
         Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=moe_kwargs(moe) if is_moe else None,
-              qk_norm=qk_norm)
+              qk_norm=qk_norm, arch=arch, depth=depth)
         for is_moe in moe_blocks(depth, moe)])
-    self.ln = LayerNorm(width, rngs=rngs, dtype=dtype)
+    self.ln = LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
     self.remat = remat
 
   def __call__(self, x, mask=None):

@@ -1,7 +1,10 @@
-"""Text tower: token + position embeddings, bidirectional Transformer, CLS pooling.
+"""Text tower: token + position embeddings, a Transformer, and one pooled feature.
 
 Inputs are laid out `[CLS] tokens [SEP] PAD...` with PAD id 0 (vlp.data.tokenizer);
-padding is masked out of attention, and the CLS output is the text feature (BERT/ALIGN).
+padding is masked out of attention. Two layouts of the papers:
+- bidirectional attention pooled at [CLS] (BERT, ALIGN);
+- causal attention pooled at the last real token, [SEP] (CLIP's EOT), which is the
+  only position that has seen the whole caption.
 """
 import jax.numpy as jnp
 from flax import nnx
@@ -9,18 +12,21 @@ from flax import nnx
 from vlp.models import layers
 
 PAD_ID = 0
+POOLS = ('cls', 'eos')
 
 
 class TextEncoder(nnx.Module):
 
   def __init__(self, vocab_size, context_length, width, depth, num_heads, mlp_dim,
-               *, rngs, dtype=jnp.float32, remat='none', moe=None):
-    self.dtype = dtype
+               causal=False, pool='cls', *, rngs, dtype=jnp.float32, remat='none', moe=None,
+               arch=layers.Arch()):
+    self.dtype, self.causal, self.pool = dtype, causal, pool
     self.token_embed = layers.param(rngs, nnx.initializers.normal(0.02), (vocab_size, width),
                                     ('vocab', 'embed'))
     self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.01), (context_length, width),
                                   (None, 'embed'))
-    self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype, remat=remat, moe=moe)
+    self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype, remat=remat,
+                                  moe=moe, arch=arch)
 
   def __call__(self, tokens):
     """tokens: int [B, L] -> pooled features [B, width]."""
@@ -28,5 +34,12 @@ class TextEncoder(nnx.Module):
     if length > self.pos_embed.shape[0]:
       raise ValueError(f'text length {length} exceeds context_length {self.pos_embed.shape[0]}')
     x = jnp.take(self.token_embed[...], tokens, axis=0) + self.pos_embed[...][:length]
-    x = self.encoder(x.astype(self.dtype), mask=tokens != PAD_ID)
-    return x[:, 0]
+    real = tokens != PAD_ID
+    mask = real
+    if self.causal:  # query i sees keys j <= i that are not padding
+      mask = real[:, None, :] & jnp.tril(jnp.ones((length, length), bool))[None]
+    x = self.encoder(x.astype(self.dtype), mask=mask)
+    if self.pool == 'cls':
+      return x[:, 0]
+    last = jnp.maximum(jnp.sum(real, axis=1) - 1, 0)  # [SEP]: captions are PAD-padded at the end
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]

@@ -21,7 +21,7 @@ def grid_positions(pos, grid_h: int, grid_w: int):
 class ViT(nnx.Module):
 
   def __init__(self, image_size, patch_size, width, depth, num_heads, mlp_dim, pool='cls',
-               *, rngs, dtype=jnp.float32, remat='none', moe=None):
+               *, rngs, dtype=jnp.float32, remat='none', moe=None, arch=layers.Arch()):
     self.patch_size, self.pool, self.dtype = patch_size, pool, dtype
     grid = image_size // patch_size
     self.patch_embed = layers.Dense(3 * patch_size * patch_size, width, ('patch', 'embed'),
@@ -29,7 +29,8 @@ class ViT(nnx.Module):
     self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.02), (grid, grid, width),
                                   (None, None, 'embed'))
     self.cls = layers.param(rngs, nnx.initializers.zeros, (width,), ('embed',))
-    self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype, remat=remat, moe=moe)
+    self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype, remat=remat, moe=moe,
+                                  arch=arch)
 
   def position_embeddings(self, grid_h, grid_w):
     return grid_positions(self.pos_embed[...], grid_h, grid_w)

@@ -148,6 +148,14 @@ def validate_towers(config, towers=('image', 'text')):
   check(m.text.context_length >= 3, 'model.text.context_length', 'needs room for CLS, a token and SEP')
 
 
+def validate_arch(arch):
+  """config.model.arch (vlp.models.layers.Arch)."""
+  for key, choices in layers.ARCH_CHOICES.items():
+    check(arch[key] in choices, f'model.arch.{key}', f"{arch[key]!r} not in {'/'.join(choices)}")
+  check(isinstance(arch.ln_eps, float) and 0 < arch.ln_eps < 1, 'model.arch.ln_eps',
+        f'must be a float in (0, 1), got {arch.ln_eps!r}')
+
+
 def image_text_only(key, task, name: str):
   """Dual encoders train contrastive image-text tasks."""
   if tuple(task.modalities) != ('image', 'text') or task.loss != 'contrastive':

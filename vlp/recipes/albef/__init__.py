@@ -98,6 +98,7 @@ class Albef(base.Recipe):
     # the momentum model and the queues move once per step, not per micro-batch
     check(config.accum_steps == 1, 'accum_steps', 'ALBEF updates momentum and queues per step: must be 1')
     check(config.loss.chunk_size == 0, 'loss.chunk_size', 'ALIGN only; ALBEF contrasts against its queues')
+    check(config.loss.impl == 'gather', 'loss.impl', 'ALIGN only; ALBEF contrasts against its queues')
 
   def check_task(self, config, key, task):
     base.image_text_only(key, task, 'ALBEF')

@@ -5,13 +5,14 @@ Every task is a contrastive image-text task (several give alternating
 gradient descent over resolutions or data sources); the model keeps nothing
 in the train state besides its params.
 """
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from vlp import config as config_lib, losses, parallel
 from vlp.bench import flops
 from vlp.config import check
-from vlp.models import align as model_lib, layers
+from vlp.models import align as model_lib, layers, text as text_lib
 from vlp.recipes import base
 
 
@@ -26,8 +27,14 @@ def towers() -> dict:
   )
 
 
-def contrastive(image_emb, text_emb, scale, bias, head: str, label_smoothing: float, chunk: int):
-  """The softmax or sigmoid loss, over the whole batch or in row blocks of `chunk`."""
+def contrastive(image_emb, text_emb, scale, bias, head: str, label_smoothing: float, chunk: int,
+                impl: str = 'gather'):
+  """The softmax or sigmoid loss, on a ring of the batch devices (impl='ring') or against the
+  gathered text, over each device's rows or in row blocks of `chunk`."""
+  if impl == 'ring':
+    if head == 'softmax':
+      return losses.ring_softmax_contrastive(image_emb, text_emb, scale, label_smoothing)
+    return losses.ring_sigmoid_contrastive(image_emb, text_emb, scale, bias)
   if head == 'softmax':
     if chunk:
       return losses.chunked_softmax_contrastive(image_emb, text_emb, scale, label_smoothing, chunk)
@@ -45,15 +52,52 @@ def tower_activation_bytes(config, towers_, batch: int, sizes: dict) -> float:
                                              jnp.dtype(m.dtype).itemsize) for t, length in towers_)
 
 
+HEALTH_ROWS = 256  # in-batch accuracy from this many rows: O(rows x B) however large the batch
+
+
+def health_metrics(image_raw, text_raw, image_emb, text_emb, scale, bias) -> dict:
+  """What shows a contrastive model learning or stuck: the temperature (and bias), the
+  embeddings' norms before normalisation, and the in-batch top-1 accuracy both ways (of the
+  first HEALTH_ROWS pairs against the whole batch)."""
+  image_emb, text_emb = jax.lax.stop_gradient(image_emb), jax.lax.stop_gradient(text_emb)
+  rows = min(HEALTH_ROWS, image_emb.shape[0])
+  diag = jnp.arange(rows)
+  accuracy = lambda queries, keys: jnp.mean(jnp.argmax(queries[:rows] @ keys.T, axis=1) == diag)
+  norm = lambda x: jnp.mean(jnp.linalg.norm(jax.lax.stop_gradient(x).astype(jnp.float32), axis=-1))
+  metrics = {'logit_scale': scale, 'image_norm': norm(image_raw), 'text_norm': norm(text_raw),
+             'batch_acc_i2t': accuracy(image_emb, text_emb), 'batch_acc_t2i': accuracy(text_emb, image_emb)}
+  if bias is not None:
+    metrics['logit_bias'] = bias
+  return metrics
+
+
 class Align(base.Recipe):
   name = 'align'
 
   def config_sections(self):
-    return {'model': dict(towers(), head='softmax')}  # 'softmax' (ALIGN/CLIP) or 'sigmoid' (SigLIP)
+    model = towers()
+    # CLIP's text layout (causal, pooled at [SEP]); ALIGN's paper: causal=False, pool='cls'
+    model['text'].update(causal=True, pool='eos')
+    return {'model': dict(
+        model,
+        head='softmax',  # 'softmax' (ALIGN/CLIP) or 'sigmoid' (SigLIP)
+        # the temperature's start; 0: the head's own (softmax: CLIP's 1/0.07, sigmoid: 10).
+        # ALIGN's paper starts at 1.0, which small batches learn far too slowly.
+        logit_scale_init=0.0,
+        logit_bias_init=-10.0,  # sigmoid head (SigLIP)
+        arch=dict(init='clip', gelu='erf', ln_eps=1e-5),  # vlp.models.layers.Arch
+    )}
 
   def validate(self, config):
+    m = config.model
     base.validate_towers(config)
-    check(config.model.head in ('softmax', 'sigmoid'), 'model.head', f"{config.model.head!r} not in softmax/sigmoid")
+    check(m.head in ('softmax', 'sigmoid'), 'model.head', f"{m.head!r} not in softmax/sigmoid")
+    check(m.text.pool in text_lib.POOLS, 'model.text.pool', f"{m.text.pool!r} not in {'/'.join(text_lib.POOLS)}")
+    check(isinstance(m.text.causal, bool), 'model.text.causal', f'must be True or False, got {m.text.causal!r}')
+    check(not (m.text.causal and m.text.pool == 'cls'), 'model.text.pool',
+          "'cls' under causal attention sees only [CLS] itself: use pool='eos'")
+    check(m.logit_scale_init >= 0, 'model.logit_scale_init', 'must be >= 0 (0: the head\'s default)')
+    base.validate_arch(m.arch)
 
   def check_task(self, config, key, task):
     base.image_text_only(key, task, 'a dual encoder')
@@ -65,13 +109,14 @@ class Align(base.Recipe):
     del step
     model = nnx.merge(graphdef, params)
     # capture: what MoE layers report of the pass (vlp.models.moe)
-    (image_emb, text_emb), intermediates = nnx.capture(lambda m, i, t: m(i, t), nnx.Intermediate)(
+    (image_raw, text_raw), intermediates = nnx.capture(lambda m, i, t: m.project(i, t), nnx.Intermediate)(
         model, batch['image'], batch['text'])
+    image_emb, text_emb = layers.l2_normalize(image_raw), layers.l2_normalize(text_raw)
     scale = jnp.minimum(model.logit_scale(), layers.MAX_LOGIT_SCALE)
     loss = contrastive(image_emb, text_emb, scale, model.logit_bias(), config.model.head,
-                       variant.cfg.label_smoothing, config.loss.chunk_size)
+                       variant.cfg.label_smoothing, config.loss.chunk_size, config.loss.impl)
     moe_loss, moe_metrics = base.moe_aux(intermediates, config.loss)
-    metrics = {'logit_scale': scale}
+    metrics = health_metrics(image_raw, text_raw, image_emb, text_emb, scale, model.logit_bias())
     if moe_metrics:  # an MoE model: the loss includes its auxiliary losses
       metrics.update(contrastive_loss=loss, **moe_metrics)
     return loss + moe_loss, (metrics, model_state)
@@ -80,15 +125,14 @@ class Align(base.Recipe):
     return flops.align_train_flops(config.model, variant.batch_size)
 
   def activation_bytes(self, config, variant, sizes):
-    """Both towers on one micro-batch, plus the contrastive logits (a row block of them with
-    loss.chunk_size) and their softmax in float32."""
+    """Both towers on one micro-batch, plus the contrastive loss's temporaries (vlp.losses)."""
     m = config.model
     batch = variant.batch_size // variant.accum_steps
     im = m.image
     seq = (variant.image_size // im.patch_size) ** 2 + 1
     total = tower_activation_bytes(config, [(im, seq), (m.text, m.text.context_length)], batch, sizes)
-    rows = config.loss.chunk_size or batch
-    return total + 2 * rows * batch * 4
+    return total + losses.temp_bytes(m.head, config.loss.impl, batch, sizes['data'] * sizes['fsdp'],
+                                     m.embed_dim, config.loss.chunk_size)
 
 
 RECIPE = Align()

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vlp import config as config_lib
+from vlp import config as config_lib, losses
 from vlp.bench import flops
 from vlp.config import ConfigError, check
 from vlp.data import synthetic, synthetic_video, tokenizer as tokenizer_lib
@@ -125,7 +125,7 @@ class Imp(base.Recipe):
     else:
       scale = model.logit_scale(f'{v}_text')
       loss = align.contrastive(vision_emb, other_emb, scale, None, 'softmax', t.label_smoothing,
-                               config.loss.chunk_size)
+                               config.loss.chunk_size, config.loss.impl)
     moe_loss, moe_metrics = base.moe_aux(intermediates, config.loss)
     metrics.update(logit_scale=scale, **moe_metrics)
     if moe_metrics:
@@ -170,16 +170,17 @@ class Imp(base.Recipe):
     return 3.0 * forward
 
   def activation_bytes(self, config, variant, sizes):
-    """The encoder on the vision tokens after DropToken, then on the captions (and the B x B
-    logits) or on every class prompt, on every device."""
+    """The encoder on the vision tokens after DropToken, then on the captions (and the
+    contrastive loss, vlp.losses) or on every class prompt, on every device."""
     m, t = config.model, variant.cfg
     batch = variant.batch_size // variant.accum_steps
     vision = max(1, round(self.vision_tokens(config, t, variant.image_size) * (1 - t.drop_token)))
     total = align.tower_activation_bytes(config, [(m.encoder, vision)], batch, sizes)
+    shards = sizes['data'] * sizes['fsdp']
     if t.loss == 'contrastive':
       total += align.tower_activation_bytes(config, [(m.encoder, m.text.context_length)], batch, sizes)
-      return total + 2 * batch * batch * 4
-    shards = sizes['data'] * sizes['fsdp']  # every class prompt on every device
+      return total + losses.temp_bytes('softmax', config.loss.impl, batch, shards, m.embed_dim, config.loss.chunk_size)
+    # every class prompt on every device
     prompts = self.num_classes(t) * len(t.templates)
     return total + align.tower_activation_bytes(config, [(m.encoder, m.text.context_length)], prompts * shards, sizes)
 

@@ -1,0 +1,160 @@
+"""Reading what the TPU compiler produced: the collectives of a program's optimized HLO, and
+the largest buffers of the buffer assignment XLA dumps (or of the state, without a dump)."""
+import collections
+import glob
+import math
+import os
+import re
+
+import jax
+import numpy as np
+
+from vlp.compile import target
+
+COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
+_ITEMSIZE = {'pred': 1, 's8': 1, 'u8': 1, 's4': 0.5, 'u4': 0.5, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
+             'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8, 'c64': 8, 'c128': 16}
+_SHAPE = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]')
+_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) (' + '|'.join(COLLECTIVES) + r')(-start|-done)?\(')
+_COMP = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+) [(].*[)] -> .*\{\s*$')
+_WHILE = re.compile(r' while\(.*condition=%?([\w.\-]+), body=%?([\w.\-]+)(?:.*?"known_trip_count":\{"n":"(\d+)")?')
+_BOUND = re.compile(r's32\[\][^ ]* constant\((\d+)\)')
+_CALLS = re.compile(r'(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)')
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of every array shape in an HLO type string (a shape or a tuple of them)."""
+  total = 0
+  for dtype, dims in _SHAPE.findall(text):
+    if dtype.startswith('f8') or dtype.startswith('f4'):
+      size = 1
+    else:
+      size = _ITEMSIZE.get(dtype)
+    if size is None:
+      continue
+    total += size * math.prod(int(d) for d in dims.split(',') if d)
+  return int(total)
+
+
+def collectives(hlo: str) -> dict:
+  """{op: {'count', 'bytes'}} over the optimized HLO of one device's program.
+
+  bytes are the op's result per device (an all-gather's gathered array, a reduce-scatter's
+  shard, an all-reduce's whole buffer); an async pair counts once, by its -done. An op in a
+  while loop (a lax.scan: gradient accumulation, the chunked loss) counts once per trip, the trip
+  count being XLA's known_trip_count or the s32 bound its condition compares with; anything else
+  counts as often as it appears."""
+  comp, comps, trips, parents = None, collections.defaultdict(list), {}, collections.defaultdict(set)
+  loops, bounds = [], {}
+  for line in hlo.splitlines():
+    m = _COMP.match(line)
+    if m:
+      comp = m.group(1)
+      continue
+    w = _WHILE.search(line)
+    if w:
+      loops.append(w.groups())
+    b = _BOUND.search(line)
+    if b and comp not in bounds:
+      bounds[comp] = int(b.group(1))
+    for callee in _CALLS.findall(line):
+      parents[callee].add(comp)
+    m = _INSTR.match(line)
+    if m and m.group(4) != '-start':
+      comps[comp].append((m.group(3), shape_bytes(m.group(2))))
+  for cond, body, known in loops:  # a scan: i < N in the condition, N trips (or XLA's known count)
+    n = int(known) if known else bounds.get(cond)
+    if n:
+      trips[body] = n
+
+  def multiplier(c, seen=()):
+    if c in seen:
+      return 1
+    up = max((multiplier(p, seen + (c,)) for p in parents.get(c, ()) if p), default=1)
+    return trips.get(c, 1) * up
+
+  out = {op: {'count': 0, 'bytes': 0} for op in COLLECTIVES}
+  for c, ops in comps.items():
+    k = multiplier(c)
+    for op, nbytes in ops:
+      out[op]['count'] += k
+      out[op]['bytes'] += k * nbytes
+  return out
+
+
+def _latest_dump(module: str):
+  d = os.environ.get(target.DUMP_ENV)
+  if not d or not os.path.isdir(d):
+    return None
+  files = glob.glob(os.path.join(d, f'*{module}*after_optimizations-buffer-assignment.txt'))
+  return max(files, key=os.path.getmtime) if files else None
+
+
+_ALLOCATION = re.compile(r'allocation \d+: size \d+, (.*)')
+_VALUE = re.compile(r'\s*value: <\d+ (\S+) @[^>]*> \(size=(\d+),offset=\d+\): (\S+?)(?:\{|$)')
+_FROM = re.compile(r'from instruction: %([\w.\-]+) = (.*)')
+_OP_NAME = re.compile(r'metadata=\{op_name="((?:[^"\\]|\\.)*)"')
+
+
+def _values(text: str):
+  """([(bytes, shape, value)], {value: 'argument' | 'output' | 'temp'}) of a buffer assignment."""
+  kinds, values, alloc = {}, [], None
+  for line in text.splitlines():
+    a = _ALLOCATION.match(line)
+    if a:
+      alloc = 'argument' if 'parameter' in a.group(1) else 'output' if 'output' in a.group(1) else 'temp'
+      continue
+    v = _VALUE.match(line)
+    if v:
+      values.append((int(v.group(2)), v.group(3), v.group(1)))
+      kinds.setdefault(v.group(1), alloc)
+  return values, kinds
+
+
+def _instructions(text: str):
+  """({instruction: its op_name (the jax path of an argument, the op of a temp)}, {parameters})."""
+  names, params = {}, set()
+  for m in _FROM.finditer(text):
+    op = _OP_NAME.search(m.group(2))
+    if op:
+      names[m.group(1)] = op.group(1).replace("\\'", "'").replace('\\"', '"')
+    if re.search(r' parameter\(\d+\)', m.group(2)):
+      params.add(m.group(1))
+  return names, params
+
+
+def dumped_buffers(module: str, n: int = 5):
+  """The n largest values of the last buffer assignment XLA dumped for `module` (jit_NAME):
+  [(bytes, shape, what)], what = the argument's path, or the op that made a temp; None
+  without a dump."""
+  path = _latest_dump(module)
+  if not path:
+    return None
+  with open(path) as f:
+    values, kinds = _values(f.read())
+  vpath = path.replace('buffer-assignment.txt', 'buffer-assignment-values.txt')
+  names, params = {}, set()
+  if os.path.exists(vpath):
+    with open(vpath) as f:
+      names, params = _instructions(f.read())
+  best, seen = [], set()
+  for size, shape, name in sorted(values, key=lambda x: -x[0]):
+    kind = kinds.get(name, 'temp')
+    if name in seen or (kind == 'argument' and params and name not in params):
+      continue  # an update written over its donated argument: the same memory
+    seen.add(name)
+    best.append((size, shape, f'{kind} {names.get(name, name)}'))
+    if len(best) == n:
+      break
+  return best
+
+
+def largest_leaves(tree, n: int = 5, name: str = 'state'):
+  """[(bytes per device, shape, name + path)] of the largest leaves of a tree of sharded
+  ShapeDtypeStructs."""
+  out = []
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shard = x.sharding.shard_shape(x.shape) if getattr(x, 'sharding', None) is not None else x.shape
+    out.append((int(math.prod(shard) * np.dtype(x.dtype).itemsize), f'{np.dtype(x.dtype).name}{list(shard)}',
+                name + jax.tree_util.keystr(path)))
+  return sorted(out, key=lambda t: -t[0])[:n]

@@ -82,7 +82,7 @@ def test_clip_init_scales_kernels_with_width_and_depth():
   projections and width^-0.5 for the towers' projections."""
   width, depth = 128, 3
   model = _model(**{'model.text.width': width, 'model.text.mlp_dim': 512, 'model.text.depth': depth,
-                    'model.text.num_heads': 4})
+                    'model.text.num_heads': 4, 'model.arch.init': 'clip'})
   block = model.text.encoder.blocks[0]
   want = {'qkv': width ** -0.5, 'out': width ** -0.5 * (2 * depth) ** -0.5,
           'fc1': (2 * width) ** -0.5, 'fc2': width ** -0.5 * (2 * depth) ** -0.5}
@@ -93,8 +93,7 @@ def test_clip_init_scales_kernels_with_width_and_depth():
     assert abs(x.mean()) < 3 * std / math.sqrt(x.size), k
     assert np.std(x) == pytest.approx(std, rel=0.05), k
   assert np.std(np.asarray(model.text_proj.kernel[...])) == pytest.approx(width ** -0.5, rel=0.1)
-  xavier = _model(**{'model.arch.init': 'xavier', 'model.text.width': width, 'model.text.mlp_dim': 512,
-                     'model.text.num_heads': 4})
+  xavier = _model(**{'model.text.width': width, 'model.text.mlp_dim': 512, 'model.text.num_heads': 4})  # default
   fc1 = np.asarray(xavier.text.encoder.blocks[0].mlp.fc1.kernel[...])
   assert np.std(fc1) == pytest.approx(math.sqrt(2 / (width + 512)), rel=0.05)  # Glorot
 

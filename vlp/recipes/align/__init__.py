@@ -85,7 +85,7 @@ class Align(base.Recipe):
         # ALIGN's paper starts at 1.0, which small batches learn far too slowly.
         logit_scale_init=0.0,
         logit_bias_init=-10.0,  # sigmoid head (SigLIP)
-        arch=dict(init='clip', gelu='erf', ln_eps=1e-5),  # vlp.models.layers.Arch
+        arch=dict(init='xavier', gelu='erf', ln_eps=1e-5),  # vlp.models.layers.Arch; 'clip' init: -9 RSUM here
     )}
 
   def validate(self, config):

@@ -23,6 +23,7 @@ from vlp import plan as plan_lib, tasks
 from vlp.bench import compare
 from vlp.data import transforms
 from vlp.eval import retrieval
+from vlp.models import align as align_model
 from vlp.train import loop, metrics as metrics_lib
 
 REF_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'open_clip_train_ref.py')
@@ -33,6 +34,7 @@ KEYS = ('i2t@1', 't2i@1', 'i2t@5', 't2i@5', 'i2t@10', 't2i@10')
 OPEN_CLIP = {'text causal': True, 'text pool': 'eos', 'arch.init': 'clip text, torch-default vision',
              'arch.gelu': 'erf', 'arch.ln_eps': 1e-5, 'ln_pre (a LayerNorm before the ViT)': True,
              'patch embedding bias': False, 'optim.no_decay': (), 'label smoothing': 0.0}
+OPEN_CLIP_SCALE = {'softmax': 1 / 0.07, 'sigmoid': 10.0}  # its CLIP's start; build_clip's for SigLIP
 
 
 def _uint8(images):
@@ -68,8 +70,8 @@ def differences(config) -> list[str]:
           'arch.ln_eps': a.ln_eps, 'ln_pre (a LayerNorm before the ViT)': False, 'patch embedding bias': True,
           'optim.no_decay': tuple(config.optim.no_decay), 'label smoothing': config.loss.label_smoothing}
   lines = [f'{k}: vlp {ours[k]}, open_clip {OPEN_CLIP[k]}' for k in ours if str(ours[k]) != str(OPEN_CLIP[k])]
-  scale = m.logit_scale_init or {'softmax': 1 / 0.07, 'sigmoid': 10.0}[m.head]
-  oc_scale = {'softmax': 1 / 0.07, 'sigmoid': 10.0}[m.head]
+  scale = m.logit_scale_init or align_model.DEFAULT_SCALE[m.head]
+  oc_scale = OPEN_CLIP_SCALE[m.head]
   if abs(scale - oc_scale) > 1e-6:
     lines.append(f'logit scale start: vlp {scale:.4g}, open_clip {oc_scale:.4g}')
   return lines

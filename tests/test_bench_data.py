@@ -16,7 +16,8 @@ def test_bench_shards_are_readable_img2dataset_shards(tmp_path):
 
 def test_cli_prints_images_per_second(capsys):
   cli.main(['bench', 'data', '--workers', '0', '--shards', '2', '--per_shard', '8', '--batch', '4',
-            '--batches', '2', '--warmup', '1', '--repeats', '2', '--source_size', '48', '--image_size', '16'])
+            '--batches', '2', '--warmup', '1', '--repeats', '2', '--source_size', '48', '--image_size', '16',
+            '--shuffle_window', '8'])
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out['vlp_webdataset_images_per_sec'] > 0 and out['vlp_arrayrecord_images_per_sec'] > 0
   assert out['repeats'] == 2 and 'ratio_webdataset_input' not in out  # no reference asked for

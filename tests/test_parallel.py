@@ -149,7 +149,9 @@ def test_grad_accumulation_is_the_mean_of_micro_batch_losses():
   parts = [_loss_and_grads(config, jax.tree.map(lambda x: x[j::2], batch)) for j in range(2)]
   loss, grads = _loss_and_grads(config, batch, accum_steps=2)
   np.testing.assert_allclose(loss, (parts[0][0] + parts[1][0]) / 2, atol=1e-6)
-  jax.tree.map(lambda a, b, c: np.testing.assert_allclose(a, (b + c) / 2, atol=1e-6), grads, parts[0][1], parts[1][1])
+  # float32, summed in another order: within 1e-5 of each gradient's largest entry (they reach ~50)
+  jax.tree.map(lambda a, b, c: np.testing.assert_allclose(a, (b + c) / 2, rtol=1e-5, atol=1e-5 * np.abs(b + c).max()),
+               grads, parts[0][1], parts[1][1])
   whole, _ = _loss_and_grads(config, batch)
   assert abs(float(whole) - float(loss)) > 1e-3  # a contrastive loss of 16 is not the mean of two of 8
   # and the compiled, sharded step computes the same

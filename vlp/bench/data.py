@@ -75,7 +75,8 @@ def run_vlp(kind: str, paths, args, tokenizer) -> float:
   prep = pipeline.Preprocess(tokenizer, args.context_length, args.image_size, train=True,
                              crop_scale=tuple(args.crop_scale))
   if kind == 'webdataset':
-    ds = pipeline.stream_dataset(paths, webdataset.read_shard, prep, batch_size=args.batch, seed=0)
+    ds = pipeline.stream_dataset(paths, webdataset.read_shard, prep, batch_size=args.batch, seed=0,
+                                 shuffle_window=args.shuffle_window)
   else:
     ds = pipeline.train_dataset(arrayrecord.Source(paths), prep, batch_size=args.batch, seed=0)
   iterator = pipeline.make_iterator(ds, num_workers=args.workers, prefetch=4)
@@ -111,6 +112,9 @@ def main(argv):
   p.add_argument('--per_shard', type=int, default=256)
   p.add_argument('--batches', type=int, default=20)
   p.add_argument('--warmup', type=int, default=3)
+  p.add_argument('--shuffle_window', type=int, default=1000,
+                 help="vlp's streaming shuffle window (the reference shuffles 1000); at most the records "
+                      'one reader reads per pass')
   p.add_argument('--repeats', type=int, default=3, help='rounds; medians are reported')
   p.add_argument('--compare', choices=('webdataset',))
   args = p.parse_args(argv)

@@ -190,8 +190,16 @@ class Albef(base.Recipe):
     return flops.albef_train_flops(config.model, variant.batch_size, config.albef.queue_size)
 
   def activation_bytes(self, config, variant, sizes):
-    # ALIGN's estimate: ALBEF's fusion passes (3B ITM pairs, MLM) are not in it
-    return align.RECIPE.activation_bytes(config, variant, sizes)
+    """Both unimodal towers on one micro-batch plus ITC's logits; the fusion passes (3B ITM
+    pairs, MLM) are not in the estimate."""
+    m = config.model
+    batch = variant.batch_size // variant.accum_steps
+    seq = (variant.image_size // m.image.patch_size) ** 2 + 1
+    towers = align.tower_activation_bytes(config, [(m.image, seq), (m.text, m.text.context_length)], batch, sizes)
+    # ITC (vlp.recipes.albef.losses.itc_loss): each device's rows against the gathered momentum
+    # features and the queue, [r, B + Q] per direction, with their gradients and targets (float32)
+    rows = batch // (sizes['data'] * sizes['fsdp'])
+    return towers + 4 * 3 * 2 * rows * (batch + config.albef.queue_size)
 
 
 RECIPE = Albef()

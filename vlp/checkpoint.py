@@ -129,6 +129,9 @@ class Checkpointer:
         enable_async_checkpointing=cfg.async_save, read_only=read_only,
         cleanup_tmp_directories=not read_only)  # the half-written steps of a killed run
     self.workdir = paths.abspath(workdir)
+    self.save_timeout = cfg.get('save_timeout_s', 900)
+    self._saving = None  # the step of the save in flight
+    self.broken = False  # a save failed: Orbax's threads may be stuck, close() must not wait on them
     self.manager = ocp.CheckpointManager(
         paths.join(self.workdir, 'checkpoints'), options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -207,11 +210,11 @@ class Checkpointer:
     for item, it in _by_item(data_iterators).items():
       items[item] = grain.checkpoint.CheckpointSave(it)
     meta = {'versions': versions(), **({'config': json.loads(config.to_json())} if config is not None else {})}
-    try:  # also where the previous async save's error comes out
-      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force, custom_metadata=meta)
-    except Exception as e:  # noqa: BLE001
-      raise self._failed(e) from None
+    self.wait()  # Orbax's save would wait for the previous one itself, silently and without a deadline
     self._saving = step
+    # its blocking part (directories, the copy off the devices) talks to the storage too
+    saved = self._within_deadline(lambda: self.manager.save(
+        step, args=ocp.args.Composite(**items), force=force, custom_metadata=meta))
     return saved
 
   def step_metadata(self, step: int) -> dict:
@@ -258,41 +261,63 @@ class Checkpointer:
           'the data, so resume with the same process count (or start a new --workdir)')
 
   def wait(self, warn_after: float = 60.0):
-    """Until the async save is committed; says so every `warn_after` seconds it is not, and turns
-    a failure into one line (the previous checkpoint stays restorable: a step counts only once
-    committed)."""
-    import concurrent.futures
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    future = pool.submit(self.manager.wait_until_finished)
+    """Until the async save in flight is committed (see _within_deadline)."""
+    if self._saving is not None:
+      # a failed async save ends its thread quietly; check_for_errors raises what it kept
+      self._within_deadline(lambda: (self.manager.wait_until_finished(), self.manager.check_for_errors()),
+                            warn_after)
+      self._saving = None
+
+  def _within_deadline(self, fn, warn_after: float = 60.0):
+    """fn() for the save of step self._saving, saying so every `warn_after` seconds it is not done;
+    a failure, or no return within checkpoint.save_timeout_s, is one line (SaveFailed), and
+    the previous checkpoint stays restorable (a step counts only once committed).
+
+    fn runs in a daemon thread: when the storage went away mid-save, Orbax may never come back
+    (a writer thread died while the others wait for it), and that thread must not keep the
+    process from exiting."""
+    import queue
+    import threading
+    done = queue.Queue()
+
+    def call():
+      try:
+        done.put((fn(), None))
+      except Exception as e:  # noqa: BLE001
+        done.put((None, e))
+    threading.Thread(target=call, daemon=True, name=f'vlp-checkpoint-{self._saving}').start()
     waited = 0.0
-    try:
-      while True:
-        try:
-          future.result(timeout=warn_after)
-          return
-        except concurrent.futures.TimeoutError:
-          waited += warn_after
-          if jax.process_index() == 0:
-            print(f'checkpoint of step {getattr(self, "_saving", "?")} to {self.manager.directory} not written '
-                  f'after {waited:.0f} s (is the storage reachable?); still retrying; the previous checkpoint '
-                  f'({self._previous()}) stays restorable', flush=True)
-        except Exception as e:  # noqa: BLE001
-          raise self._failed(e) from None
-    finally:
-      pool.shutdown(wait=False)
+    while True:
+      try:
+        result, error = done.get(timeout=min(warn_after, self.save_timeout - waited))
+        break
+      except queue.Empty:
+        waited = min(waited + warn_after, self.save_timeout)
+        if waited >= self.save_timeout:
+          result, error = None, TimeoutError(f'not written within checkpoint.save_timeout_s={self.save_timeout:g}')
+          break
+        if jax.process_index() == 0:
+          print(f'checkpoint of step {self._saving} to {self.manager.directory} not written after {waited:.0f} s '
+                f'(is the storage reachable?); still retrying; the previous checkpoint ({self._previous()}) '
+                'stays restorable', flush=True)
+    if error is not None:
+      self.broken = True
+      raise self._failed(error)
+    return result
 
   def _previous(self):
-    steps = [s for s in self.all_steps() if s != getattr(self, '_saving', None)]
+    steps = [s for s in self.all_steps() if s != self._saving]
     return f'step {steps[-1]}' if steps else 'none'
 
   def _failed(self, e) -> SaveFailed:
     msg = _first_line(e)
-    return SaveFailed(f'checkpoint of step {getattr(self, "_saving", "?")} could not be written to '
+    return SaveFailed(f'checkpoint of step {self._saving} could not be written to '
                       f'{self.manager.directory} ({type(e).__name__}: {msg}); the previous checkpoint '
                       f'({self._previous()}) stays restorable')
 
   def close(self):
-    self.manager.close()
+    if not self.broken:
+      self.manager.close()
 
 
 def _by_item(data_iterators) -> dict:

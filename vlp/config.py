@@ -26,14 +26,13 @@ def moe_config() -> dict:
   The MoE blocks are every `every`-th block, among the last `last` (0: all);
   IMP: expert choice, capacity factor 1.0, 16 experts in the last 6 blocks.
   """
-  return dict(num_experts=0, every=2, last=0, router='expert_choice', k=1, capacity_factor=1.0,
-              batch_priority=False)
+  return dict(num_experts=0, every=2, last=0, router='expert_choice', k=1, capacity_factor=1.0, batch_priority=False)
 
 
 def base_config(name: str = 'align', sections: dict | None = None) -> ml_collections.ConfigDict:
   """The common keys, with `sections` (a recipe's own: vlp.recipes.base_config) merged in:
   `sections['model']` extends config.model, `sections['evals']` replaces the default
-  evaluators, any other entry is a top-level section of its own."""
+  evaluators, one named like a common section (optim) updates its keys, any other is new."""
   sections = dict(sections or {})
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -63,7 +62,7 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
       schedule='cosine',  # 'cosine', 'linear' or 'constant' after warm-up
       weight_decay=0.05, b1=0.9, b2=0.98, eps=1e-6,
       clip_norm=1.0,  # global-norm clipping; 0 disables
-      no_decay=('pos_embed',),  # param names without weight decay besides vectors/biases (open_clip: ())
+      no_decay=('pos_embed',),  # param names without weight decay besides vectors/biases (ALIGN: ())
   )
   # Mesh axis sizes; -1 takes the devices left over. Params are sharded by the
   # logical-axis rules of vlp.parallel, the batch over (data, fsdp).
@@ -89,12 +88,13 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
   c.checkpoint = dict(
       every=500, keep=2, async_save=True,
       keep_every=0,  # > 0: also keep every checkpoint whose step is a multiple of this, forever
+      save_timeout_s=900,  # a save not committed in this time (storage gone) stops the run in one line
       # False: restore only the train state and start the input pipeline afresh, e.g. on
       # another process count, whose per-process input positions cannot be taken over
       restore_data=True,
   )
   for key, section in sections.items():
-    c[key] = section
+    c[key] = {**c[key], **section} if key in c else section
   c.lock()
   c.evals.unlock()  # a config may add evaluators; their keys are checked by validate
   c.tasks.unlock()  # likewise tasks
@@ -291,7 +291,8 @@ def validate_common(config):
   _validate_evals(config)
   c = config.checkpoint
   for key, value, low in (('checkpoint.every', c.every, 1), ('checkpoint.keep', c.keep, 1), ('log_every', config.log_every, 1),
-                          ('checkpoint.keep_every', c.keep_every, 0), ('eval_every', config.eval_every, 0)):
+                          ('checkpoint.keep_every', c.keep_every, 0), ('eval_every', config.eval_every, 0),
+                          ('checkpoint.save_timeout_s', c.save_timeout_s, 1)):
     check(value >= low, key, f'must be >= {low}')
   check(config.agd.schedule in SCHEDULES, 'agd.schedule', f'{config.agd.schedule!r} not in {"/".join(SCHEDULES)}')
   check(not config.tasks or config.accum_steps == 1, 'accum_steps',
@@ -385,12 +386,11 @@ def mesh_shape(config, num_devices: int) -> dict[str, int]:
   """Resolves the one -1 axis size so the product equals the device count."""
   unknown = [a for a in MESH_AXES if config.mesh[a] == -1]
   check(len(unknown) <= 1, 'mesh', f'at most one axis may be -1, got {unknown}')
-  known = 1
   for a in MESH_AXES:
-    if config.mesh[a] != -1:
-      check(isinstance(config.mesh[a], int) and config.mesh[a] >= 1, f'mesh.{a}', 'must be -1 or >= 1')
-      known *= config.mesh[a]
+    check(config.mesh[a] == -1 or (isinstance(config.mesh[a], int) and config.mesh[a] >= 1), f'mesh.{a}',
+          'must be -1 or >= 1')
   sizes = {a: config.mesh[a] for a in MESH_AXES}
+  known = math.prod(v for v in sizes.values() if v != -1)
   if unknown:
     check(num_devices % known == 0, f'mesh.{unknown[0]}',
            f'{num_devices} devices are not divisible by the other axes ({known})')

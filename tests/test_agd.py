@@ -144,6 +144,7 @@ def test_a_task_leaves_untouched_params_and_their_optimizer_state_alone():
   assert any(k.endswith('.count') for k in changed)  # one step count for all tasks
 
 
+@pytest.mark.slow  # trains: the quick part keeps to unit-sized checks
 def test_touched_params_are_exactly_those_with_a_gradient():
   """The model's ownership table against autodiff: untouched params get exactly zero gradient."""
   c = imp_config()

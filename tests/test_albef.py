@@ -161,6 +161,7 @@ def test_config_checks_name_the_key(override, key):
     plan_lib.validate(_albef(**override), num_devices=8)
 
 
+@pytest.mark.slow  # trains: the quick part keeps to unit-sized checks
 def test_moe_towers_train_over_the_expert_axis_like_on_one_device():
   """MoE in the ViT and in both parts of the text stack; the aux losses join the loss."""
   moe = dict(num_experts=4, every=1, router='expert_choice', k=1, capacity_factor=1.0, batch_priority=False)

@@ -108,6 +108,7 @@ def test_contrastive_task_of_video_drops_tokens_with_a_key_per_step():
                              rtol=1e-5)
 
 
+@pytest.mark.slow  # trains: the quick part keeps to unit-sized checks
 def test_moe_imp_over_the_expert_axis_matches_one_device():
   moe = {'model.encoder.moe.num_experts': 4, 'model.encoder.moe.every': 1, 'model.encoder.moe.last': 1}
   c = imp_config(**moe, **{'tasks.image_text.resolutions': (16,)})

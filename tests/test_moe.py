@@ -125,6 +125,7 @@ def _moe_config(**moe_overrides):
   return c
 
 
+@pytest.mark.slow  # trains: the quick part keeps to unit-sized checks
 @pytest.mark.parametrize('router', ['top_k', 'expert_choice'])
 def test_expert_axis_sharded_over_4_devices_matches_unsharded(router):
   config = _moe_config(router=router, k=2 if router == 'top_k' else 1)

@@ -39,6 +39,7 @@ def _logged_losses(workdir):
   return {r['step']: r['loss'] for r in metrics_lib.read_jsonl(str(workdir)) if 'loss' in r}
 
 
+@pytest.mark.slow  # trains: the quick part keeps to unit-sized checks
 def test_resume_continues_the_exact_trajectory(tmp_path):
   _train(tmp_path / 'straight', total_steps=6)
   _train(tmp_path / 'resumed', total_steps=3)  # stops after saving step 3
@@ -117,6 +118,7 @@ def web_shards(tmp_path_factory):
   return root
 
 
+@pytest.mark.slow  # trains: the quick part keeps to unit-sized checks
 @pytest.mark.parametrize('name', ['webdataset', 'arrayrecord'])
 def test_train_on_web_shards_counts_skips_and_resumes(tmp_path, web_shards, name):
   data = {'data.name': name, 'data.train': str(web_shards / ('tars' if name == 'webdataset' else 'ar')),

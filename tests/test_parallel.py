@@ -23,6 +23,7 @@ def _block(params):
   return params['image']['encoder']['blocks'][0]
 
 
+@pytest.mark.slow  # trains: the quick part keeps to unit-sized checks
 def test_tensor_parallel_step_matches_single_device():
   config = tiny_config()
   one = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1}, devices=jax.devices()[:1])

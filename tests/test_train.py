@@ -49,6 +49,7 @@ def test_resume_continues_the_exact_trajectory(tmp_path):
   assert [resumed[s] for s in range(1, 7)] == [straight[s] for s in range(1, 7)]  # bit for bit
 
 
+@pytest.mark.slow  # trains: the quick part keeps to unit-sized checks
 def test_export_gives_the_training_embeddings(tmp_path):
   result = _train(tmp_path / 'wd', total_steps=3)
   cli.main(['export', f'--workdir={tmp_path / "wd"}', f'--out={tmp_path / "export"}'])

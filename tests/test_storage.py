@@ -138,6 +138,37 @@ def test_train_resume_eval_export_load_all_on_gcs(gcs, tmp_path, monkeypatch):
   assert _local_files(tmp_path) == []  # nothing written locally
 
 
+@pytest.mark.slow
+def test_metrics_the_storage_refuses_are_kept_and_uploaded_once_it_is_back(tmp_path, capsys):
+  """metrics.jsonl on a bucket that goes away: the upload is refused after gcsfs's retries,
+  the run is told in one line, and the lines go up with the next upload once it is back."""
+  import gcsfs
+  emu = gcs_emulator.Emulator(root=str(tmp_path / 'bucket'))
+  try:
+    emu.start()
+  except gcs_emulator.Unavailable as e:
+    pytest.skip(f'GCS emulator unavailable: {e}')
+  restore = gcs_emulator.set_env(emu.env())
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  try:
+    path = f'gs://{emu.bucket}/run/metrics.jsonl'
+    log = metrics_lib.RemoteLog(path, interval=0.0)
+    log.write('{"step": 1}\n')
+    log.flush()
+    emu.stop(kill=True)
+    log.write('{"step": 2}\n')
+    log.flush()  # refused: kept
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f'{path} could not be written') and 'next upload' in out[0], out
+    emu.start(port=emu.port)
+    log.close()
+    assert paths.read_text(path) == '{"step": 1}\n{"step": 2}\n'
+  finally:
+    restore()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    emu.stop()
+
+
 def _objects_under(root: str, prefix: str) -> list[str]:
   """Object files the emulator's filesystem backend holds under `prefix` (read off its disk, so
   also while it is down)."""

@@ -105,9 +105,19 @@ class RemoteLog:
     self.dirty = True
 
   def flush(self, force: bool = False):
+    """Uploads; an upload the storage refuses keeps the lines for the next try (the run goes
+    on: a checkpoint, not the log, decides whether it can), and on close raises StorageError."""
     if self.dirty and (force or time.monotonic() - self.last >= self.interval):
-      paths.write_atomic(self.path, self.text)
-      self.last, self.dirty = time.monotonic(), False
+      self.last = time.monotonic()
+      try:
+        paths.write_atomic(self.path, self.text)
+        self.dirty = False
+      except Exception as e:  # noqa: BLE001 - whatever the storage layer raised
+        first_line = (str(e).strip().splitlines() or [''])[0][:200]
+        why = f'{self.path} could not be written ({type(e).__name__}: {first_line})'
+        if force:
+          raise paths.StorageError(f'{why}; is the storage reachable?') from None
+        print(f'{why}; keeping its lines for the next upload in {self.interval:.0f} s', flush=True)
 
   def close(self):
     self.flush(force=True)
@@ -125,7 +135,10 @@ class _RemoteEvents:
 
   def flush(self):
     if not self.closed:
-      paths.write_atomic(self.path, self.buffer.getvalue())
+      try:  # in tensorboardX's writer thread: a refused upload is tried again on the next flush
+        paths.write_atomic(self.path, self.buffer.getvalue())
+      except Exception as e:  # noqa: BLE001
+        print(f'{self.path} could not be written ({type(e).__name__}); trying again on the next flush', flush=True)
 
   def close(self):
     if not self.closed:

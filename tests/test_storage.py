@@ -176,11 +176,12 @@ def _objects_under(root: str, prefix: str) -> list[str]:
           if prefix in os.path.relpath(os.path.join(d, f), root)]
 
 
-def _launch(workdir, env, log):
+def _launch(workdir, env, log, cache):
+  # no evaluator, and a local compile cache, so the relaunch compiles nothing
   return subprocess.Popen(
-      [sys.executable, '-m', 'vlp.cli', 'train', f'--config={ROOT}/tests/tiny.py', f'--workdir={workdir}',
+      [sys.executable, '-m', 'vlp.cli', 'train', f'--config={ROOT}/tests/tiny.py:noeval', f'--workdir={workdir}',
        '--no_progress', '--config.total_steps=6', '--config.checkpoint.every=2',
-       '--config.checkpoint.save_timeout_s=60'],
+       '--config.checkpoint.save_timeout_s=30', f'--config.compile_cache={cache}'],
       env={**os.environ, **env, 'PYTHONPATH': ROOT, 'PYTHONFAULTHANDLER': '1'}, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -198,7 +199,7 @@ def test_bucket_gone_mid_save_is_one_line_and_a_relaunch_resumes_the_previous_ch
   workdir, log_path = f'gs://{emu.bucket}/run', tmp_path / 'first.txt'
   try:
     with open(log_path, 'w') as log:
-      proc = _launch(workdir, emu.env(), log)
+      proc = _launch(workdir, emu.env(), log, str(tmp_path / 'xla'))
       deadline = time.time() + 600
       while not _objects_under(root, 'checkpoints/4') and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -214,7 +215,7 @@ def test_bucket_gone_mid_save_is_one_line_and_a_relaunch_resumes_the_previous_ch
     # libraries' own threads may log theirs)
     emu.start(port=emu.port)  # the bucket is back, with what it held
     with open(tmp_path / 'second.txt', 'w') as log:
-      rc = _launch(workdir, emu.env(), log).wait(timeout=600)
+      rc = _launch(workdir, emu.env(), log, str(tmp_path / 'xla')).wait(timeout=600)
     text = (tmp_path / 'second.txt').read_text()
     assert rc == 0 and re.search(r'^resumed step 2\b', text, re.M), text[-3000:]
     restore = gcs_emulator.set_env(emu.env())

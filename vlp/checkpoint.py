@@ -240,7 +240,7 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 - whatever the file layer raised: one line naming the step
       while (e.__cause__ or e.__context__) is not None:  # the file layer's own words are at the root
         e = e.__cause__ or e.__context__
-      why = f'{type(e).__name__}: {_first_line(e)}'
+      why = f'{type(e).__name__}: {paths.first_line(e)}'
       if isinstance(e, (ConnectionError, TimeoutError)) or any(c in why for c in _UNREACHABLE):
         raise paths.StorageError(f'checkpoint step {step} in {self.manager.directory} could not be read '
                                  f'({why}); is the storage reachable? nothing was set aside') from None
@@ -310,7 +310,7 @@ class Checkpointer:
     return f'step {steps[-1]}' if steps else 'none'
 
   def _failed(self, e) -> SaveFailed:
-    msg = _first_line(e)
+    msg = paths.first_line(e)
     return SaveFailed(f'checkpoint of step {self._saving} could not be written to '
                       f'{self.manager.directory} ({type(e).__name__}: {msg}); the previous checkpoint '
                       f'({self._previous()}) stays restorable')
@@ -324,7 +324,3 @@ def _by_item(data_iterators) -> dict:
   if data_iterators is None:
     return {}
   return data_iterators if isinstance(data_iterators, dict) else {'data': data_iterators}
-
-
-def _first_line(e, limit: int = 300) -> str:
-  return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

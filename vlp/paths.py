@@ -36,6 +36,11 @@ class StorageError(FileNotFoundError):
   """A remote path that cannot be reached: no bucket, no credentials, no network."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+  """An exception's message cut to its first line (the storage clients' run to pages)."""
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 def is_remote(path) -> bool:
   """gs://, s3://, ...: anything with a scheme but file://."""
   m = _SCHEME.match(str(path))
@@ -207,8 +212,7 @@ def check_reachable(p, what: str = 'path', timeout: float = 30.0):
     raise StorageError(f'{what} {p}: no answer from {root} in {timeout:.0f} s (network, or an emulator that '
                        f'is not running?); {CREDENTIALS_HINT}') from None
   except Exception as e:  # noqa: BLE001 - any client error becomes one line
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise StorageError(f'{what} {p}: cannot access {root} ({type(e).__name__}: {msg[:200]}); '
+    raise StorageError(f'{what} {p}: cannot access {root} ({type(e).__name__}: {first_line(e, 200)}); '
                        f'{CREDENTIALS_HINT}') from None
   finally:
     pool.shutdown(wait=False)

@@ -113,8 +113,7 @@ class RemoteLog:
         paths.write_atomic(self.path, self.text)
         self.dirty = False
       except Exception as e:  # noqa: BLE001 - whatever the storage layer raised
-        first_line = (str(e).strip().splitlines() or [''])[0][:200]
-        why = f'{self.path} could not be written ({type(e).__name__}: {first_line})'
+        why = f'{self.path} could not be written ({type(e).__name__}: {paths.first_line(e, 200)})'
         if force:
           raise paths.StorageError(f'{why}; is the storage reachable?') from None
         print(f'{why}; keeping its lines for the next upload in {self.interval:.0f} s', flush=True)

@@ -192,10 +192,7 @@ class Albef(base.Recipe):
   def activation_bytes(self, config, variant, sizes):
     """Both unimodal towers on one micro-batch plus ITC's logits; the fusion passes (3B ITM
     pairs, MLM) are not in the estimate."""
-    m = config.model
-    batch = variant.batch_size // variant.accum_steps
-    seq = (variant.image_size // m.image.patch_size) ** 2 + 1
-    towers = align.tower_activation_bytes(config, [(m.image, seq), (m.text, m.text.context_length)], batch, sizes)
+    towers, batch = align.both_towers_bytes(config, variant, sizes)
     # ITC (vlp.recipes.albef.losses.itc_loss): each device's rows against the gathered momentum
     # features and the queue, [r, B + Q] per direction, with their gradients and targets (float32)
     rows = batch // (sizes['data'] * sizes['fsdp'])

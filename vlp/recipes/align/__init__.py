@@ -52,6 +52,14 @@ def tower_activation_bytes(config, towers_, batch: int, sizes: dict) -> float:
                                              jnp.dtype(m.dtype).itemsize) for t, length in towers_)
 
 
+def both_towers_bytes(config, variant, sizes: dict) -> tuple[float, int]:
+  """(per-device activations of the image and text towers on one micro-batch, the micro-batch)."""
+  m = config.model
+  batch = variant.batch_size // variant.accum_steps
+  seq = (variant.image_size // m.image.patch_size) ** 2 + 1
+  return tower_activation_bytes(config, [(m.image, seq), (m.text, m.text.context_length)], batch, sizes), batch
+
+
 HEALTH_ROWS = 256  # in-batch accuracy from this many rows: O(rows x B) however large the batch
 
 
@@ -127,10 +135,7 @@ class Align(base.Recipe):
   def activation_bytes(self, config, variant, sizes):
     """Both towers on one micro-batch, plus the contrastive loss's temporaries (vlp.losses)."""
     m = config.model
-    batch = variant.batch_size // variant.accum_steps
-    im = m.image
-    seq = (variant.image_size // im.patch_size) ** 2 + 1
-    total = tower_activation_bytes(config, [(im, seq), (m.text, m.text.context_length)], batch, sizes)
+    total, batch = both_towers_bytes(config, variant, sizes)
     return total + losses.temp_bytes(m.head, config.loss.impl, batch, sizes['data'] * sizes['fsdp'],
                                      m.embed_dim, config.loss.chunk_size)
 

@@ -1,8 +1,16 @@
 """Every test sees 8 simulated CPU devices, as a small pod slice would look."""
 import os
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One XLA cache for the session (tests/tiny.py reads it; subprocess runs inherit it): the suite
+# compiles the same tiny programs in many tests. VLP_TEST_COMPILE_CACHE='' turns it off.
+_OWN_CACHE = 'VLP_TEST_COMPILE_CACHE' not in os.environ
+if _OWN_CACHE:
+  os.environ['VLP_TEST_COMPILE_CACHE'] = tempfile.mkdtemp(prefix='vlp-tests-xla-')
+_SESSION_CACHE = os.environ['VLP_TEST_COMPILE_CACHE'] or None
 
 import pytest  # noqa: E402
 
@@ -77,6 +85,11 @@ def train_losses(config, mesh, steps=3, variant=None):
   return out, state, metrics, train_step
 
 
+def pytest_sessionfinish(session, exitstatus):
+  if _OWN_CACHE:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
 @pytest.fixture
 def tiny():
   return tiny_config
@@ -104,15 +117,26 @@ def gcs(_gcs_server):
   restore()
 
 
+def _use_session_cache():
+  """Points XLA's persistent cache at the session's (programs that took 1 s or more to compile)."""
+  import jax
+  from jax._src import compilation_cache
+  jax.config.update('jax_compilation_cache_dir', _SESSION_CACHE)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  compilation_cache.reset_cache()
+
+
 @pytest.fixture(autouse=True)
 def _no_compile_cache_leak():
   """A run in this process may point XLA's persistent cache at its workdir (config.compile_cache);
-  the next test must not keep writing there."""
+  the next test must not keep writing there: it goes back to the session's cache (or none)."""
+  import jax
+
+  def moved():
+    return (jax.config.jax_compilation_cache_dir != _SESSION_CACHE
+            or jax.config.jax_persistent_cache_min_compile_time_secs != 1.0)
+  if moved():
+    _use_session_cache()
   yield
-  import sys
-  if 'jax' in sys.modules:
-    import jax
-    if jax.config.jax_compilation_cache_dir:
-      jax.config.update('jax_compilation_cache_dir', None)
-      from jax._src import compilation_cache
-      compilation_cache.reset_cache()
+  if moved():
+    _use_session_cache()

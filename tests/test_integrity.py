@@ -118,3 +118,46 @@ def test_a_metrics_line_cut_by_a_kill_does_not_stop_a_resume(tmp_path):
   writer.close()
   assert [(r['step'], r['loss']) for r in metrics_lib.read_jsonl(str(tmp_path))] == \
       [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25), (5, 0.5)]
+
+
+@pytest.mark.slow
+def test_eval_and_export_read_the_newest_intact_step_and_move_nothing(trained, tmp_path, capsys):
+  workdir = _copy(trained, tmp_path)
+  _damage(workdir, 'truncated', 6)
+  assert cli.main(['eval', f'--workdir={workdir}', f'--json={tmp_path / "eval.json"}']) == 0
+  out = capsys.readouterr().out
+  lines = [line for line in out.splitlines() if 'does not restore' in line]
+  assert len(lines) == 1 and lines[0].startswith(f'checkpoint step 6 in {workdir}/checkpoints does not restore '
+                                                 '(ValueError: OUT_OF_RANGE') and lines[0].endswith('; using step 4')
+  assert json.loads((tmp_path / 'eval.json').read_text())[0]['step'] == 4
+  assert cli.main(['export', f'--workdir={workdir}', f'--out={tmp_path / "export"}']) == 0
+  assert json.loads((tmp_path / 'export' / 'config.json').read_text())['step'] == 4
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4', '6']  # a reader moves nothing
+  assert not os.path.exists(os.path.join(workdir, checkpoint.CORRUPT_DIR))
+
+
+def _bytes_read():
+  """Bytes this process has read through the OS so far (Linux: /proc/self/io rchar)."""
+  with open('/proc/self/io') as f:
+    return int(next(line for line in f if line.startswith('rchar')).split()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists('/proc/self/io'), reason='counts reads through /proc/self/io')
+def test_a_reader_of_the_params_leaves_the_optimizer_state_unread(trained):
+  config = checkpoint.load_workdir_config(str(trained / 'run'))
+  plan = plan_lib.make(config, jax.device_count())
+  abstract = state_lib.make_setup(plan, parallel.make_mesh(plan.sizes)).abstract
+  read, restored = {}, {}
+  for name, part in [('whole', abstract), ('params', {'params': abstract['params']})] * 2:  # the 2nd: warm
+    ckpt = checkpoint.Checkpointer(str(trained / 'run'), config.checkpoint, read_only=True)
+    before = _bytes_read()
+    restored[name] = ckpt.restore(6, part)
+    read[name] = _bytes_read() - before
+    ckpt.close()
+  assert set(restored['params']) == {'params'}
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()),
+                                   restored['params']['params'], restored['whole']['params']))
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract['params']))
+  # Adam keeps two moments per param: the whole state holds 3x the params' bytes
+  assert read['whole'] - read['params'] > 1.5 * param_bytes, (read, param_bytes)

@@ -138,10 +138,10 @@ def test_train_resume_eval_export_load_all_on_gcs(gcs, tmp_path, monkeypatch):
   assert _local_files(tmp_path) == []  # nothing written locally
 
 
-@pytest.mark.slow
-def test_metrics_the_storage_refuses_are_kept_and_uploaded_once_it_is_back(tmp_path, capsys):
-  """metrics.jsonl on a bucket that goes away: the upload is refused after gcsfs's retries,
-  the run is told in one line, and the lines go up with the next upload once it is back."""
+@pytest.fixture
+def own_emulator(tmp_path):
+  """An emulator of this test's own (on disk, so a restart serves the same objects), to stop and
+  start: the session's stays up."""
   import gcsfs
   emu = gcs_emulator.Emulator(root=str(tmp_path / 'bucket'))
   try:
@@ -150,23 +150,59 @@ def test_metrics_the_storage_refuses_are_kept_and_uploaded_once_it_is_back(tmp_p
     pytest.skip(f'GCS emulator unavailable: {e}')
   restore = gcs_emulator.set_env(emu.env())
   gcsfs.GCSFileSystem.clear_instance_cache()
-  try:
-    path = f'gs://{emu.bucket}/run/metrics.jsonl'
-    log = metrics_lib.RemoteLog(path, interval=0.0)
-    log.write('{"step": 1}\n')
-    log.flush()
-    emu.stop(kill=True)
-    log.write('{"step": 2}\n')
-    log.flush()  # refused: kept
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith(f'{path} could not be written') and 'next upload' in out[0], out
-    emu.start(port=emu.port)
-    log.close()
-    assert paths.read_text(path) == '{"step": 1}\n{"step": 2}\n'
-  finally:
-    restore()
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    emu.stop()
+  yield emu
+  restore()
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  emu.stop()
+
+
+@pytest.mark.slow
+def test_metrics_the_storage_refuses_are_kept_and_uploaded_once_it_is_back(own_emulator, capsys):
+  """metrics.jsonl on a bucket that goes away: the upload is refused after gcsfs's retries,
+  the run is told in one line, and the lines go up with the next upload once it is back."""
+  path = f'gs://{own_emulator.bucket}/run/metrics.jsonl'
+  log = metrics_lib.RemoteLog(path, interval=0.0)
+  log.write('{"step": 1}\n')
+  log.flush()
+  own_emulator.stop(kill=True)
+  log.write('{"step": 2}\n')
+  log.flush()  # refused: kept
+  out = capsys.readouterr().out.strip().splitlines()
+  assert len(out) == 1 and out[0].startswith(f'{path} could not be written') and 'next upload' in out[0], out
+  own_emulator.start(port=own_emulator.port)
+  log.close()
+  assert paths.read_text(path) == '{"step": 1}\n{"step": 2}\n'
+
+
+@pytest.mark.slow
+def test_a_shard_read_through_an_outage_loses_no_record_and_counts_the_retries(own_emulator, tmp_path, capsys):
+  """The emulator is killed after the first records of a remote shard and comes back after 40 s
+  (longer than gcsfs's own 30 s of retries): the reader waits, reopens at its offset, and every
+  record comes out, as from the local copy, with the retries as notes."""
+  import threading
+
+  from vlp.data import records
+  local = tmp_path / 'tars'
+  # noise images: 40 members of 200 kB, beyond gcsfs's 5 MB read-ahead, so reading goes on after the kill
+  rng = np.random.default_rng(0)
+  fx.write_shard(str(local), 0, [fx.sample(i, image=rng.bytes(200_000)) for i in range(40)])
+  shard = f'gs://{own_emulator.bucket}/tars/00000.tar'
+  paths.copy(str(local / '00000.tar'), shard)
+  reader = webdataset.read_shard(shard)
+  out = [next(reader)]
+  own_emulator.stop(kill=True)
+  back = threading.Timer(40.0, lambda: own_emulator.start(port=own_emulator.port))
+  back.start()
+  t0 = time.monotonic()
+  out += list(reader)
+  back.join()
+  assert time.monotonic() - t0 > 35  # it waited for the storage
+  notes = [r for r in out if records.is_skipped(r)]
+  assert notes and all(r[records.SKIP] == records.RETRIED for r in notes)
+  expected = [(r['key'], r['image']) for r in webdataset.read_shard(str(local / '00000.tar'))]
+  assert [(r['key'], r['image']) for r in out if not records.is_skipped(r)] == expected and len(expected) == 40
+  err = [line for line in capsys.readouterr().err.splitlines() if line.startswith('vlp: storage:')]
+  assert len(err) == len(notes) and f'{shard}: ' in err[0] and 'retry 1 in' in err[0], err
 
 
 def _objects_under(root: str, prefix: str) -> list[str]:

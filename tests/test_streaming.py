@@ -236,3 +236,13 @@ def test_only_empty_shards_is_a_clear_error(tmp_path):
   it = iter(streaming.shard_stream(webdataset.expand(str(tmp_path)), webdataset.read_shard, seed=0))
   with pytest.raises(ValueError, match='every shard .* of this reader is empty'):
     next(it)
+
+
+def test_storage_retry_notes_are_counted_apart_from_the_skips():
+  import grain
+  example = {'image': np.zeros((2, 2, 3), np.float32), 'text': np.zeros(4, np.int32)}
+  stream = [records.retried('a'), records.retried('a'), example, records.skipped('b', 'corrupt_image'), example]
+  batches = iter(pipeline.SkipCountingBatch(grain.MapDataset.source(stream).to_iter_dataset(),
+                                            batch_size=2, max_skips=1))  # the notes are not skips
+  batch = next(batches)
+  assert batch['skipped'] == {records.RETRIED: 2, 'corrupt_image': 1} and batch['image'].shape == (2, 2, 2, 3)

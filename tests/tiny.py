@@ -1,5 +1,7 @@
 """The tiny test model as a config file, so tests can also launch it as `vlp train --config=tests/tiny.py`
 (`tests/tiny.py:albef`: ALBEF with the same towers)."""
+import os
+
 from vlp.recipes import base_config
 
 
@@ -15,7 +17,9 @@ def get_config(arg=None):
   c.log_every = 1
   c.eval_every = 0
   c.checkpoint.update(every=3, keep=3)
-  c.compile_cache = ''  # tests: no persistent cache unless a test asks for one
+  # tests share one persistent cache per session (conftest sets VLP_TEST_COMPILE_CACHE), so a program
+  # the suite has compiled once loads; a test of the cache itself names its own
+  c.compile_cache = os.environ.get('VLP_TEST_COMPILE_CACHE', '')
   if arg == 'noeval':  # `--config=tests/tiny.py:noeval`: no evaluator (multi-process tests that time launches)
     del c.evals['retrieval']
   return c

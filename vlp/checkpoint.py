@@ -129,12 +129,14 @@ class Checkpointer:
         enable_async_checkpointing=cfg.async_save, read_only=read_only,
         cleanup_tmp_directories=not read_only)  # the half-written steps of a killed run
     self.workdir = paths.abspath(workdir)
+    self.read_only = read_only
     self.save_timeout = cfg.get('save_timeout_s', 900)
     self._saving = None  # the step of the save in flight
     self.broken = False  # a save failed: Orbax's threads may be stuck, close() must not wait on them
     self.manager = ocp.CheckpointManager(
         paths.join(self.workdir, 'checkpoints'), options=options,
-        item_handlers={'state': ocp.StandardCheckpointHandler(),
+        # the same files either way; a reader's handler can restore a part of the state
+        item_handlers={'state': ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler(),
                        **{item: grain.checkpoint.CheckpointHandler() for item in data_items}})
 
   def latest_step(self):
@@ -175,16 +177,45 @@ class Checkpointer:
       except CorruptCheckpoint as e:
         raise CorruptCheckpoint(f'--step={requested}: {e}') from None
       return self.resume_step(requested), state
+    return self._newest_restorable(abstract_state, data_iterators, set_aside=True)
+
+  def newest_restorable(self, abstract_state, requested: int | None = None, set_aside: bool = False):
+    """(step, state): `requested`, or the newest step that restores; for a reader (eval, export)
+    and a rollback.
+
+    As in `resume`, a newer step that does not restore is reported in one line and the next older
+    one tried; it is set aside only with `set_aside` (a reader changes nothing in the workdir). A
+    requested step that does not restore raises CorruptCheckpoint; (None, None) when no step restores.
+    """
+    if requested is not None:
+      try:
+        return requested, self.restore(self._saved(requested), abstract_state)
+      except CorruptCheckpoint as e:
+        raise CorruptCheckpoint(f'--step={requested}: {e}') from None
+    return self._newest_restorable(abstract_state, None, set_aside)
+
+  def _newest_restorable(self, abstract_state, data_iterators, set_aside: bool):
     steps = self.all_steps()
     for i in range(len(steps) - 1, -1, -1):
       try:
         return steps[i], self.restore(steps[i], abstract_state, data_iterators)
       except CorruptCheckpoint as e:
-        fallback = f'resuming step {steps[i - 1]}' if i else 'no older checkpoint: starting afresh'
+        verb = 'resuming' if set_aside else 'using'
+        fallback = f'{verb} step {steps[i - 1]}' if i else 'no older checkpoint' + (
+            ': starting afresh' if set_aside else '')
         if jax.process_index() == 0:
           print(f'{e}; {fallback}', flush=True)
-        self._set_aside(steps[i])
+        if set_aside:
+          self._set_aside(steps[i])
     return None, None
+
+  def _state_restore(self, abstract_state):
+    """A run restores its whole state; a reader (read_only) may ask for a part of it, and only that
+    part is read: an export of the params never reads the optimizer state (2x the params under Adam)."""
+    if not self.read_only:
+      return ocp.args.StandardRestore(abstract_state)
+    return ocp.args.PyTreeRestore(item=abstract_state, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
 
   def _saved(self, step):
     if step not in self.all_steps():
@@ -224,7 +255,7 @@ class Checkpointer:
   def restore(self, step, abstract_state, data_iterators=None):
     """Restores state (onto the shardings of `abstract_state`) and, if given, the iterators in place
     (data_iterators as for save). A step that does not restore raises CorruptCheckpoint naming it."""
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    items = {'state': self._state_restore(abstract_state)}
     for item, it in _by_item(data_iterators).items():
       self._check_data_processes(step, item)
       items[item] = grain.checkpoint.CheckpointRestore(it)

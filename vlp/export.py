@@ -38,8 +38,9 @@ def _unflatten(flat):
 
 
 def restore_params(workdir: str, step=None, weights: str = 'params'):
-  """Params of a workdir's checkpoint (latest, or `step`) and its config;
-  weights='ema' gives the moving average of the params instead."""
+  """(config, params, step) of a workdir's checkpoint: `step`, or the newest that restores (a newer
+  damaged one is reported in one line and left alone); weights='ema' gives the moving average of
+  the params instead. Only those are read, not the optimizer state."""
   config = checkpoint.load_workdir_config(workdir)
   if weights == 'ema' and not state_lib.has_ema(config):
     raise config_lib.ConfigError(f"config key 'ema_decay': {workdir} was trained without an EMA of the params "
@@ -47,12 +48,14 @@ def restore_params(workdir: str, step=None, weights: str = 'params'):
   plan = plan_lib.make(config, jax.device_count(), jax.process_count())
   setup = state_lib.make_setup(plan, parallel.make_mesh(plan.sizes))
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, read_only=True)
-  step = ckpt.latest_step() if step is None else step
+  wanted = 'ema_params' if weights == 'ema' else 'params'
+  try:
+    step, state = ckpt.newest_restorable({wanted: setup.abstract[wanted]}, step)
+  finally:
+    ckpt.close()
   if step is None:
-    raise FileNotFoundError(f'{workdir} has no checkpoint to export')
-  state = ckpt.restore(step, setup.abstract)
-  ckpt.close()
-  return config, state['ema_params' if weights == 'ema' else 'params'], step
+    raise FileNotFoundError(f'{workdir} has no checkpoint that restores')
+  return config, state[wanted], step
 
 
 def export_encoders(model_cfg, keys, dtype, platforms=PLATFORMS) -> dict:

@@ -50,7 +50,9 @@ def _write(out_path: str, recs: Iterator[dict]) -> dict:
 
   def usable():
     for rec in recs:
-      if records.is_skipped(rec):
+      if records.is_skipped(rec) and rec[records.SKIP] == records.RETRIED:
+        skipped[records.RETRIED] += 1  # an outage ridden out: counted, nothing lost, no key to list
+      elif records.is_skipped(rec):
         skipped[rec[records.SKIP]] += 1
         keys.append([rec['key'], rec[records.SKIP]])
       else:

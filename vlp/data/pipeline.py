@@ -101,13 +101,13 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
       example = next(self._parent)
       if records.is_skipped(example):
         skipped[example[records.SKIP]] += 1
-        if sum(skipped.values()) > self._max_skips:
+        if sum(skipped.values()) - skipped[records.RETRIED] > self._max_skips:
           raise NoUsableData(f'{sum(skipped.values())} records in a row could not be used '
                              f'({dict(skipped)}); check the data with `vlp data check`')
       else:
         examples.append(example)
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    batch['skipped'] = dict(skipped)  # reason -> count since the previous batch
+    batch['skipped'] = dict(skipped)  # reason -> count since the previous batch (and the storage's retries)
     return batch
 
   # A state is only taken between batches, when nothing is held back here.

@@ -38,6 +38,14 @@ def skipped(key: str, reason: str) -> dict[str, Any]:
   return {'key': key, SKIP: reason}
 
 
+RETRIED = 'storage_retry'  # the reason of a note, not a loss: counted apart from the skips
+
+
+def retried(key: str) -> dict[str, Any]:
+  """A note that a reader retried the storage once (an outage it rode out) before `key`."""
+  return skipped(key, RETRIED)
+
+
 def is_skipped(record: dict[str, Any]) -> bool:
   return SKIP in record
 

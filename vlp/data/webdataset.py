@@ -15,7 +15,10 @@ everything that cannot become one is yielded as `records.skipped(key, reason)`:
   truncated_shard  the tar ends before its end-of-archive marker (what comes
                    after the cut is lost and unknown: one skip for it)
   bad_shard        the file is not a tar at all
-  unreadable_shard the file cannot be opened (deleted or unreachable since it was listed)
+  unreadable_shard the file cannot be opened (deleted since it was listed)
+A remote shard is read through vlp.retry: an outage of the storage is ridden out
+(each retry yields a `records.retried` note, counted apart: nothing is lost),
+and one that outlasts VLP_STORAGE_RETRY_S stops the run with a StorageError.
   unsafe_member    a member named by an absolute path or one with `..` in it
 
 Members are read into memory only: nothing of a shard is ever written to disk,
@@ -29,7 +32,7 @@ import json
 import os
 import tarfile
 
-from vlp import paths
+from vlp import paths, retry
 from vlp.data import files, records
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
@@ -95,27 +98,43 @@ class _EndWatch:
     return self._f.tell()
 
 
-def _open(path: str):
-  f = paths.open(path, 'rb')  # local or remote (gs://: read as a stream)
-  if f.read(2) == b'\x1f\x8b':  # a .tar.gz: decompressed on the fly
-    f.seek(0)
-    return gzip.GzipFile(fileobj=f, mode='rb')
-  f.seek(0)
-  return f
+def _open(raw):
+  if raw.read(2) == b'\x1f\x8b':  # a .tar.gz: decompressed on the fly
+    raw.seek(0)
+    return gzip.GzipFile(fileobj=raw, mode='rb')
+  raw.seek(0)
+  return raw
 
 
 def read_shard(path: str) -> Iterator[dict]:
-  """Records of one shard in file order (skipped ones included, with their reason)."""
+  """Records of one shard in file order (skipped ones included, with their reason, and a
+  records.retried note for each retry of the storage)."""
+  raw, retried = [], 0  # _read_shard puts its RetryingReader in raw
+  for record in _read_shard(path, raw):
+    if raw and raw[0].retries > retried:  # (remote shards only) reported before the record they delayed
+      yield from (records.retried(record.get('key', '')) for _ in range(raw[0].retries - retried))
+      retried = raw[0].retries
+    yield record
+
+
+def _read_shard(path: str, raw: list) -> Iterator[dict]:
   key, group, shard = None, {}, paths.basename(path)
   try:
-    f = _open(path)
-  except OSError:  # deleted (or unreachable) since the run listed it
+    reader = retry.open_remote(path)  # local, or remote read as a stream that rides out outages
+    if isinstance(reader, retry.RetryingReader):
+      raw.append(reader)
+    f = _open(reader)
+  except paths.StorageError:  # unreachable for longer than the retries last: the run stops
+    raise
+  except OSError:  # deleted since the run listed it
     yield records.skipped(f'{shard}:', 'unreadable_shard')
     return
   with f:
     watch = _EndWatch(f)
     try:
       tar = tarfile.open(fileobj=watch, mode='r:')
+    except paths.StorageError:
+      raise
     except (tarfile.TarError, OSError, EOFError):
       yield records.skipped(f'{shard}:', 'bad_shard')
       return
@@ -134,6 +153,8 @@ def read_shard(path: str) -> Iterator[dict]:
         group[ext] = tar.extractfile(member).read()
       if watch.short_read:
         raise tarfile.ReadError('no end-of-archive marker')
+    except paths.StorageError:
+      raise
     except (tarfile.TarError, OSError, EOFError):
       # The members read whole still make their record (a key cut before its
       # .txt comes out as missing_caption); the rest of the shard is lost.

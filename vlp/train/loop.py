@@ -14,6 +14,7 @@ import jax
 import tqdm
 
 from vlp import checkpoint, eval as eval_lib, parallel, plan as plan_lib, tasks, workdir_check
+from vlp.data import records
 from vlp.train import agd, guard, metrics as metrics_lib, preemption, state as state_lib, step as step_lib
 
 
@@ -80,7 +81,9 @@ class _Logger:
     out = {f'{prefix}{k}': x for prefix, vm in self.latest.items() for k, x in vm.items()}
     out['examples_per_sec'] = (self.examples - self.last[2]) / elapsed
     out['data_wait_frac'] = (waited - self.last[1]) / elapsed  # share of time the loop waited for input
-    out.update({f'skipped/{reason}': n for reason, n in self.skipped.items()})
+    retries = self.skipped.get(records.RETRIED, 0)  # outages the input rode out: notes, not losses
+    out.update({f'skipped/{reason}': n for reason, n in self.skipped.items() if reason != records.RETRIED})
+    out['storage_retries'] = retries
     out['skipped_nonfinite'] = self.tracker.skipped
     self.last = (now, waited, self.examples)
     self.latest.clear()
@@ -136,14 +139,13 @@ class _Rollback:
 
   def __call__(self, at_step: int, why: str):
     self.ckpt.wait()
-    target = self.ckpt.latest_step() or 0
+    target, state = self.ckpt.newest_restorable(self.setup.abstract, set_aside=True)
+    target = target or 0
     if target == self.last:
       raise guard.Diverged(f'training diverged at step {at_step}: {why}, again after rolling back to step '
                            f'{target} with no checkpoint since; stopping (lower optim.lr, or look at the data)')
     self.last = target
-    if target:
-      state = self.ckpt.restore(target, self.setup.abstract)  # the train state only
-    else:
+    if state is None:
       state = state_lib.init_state(self.plan, self.setup)
     _log(f'step {at_step}: {why}: rolled back to step {target}; the input pipeline goes on')
     self.writer.write(at_step, {'rollback/to_step': target})

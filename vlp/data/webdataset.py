@@ -16,10 +16,10 @@ everything that cannot become one is yielded as `records.skipped(key, reason)`:
                    after the cut is lost and unknown: one skip for it)
   bad_shard        the file is not a tar at all
   unreadable_shard the file cannot be opened (deleted since it was listed)
+  unsafe_member    a member named by an absolute path or one with `..` in it
 A remote shard is read through vlp.retry: an outage of the storage is ridden out
 (each retry yields a `records.retried` note, counted apart: nothing is lost),
 and one that outlasts VLP_STORAGE_RETRY_S stops the run with a StorageError.
-  unsafe_member    a member named by an absolute path or one with `..` in it
 
 Members are read into memory only: nothing of a shard is ever written to disk,
 and a member whose name points outside the archive is skipped before it is read.

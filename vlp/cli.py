@@ -4,6 +4,7 @@ Config overrides are passed as `--config.a.b=value` after the other flags.
 """
 import argparse
 import json
+import os
 import sys
 
 
@@ -162,7 +163,7 @@ def _add_compile(sub):
 
 def main(argv=None):
   from vlp.config import ConfigError
-  from vlp.checkpoint import WorkdirMismatch
+  from vlp.checkpoint import SaveFailed, WorkdirMismatch
   from vlp.train.guard import Diverged
   argv = sys.argv[1:] if argv is None else argv
   argv, overrides = _split_overrides(argv)
@@ -236,9 +237,26 @@ def main(argv=None):
     rc = args.fn(args, overrides)
   except user_errors as e:
     print(f'vlp: error: {e}', file=sys.stderr)
+    global _storage_gone
+    _storage_gone = isinstance(e, SaveFailed)
     return 2
   return rc or 0
 
 
+_storage_gone = False  # the last main() stopped because a checkpoint could not be written
+
+
+def entry():
+  """The `vlp` command. After a checkpoint that could not be written (the storage went away), it
+  exits at once: the storage libraries' own threads would hold the exit for their retries
+  (about 2 minutes), and a scheduler should relaunch without that wait."""
+  rc = main()
+  if _storage_gone:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+  sys.exit(rc)
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  entry()

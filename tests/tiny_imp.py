@@ -1,11 +1,14 @@
 """A tiny IMP config (three tasks, one at two resolutions), as a file so tests can also
 launch it as `vlp train --config=tests/tiny_imp.py`."""
+import os
+
 from vlp.config import task_config
 from vlp.recipes import base_config
 
 
 def get_config(arg=None):
   c = base_config('imp')
+  c.compile_cache = os.environ.get('VLP_TEST_COMPILE_CACHE', 'workdir')  # the session's (tests/conftest.py)
   c.total_steps = 6
   c.model.image.update(image_size=16, patch_size=4)
   c.model.text.update(vocab_size=1024, context_length=16)

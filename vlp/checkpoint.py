@@ -172,14 +172,12 @@ class Checkpointer:
     tried. A requested step that does not restore raises CorruptCheckpoint instead.
     """
     if requested is not None:
-      try:
-        state = self.restore(self._saved(requested), abstract_state, data_iterators)
-      except CorruptCheckpoint as e:
-        raise CorruptCheckpoint(f'--step={requested}: {e}') from None
+      state = self._restore_requested(requested, abstract_state, data_iterators)
       return self.resume_step(requested), state
-    return self._newest_restorable(abstract_state, data_iterators, set_aside=True)
+    return self.newest_restorable(abstract_state, data_iterators=data_iterators, set_aside=True)
 
-  def newest_restorable(self, abstract_state, requested: int | None = None, set_aside: bool = False):
+  def newest_restorable(self, abstract_state, requested: int | None = None, data_iterators=None,
+                        set_aside: bool = False):
     """(step, state): `requested`, or the newest step that restores; for a reader (eval, export)
     and a rollback.
 
@@ -188,13 +186,7 @@ class Checkpointer:
     requested step that does not restore raises CorruptCheckpoint; (None, None) when no step restores.
     """
     if requested is not None:
-      try:
-        return requested, self.restore(self._saved(requested), abstract_state)
-      except CorruptCheckpoint as e:
-        raise CorruptCheckpoint(f'--step={requested}: {e}') from None
-    return self._newest_restorable(abstract_state, None, set_aside)
-
-  def _newest_restorable(self, abstract_state, data_iterators, set_aside: bool):
+      return requested, self._restore_requested(requested, abstract_state, data_iterators)
     steps = self.all_steps()
     for i in range(len(steps) - 1, -1, -1):
       try:
@@ -208,6 +200,12 @@ class Checkpointer:
         if set_aside:
           self._set_aside(steps[i])
     return None, None
+
+  def _restore_requested(self, step, abstract_state, data_iterators):
+    try:
+      return self.restore(self._saved(step), abstract_state, data_iterators)
+    except CorruptCheckpoint as e:
+      raise CorruptCheckpoint(f'--step={step}: {e}') from None
 
   def _state_restore(self, abstract_state):
     """A run restores its whole state; a reader (read_only) may ask for a part of it, and only that

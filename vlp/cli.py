@@ -161,7 +161,7 @@ def _add_compile(sub):
   p.set_defaults(fn=cmd_compile)
 
 
-def main(argv=None):
+def main(argv=None, *, as_command=False):
   from vlp.config import ConfigError
   from vlp.checkpoint import SaveFailed, WorkdirMismatch
   from vlp.train.guard import Diverged
@@ -237,25 +237,24 @@ def main(argv=None):
     rc = args.fn(args, overrides)
   except user_errors as e:
     print(f'vlp: error: {e}', file=sys.stderr)
-    global _storage_gone
-    _storage_gone = isinstance(e, SaveFailed)
+    if as_command and isinstance(e, SaveFailed):
+      _exit_now(2)
     return 2
   return rc or 0
 
 
-_storage_gone = False  # the last main() stopped because a checkpoint could not be written
+def _exit_now(rc: int):
+  """Exits without waiting for other threads: after the storage went away, its libraries' own
+  threads would hold the exit for their retries (about 2 minutes); a scheduler should relaunch
+  without that wait."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(rc)
 
 
 def entry():
-  """The `vlp` command. After a checkpoint that could not be written (the storage went away), it
-  exits at once: the storage libraries' own threads would hold the exit for their retries
-  (about 2 minutes), and a scheduler should relaunch without that wait."""
-  rc = main()
-  if _storage_gone:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
-  sys.exit(rc)
+  """The `vlp` command; it exits at once after a checkpoint that could not be written."""
+  sys.exit(main(as_command=True))
 
 
 if __name__ == '__main__':

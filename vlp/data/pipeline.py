@@ -101,8 +101,9 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
       example = next(self._parent)
       if records.is_skipped(example):
         skipped[example[records.SKIP]] += 1
-        if sum(skipped.values()) - skipped[records.RETRIED] > self._max_skips:
-          raise NoUsableData(f'{sum(skipped.values())} records in a row could not be used '
+        lost = sum(skipped.values()) - skipped[records.RETRIED]  # a retry note is no loss
+        if lost > self._max_skips:
+          raise NoUsableData(f'{lost} records in a row could not be used '
                              f'({dict(skipped)}); check the data with `vlp data check`')
       else:
         examples.append(example)

@@ -109,24 +109,30 @@ def _open(raw):
 def read_shard(path: str) -> Iterator[dict]:
   """Records of one shard in file order (skipped ones included, with their reason, and a
   records.retried note for each retry of the storage)."""
-  raw, retried = [], 0  # _read_shard puts its RetryingReader in raw
-  for record in _read_shard(path, raw):
-    if raw and raw[0].retries > retried:  # (remote shards only) reported before the record they delayed
-      yield from (records.retried(record.get('key', '')) for _ in range(raw[0].retries - retried))
-      retried = raw[0].retries
-    yield record
-
-
-def _read_shard(path: str, raw: list) -> Iterator[dict]:
-  key, group, shard = None, {}, paths.basename(path)
+  shard = paths.basename(path)
   try:
     reader = retry.open_remote(path)  # local, or remote read as a stream that rides out outages
-    if isinstance(reader, retry.RetryingReader):
-      raw.append(reader)
-    f = _open(reader)
   except paths.StorageError:  # unreachable for longer than the retries last: the run stops
     raise
   except OSError:  # deleted since the run listed it
+    yield records.skipped(f'{shard}:', 'unreadable_shard')
+    return
+  retried = 0
+  for record in _read_shard(reader, shard):
+    # the retries (a RetryingReader's; a local file has none) are noted before the record they delayed
+    retries = getattr(reader, 'retries', 0)
+    yield from (records.retried(record.get('key', '')) for _ in range(retries - retried))
+    retried = retries
+    yield record
+
+
+def _read_shard(reader, shard: str) -> Iterator[dict]:
+  key, group = None, {}
+  try:
+    f = _open(reader)
+  except paths.StorageError:
+    raise
+  except OSError:
     yield records.skipped(f'{shard}:', 'unreadable_shard')
     return
   with f:

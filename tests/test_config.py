@@ -10,7 +10,7 @@ CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 
 
 @pytest.mark.parametrize('name', ['align_tiny.py', 'bench_tiny.py', 'albef_tiny.py', 'albef_base.py', 'imp_tiny.py',
-                                  'imp_moe_tiny.py'])
+                                  'imp_moe_tiny.py', 'lit_tiny.py'])
 def test_shipped_configs_validate(name):
   c = config_lib.load(os.path.join(CONFIGS, name))
   assert plan_lib.validate(c, num_devices=8) == {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}

@@ -1,5 +1,6 @@
 """Evaluation data: Karpathy JSON, a TFDS ClassLabel dataset, the built-in labels; config.evals checks."""
 import io
+import subprocess
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ from conftest import tiny_config
 from PIL import Image
 
 import data_fixtures as fx
-from vlp import config as config_lib, plan as plan_lib
+from vlp import config as config_lib, plan as plan_lib, tasks as tasks_lib
 from vlp.data import synthetic, tokenizer as tok
 from vlp.eval import datasets
 
@@ -69,11 +70,12 @@ def test_builtin_labels_are_the_first_named_object():
 class VlpTinyLabels(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """imagenet2012-shaped: an encoded image and a ClassLabel."""
   VERSION = tfds.core.Version('1.0.0')
+  NAMES = ['tench', 'goldfish', 'great_white_shark']
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
         'image': tfds.features.Image(encoding_format='png'),
-        'label': tfds.features.ClassLabel(names=['tench', 'goldfish', 'great_white_shark']),
+        'label': tfds.features.ClassLabel(names=self.NAMES),
         'file_name': tfds.features.Text()}))
 
   def _split_generators(self, dl_manager):
@@ -135,3 +137,72 @@ def test_tfds_captions_for_retrieval(tmp_path):
   counts = sorted(len(ex['texts']) for ex in examples('train') if ex['texts'])
   assert sorted(np.bincount(data['text_to_image']).tolist()) == counts
   assert len(data['image']) == len(counts) and data['skipped'] == {'empty_caption': 1}
+
+
+IMAGENET_WNIDS = ['n01440764', 'n01443537', 'n01484850']  # the first three classes of ImageNet-1k
+
+
+class VlpTinyImagenet(VlpTinyLabels, skip_registration=True):
+  """imagenet2012-shaped down to its class names: WordNet ids."""
+  NAMES = IMAGENET_WNIDS
+
+
+def test_wordnet_ids_read_as_clips_names_with_its_80_templates(tmp_path):
+  """TFDS imagenet2012 and ImageNet folders name classes by WordNet id: the prompts get CLIP's
+  class names and its 80 ImageNet templates, not 'a photo of a n01440764.'."""
+  import data_fixtures as fx
+  from vlp import eval as eval_lib
+  tfds.disable_progress_bar()
+  VlpTinyImagenet(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  e = config_lib.ml_collections.ConfigDict(config_lib.eval_config(
+      'zeroshot', data='tfds', tfds_name='vlp_tiny_imagenet', tfds_data_dir=str(tmp_path), split='validation'))
+  data = datasets.classification_data(e, tiny_config())
+  assert data['class_names'] == ['tench', 'goldfish', 'great white shark']
+  assert len(data['templates']) == 80 and data['templates'][0] == 'a bad photo of a {}.'
+  # a folder layout holding a few classes of ImageNet, not the first ones
+  root = tmp_path / 'val'
+  for wnid in ('n02085620', 'n04592741', 'n01440764'):
+    (root / wnid).mkdir(parents=True)
+    (root / wnid / 'a.JPEG').write_bytes(fx.jpeg(1))
+  c = tiny_config()
+  c.evals = {'imagenet': config_lib.eval_config('zeroshot', data='folder', path=str(root))}
+  fns = {'image': lambda p, x: x.reshape(x.shape[0], -1)[:, :4], 'text': lambda p, t: t[:, :4].astype(float)}
+  tokenizer = tasks_lib.tokenizer_for(c)
+  [(_, _, ev)] = eval_lib.make(c, fns, tokenizer)
+  assert ev.data['class_names'] == ['tench', 'Chihuahua', 'airplane wing']  # CLIP's names, folders sorted
+  want = tokenizer.encode([t.format(n) for n in ('tench', 'Chihuahua', 'airplane wing') for t in data['templates']],
+                          c.model.text.context_length)
+  np.testing.assert_array_equal(ev.prompts, want)
+  # names given in the config win; WordNet ids outside ImageNet-1k are an error, not a prompt
+  e.class_names = ('fish a', 'fish b', 'shark')
+  assert datasets.classification_data(e, tiny_config())['class_names'] == list(e.class_names)
+  (root / 'n99999999').mkdir()
+  (root / 'n99999999' / 'a.JPEG').write_bytes(fx.jpeg(2))
+  with pytest.raises(ValueError, match="n99999999.*class_names="):
+    eval_lib.make(c, fns, tokenizer)
+
+
+def test_the_shipped_imagenet_table_is_tfds_label_order_and_clips_lists():
+  """vlp's table against independent copies: TFDS's own imagenet2012 label file (the WordNet ids
+  in label order) and open_clip's zero_shot_metadata (CLIP's names and templates) where the
+  open_clip environment is installed."""
+  import importlib.util
+  import pathlib
+  from vlp.eval import imagenet
+  table = imagenet._table()
+  tfds_labels = pathlib.Path(tfds.__file__).parent / 'datasets' / 'imagenet2012' / 'labels.txt'
+  assert table['wnids'] == tfds_labels.read_text().split()
+  assert len(imagenet.class_names()) == 1000 and len(imagenet.templates()) == 80
+  assert all(t.count('{}') == 1 for t in imagenet.templates())
+  from vlp.bench import compare
+  try:
+    python = compare.bench_python(None)
+  except compare.ReferenceEnvError:
+    pytest.skip('no open_clip environment (launch/setup_bench_env.sh) to compare against')
+  found = subprocess.run([python, '-c', 'import importlib.util as u; print(u.find_spec("open_clip").origin)'],
+                         capture_output=True, text=True, check=True).stdout.strip()
+  spec = importlib.util.spec_from_file_location('zsm', pathlib.Path(found).parent / 'zero_shot_metadata.py')
+  zsm = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(zsm)
+  assert imagenet.class_names() == tuple(zsm.IMAGENET_CLASSNAMES)
+  assert imagenet.templates() == tuple(t('{}') for t in zsm.OPENAI_IMAGENET_TEMPLATES)

@@ -125,3 +125,39 @@ def test_every_matrix_has_logical_axis_names():
       assert len(spec) == x.ndim, (path, spec)  # every axis named (None = never sharded)
     if x.ndim >= 2 and not path[-1].key.endswith('bias'):
       assert 'embed' in spec, (path, spec)  # so FSDP shards every weight matrix
+
+
+def _erf_gelu(x):
+  return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+@pytest.mark.parametrize('recipe', ['albef', 'imp'])
+def test_every_block_of_albef_and_imp_follows_the_arch(recipe):
+  """model.arch reaches every LayerNorm and every GELU of ALBEF's text and fusion stack and MLM
+  head and of IMP's encoder, MoE experts included, and CLIP's init their cross-attention."""
+  from test_agd import imp_config
+  from vlp.models import layers, moe
+  arch = {'gelu': 'erf', 'ln_eps': 1e-5, 'init': 'clip'}
+  if recipe == 'albef':
+    c = tiny_config('albef', **{'model.text.depth': 3, 'model.fusion_layer': 1},
+                    **{f'model.arch.{k}': v for k, v in arch.items()})
+    c.model.text.moe.update(num_experts=2, every=2)
+  else:
+    c = imp_config()
+    c.model.arch.update(arch)
+    c.model.encoder.moe.update(num_experts=2, every=1, last=1)
+  model = build_model(c.model)
+  modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)]
+  norms = [m for m in modules if isinstance(m, layers.LayerNorm)]
+  assert norms and all(m.eps == 1e-5 for m in norms), sorted({m.eps for m in norms})
+  x = np.linspace(-4, 4, 33, dtype=np.float32)
+  activations = [m.arch.activation for m in modules if isinstance(m, layers.Mlp)]
+  activations += [m.activation for m in modules if isinstance(m, moe.MoeMlp)]
+  assert len(activations) >= 2 and any(isinstance(m, moe.MoeMlp) for m in modules)
+  for act in activations:
+    np.testing.assert_allclose(act(jnp.asarray(x)), _erf_gelu(x), atol=1e-6)
+  if recipe == 'albef':
+    np.testing.assert_allclose(model.mlm_head.arch.activation(jnp.asarray(x)), _erf_gelu(x), atol=1e-6)
+    width = c.model.text.width
+    cross = [m for m in modules if isinstance(m, layers.CrossAttention)]
+    assert cross and np.std(np.asarray(cross[0].q[...])) == pytest.approx(width ** -0.5, rel=0.1)

@@ -53,3 +53,51 @@ def test_weight_decay_only_where_masked(name):
   updates, _ = tx.update(grads, tx.init(params), params)
   assert np.all(np.asarray(updates['w']) < 0)
   np.testing.assert_array_equal(updates['b'], 0.0)
+
+
+def _naive_adamw_step(p, g, lr, o, decay):
+  """One AdamW step from zero moments, as the paper writes it (bias-corrected, decoupled decay)."""
+  m, v = (1 - o.b1) * g, (1 - o.b2) * g * g
+  m_hat, v_hat = m / (1 - o.b1), v / (1 - o.b2)
+  return p - lr * (m_hat / (np.sqrt(v_hat) + o.eps) + (o.weight_decay * p if decay else 0.0))
+
+
+def test_frozen_params_hold_no_state_and_groups_get_their_learning_rate():
+  """optim.frozen: no update, no Adam moments; optim.lr_mult: the group's lr is the schedule times
+  its factor (the first matching pattern wins); against a naive AdamW step."""
+  o = _optim_cfg(lr=0.1, warmup_steps=0, schedule='constant', clip_norm=0.0, weight_decay=0.1,
+                 frozen=('image/.*',), lr_mult=(('text/head/.*', 0.25), ('text/.*', 0.5)))
+  rng = np.random.default_rng(0)
+  params = {'image': {'w': rng.normal(size=(3, 4)).astype(np.float32)},
+            'text': {'w': rng.normal(size=(4, 2)).astype(np.float32),
+                     'head': {'w': rng.normal(size=(2, 2)).astype(np.float32)}},
+            'log_scale': np.float32(0.3)}
+  grads = jax.tree.map(lambda x: rng.normal(size=np.shape(x)).astype(np.float32), params)
+  tx, _ = optim.make(o, total_steps=10)
+  state = tx.init(params)
+  moments = sum(x.size for x in jax.tree.leaves(state) if np.ndim(x) > 0)
+  assert moments == 2 * (4 * 2 + 2 * 2)  # mu and nu of the text matrices only (log_scale is a scalar)
+  updates, _ = tx.update(grads, state, params)
+  new = jax.tree.map(lambda p, u: np.asarray(p + u), params, updates)
+  np.testing.assert_array_equal(new['image']['w'], params['image']['w'])
+  for path, lr in ((('text', 'w'), 0.05), (('text', 'head', 'w'), 0.025)):
+    p, g = params, grads
+    for k in path:
+      p, g = p[k], g[k]
+    got = new['text']['w'] if path == ('text', 'w') else new['text']['head']['w']
+    np.testing.assert_allclose(got, _naive_adamw_step(p, g, lr, o, decay=True), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(new['log_scale'], _naive_adamw_step(params['log_scale'], grads['log_scale'], 0.1, o,
+                                                                 decay=False), rtol=1e-5)
+
+
+def test_a_pattern_that_names_no_param_is_refused():
+  from vlp.config import ConfigError
+  o = _optim_cfg(frozen=('img/.*',))
+  params = {'image': {'w': np.zeros((2, 2))}, 'text': {'w': np.zeros((2, 2))}}
+  with pytest.raises(ConfigError, match=r"'optim.frozen': 'img/\.\*' matches no param.*top level: image, text"):
+    optim.check_patterns(o, params)
+  optim.check_patterns(_optim_cfg(frozen=('image/.*',), lr_mult=(('text/w', 2.0),)), params)
+  with pytest.raises(ConfigError, match=r"'optim.lr_mult': entries are \(regex, factor > 0\)"):
+    optim.check_patterns(_optim_cfg(lr_mult=(('text/w', -1.0),)), params)
+  with pytest.raises(ConfigError, match=r"'init.only': '\[' is not a regular expression"):
+    optim.check_patterns(_optim_cfg(), params, init_only=('[',))

@@ -63,7 +63,9 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
       weight_decay=0.05, b1=0.9, b2=0.98, eps=1e-6,
       clip_norm=1.0,  # global-norm clipping; 0 disables
       no_decay=('pos_embed',),  # param names without weight decay besides vectors/biases (ALIGN: ())
+      frozen=(), lr_mult=(),  # LiT (vlp.train.optim): regexes of params never updated; ((regex, factor), ...)
   )
+  c.init = {'from': '', 'only': ()}  # start from a vlp workdir's or export's params (vlp.train.init_from)
   # Mesh axis sizes; -1 takes the devices left over. Params are sharded by the
   # logical-axis rules of vlp.parallel, the batch over (data, fsdp).
   c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
@@ -89,9 +91,7 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
       every=500, keep=2, async_save=True,
       keep_every=0,  # > 0: also keep every checkpoint whose step is a multiple of this, forever
       save_timeout_s=900,  # a save not committed in this time (storage gone) stops the run in one line
-      # False: restore only the train state and start the input pipeline afresh, e.g. on
-      # another process count, whose per-process input positions cannot be taken over
-      restore_data=True,
+      restore_data=True,  # False: the train state alone, the input afresh (e.g. on another process count)
   )
   for key, section in sections.items():
     c[key] = {**c[key], **section} if key in c else section

@@ -44,10 +44,8 @@ def build_itm_rerank(name, e, fns, ctx):
 
 def build_zeroshot(name, e, fns, ctx):
   data = datasets.classification_data(e, ctx.config)
-  templates = tuple(e.templates) or {'synthetic': zeroshot.SYNTHETIC_TEMPLATES,
-                                     'synthetic_video': zeroshot.VIDEO_TEMPLATES}.get(e.data, zeroshot.CLIP_TEMPLATES)
   length = ctx.config.model.text.context_length
-  return zeroshot.Evaluator(fns, data, lambda texts: ctx.tokenizer.encode(texts, length), templates,
+  return zeroshot.Evaluator(fns, data, lambda texts: ctx.tokenizer.encode(texts, length), data['templates'],
                             batch_size=e.batch_size)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from vlp import paths
 from vlp.data import pipeline, records, synthetic, synthetic_video, transforms
+from vlp.eval import imagenet, zeroshot
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif')
 
@@ -151,5 +152,9 @@ def classification_data(e, config) -> dict:
       images.append(paths.read_bytes(path))
   else:
     images, labels, names = _tfds_classification(e, e.num_images)
+  default_templates = {'synthetic': zeroshot.SYNTHETIC_TEMPLATES, 'synthetic_video': zeroshot.VIDEO_TEMPLATES}
+  templates = default_templates.get(e.data, zeroshot.CLIP_TEMPLATES)
+  if not e.class_names and imagenet.are_wordnet_ids(names):  # ImageNet: CLIP's names, its 80 prompts
+    names, templates = imagenet.readable(names), imagenet.templates()
   return {'image': _load_images(images, size, max_pixels), 'label': np.asarray(labels, np.int32),
-          'class_names': list(e.class_names) or list(names)}
+          'class_names': list(e.class_names) or list(names), 'templates': tuple(e.templates) or templates}

@@ -27,20 +27,22 @@ class TextStack(nnx.Module):
   `moe` (model.text.moe) picks MoE blocks over the whole stack of `depth` blocks."""
 
   def __init__(self, vocab_size, context_length, width, depth, num_heads, mlp_dim, *,
-               fusion_layer, image_width, rngs, dtype=jnp.float32, remat='none', moe=None):
+               fusion_layer, image_width, rngs, dtype=jnp.float32, remat='none', moe=None, arch=layers.Arch()):
     self.dtype, self.remat = dtype, remat
     self.token_embed = layers.param(rngs, nnx.initializers.normal(0.02), (vocab_size, width),
                                     ('vocab', 'embed'))
     self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.01), (context_length, width),
                                   (None, 'embed'))
     experts = [layers.moe_kwargs(moe) if is_moe else None for is_moe in layers.moe_blocks(depth, moe)]
-    self.text_blocks = nnx.List([layers.Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=experts[i])
-                                 for i in range(fusion_layer)])
-    self.text_ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype)
+    self.text_blocks = nnx.List([
+        layers.Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=experts[i], arch=arch, depth=depth)
+        for i in range(fusion_layer)])
+    self.text_ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
     self.fusion_blocks = nnx.List([
-        layers.FusionBlock(width, num_heads, mlp_dim, image_width, rngs=rngs, dtype=dtype, moe=experts[i])
+        layers.FusionBlock(width, num_heads, mlp_dim, image_width, rngs=rngs, dtype=dtype, moe=experts[i],
+                           arch=arch, depth=depth)
         for i in range(fusion_layer, depth)])
-    self.fusion_ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype)
+    self.fusion_ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
 
   def encode(self, tokens):
     """int [B, L] -> text-only hidden states [B, L, width] (the text encoder's output)."""
@@ -65,14 +67,14 @@ class TextStack(nnx.Module):
 class MlmHead(nnx.Module):
   """BERT's prediction head: dense + GELU + LayerNorm, decoder tied to the token embedding."""
 
-  def __init__(self, width, vocab_size, *, rngs, dtype=jnp.float32):
+  def __init__(self, width, vocab_size, *, rngs, dtype=jnp.float32, arch=layers.Arch()):
     self.dense = layers.Dense(width, width, ('embed', None), rngs=rngs, dtype=dtype)
-    self.ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype)
+    self.ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
     self.bias = layers.param(rngs, nnx.initializers.zeros, (vocab_size,), ('vocab',))
-    self.dtype = dtype
+    self.dtype, self.arch = dtype, arch
 
   def __call__(self, x, token_embed):
-    h = self.ln(jax.nn.gelu(self.dense(x)))
+    h = self.ln(self.arch.activation(self.dense(x)))
     return jnp.einsum('bld,vd->blv', h, token_embed.astype(self.dtype)) + self.bias[...].astype(self.dtype)
 
 
@@ -81,13 +83,14 @@ class Model(nnx.Module):
   def __init__(self, cfg, *, rngs):
     dtype = jnp.dtype(cfg.dtype)
     remat = cfg.get('remat', 'none')
-    self.image = ViT(**cfg.image, rngs=rngs, dtype=dtype, remat=remat)
+    arch = layers.arch_of(cfg)
+    self.image = ViT(**cfg.image, rngs=rngs, dtype=dtype, remat=remat, arch=arch)
     self.text = TextStack(**cfg.text, fusion_layer=cfg.fusion_layer, image_width=cfg.image.width,
-                          rngs=rngs, dtype=dtype, remat=remat)
+                          rngs=rngs, dtype=dtype, remat=remat, arch=arch)
     self.image_proj = layers.Dense(cfg.image.width, cfg.embed_dim, ('embed', 'proj'), rngs=rngs, dtype=dtype)
     self.text_proj = layers.Dense(cfg.text.width, cfg.embed_dim, ('embed', 'proj'), rngs=rngs, dtype=dtype)
     self.itm_head = layers.Dense(cfg.text.width, 2, ('embed', None), rngs=rngs, dtype=dtype)
-    self.mlm_head = MlmHead(cfg.text.width, cfg.text.vocab_size, rngs=rngs, dtype=dtype)
+    self.mlm_head = MlmHead(cfg.text.width, cfg.text.vocab_size, rngs=rngs, dtype=dtype, arch=arch)
     self.temp = nnx.Param(jnp.asarray(0.07, jnp.float32))
 
   def image_feat(self, image_tokens):

@@ -121,7 +121,8 @@ class Model(nnx.Module):
                                   dtype=dtype)
     self.text_embed = TextEmbed(cfg.text.vocab_size, cfg.text.context_length, width, rngs=rngs, dtype=dtype)
     self.encoder = layers.Encoder(width, enc.depth, enc.num_heads, enc.mlp_dim, rngs=rngs, dtype=dtype,
-                                  remat=cfg.get('remat', 'none'), moe=enc.moe, qk_norm=enc.qk_layernorm)
+                                  remat=cfg.get('remat', 'none'), moe=enc.moe, qk_norm=enc.qk_layernorm,
+                                  arch=layers.arch_of(cfg))
     head = lambda: layers.Dense(width, cfg.embed_dim, ('embed', 'proj'), rngs=rngs, use_bias=False, dtype=dtype)
     self.image_head, self.video_head, self.text_head = head(), head(), head()
     for name in SCALES:  # top-level params of their own: a task touches only its own

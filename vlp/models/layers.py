@@ -137,15 +137,16 @@ class CrossAttention(nnx.Module):
   """Multi-head attention of queries x [B, L, D] to another sequence kv [B, S, D_kv]
   (ALBEF's fusion layers: text queries, image-token keys and values)."""
 
-  def __init__(self, width, kv_width, num_heads, *, rngs, dtype=jnp.float32):
+  def __init__(self, width, kv_width, num_heads, *, rngs, dtype=jnp.float32, arch=Arch(), depth=1):
     head_dim = width // num_heads
-    self.q = param(rngs, nnx.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)),
-                   (width, num_heads, head_dim), ('embed', 'heads', 'kv'))
+    q_init = arch.kernel('qkv', width, depth, nnx.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)))
+    self.q = param(rngs, q_init, (width, num_heads, head_dim), ('embed', 'heads', 'kv'))
     self.q_bias = param(rngs, nnx.initializers.zeros, (num_heads, head_dim), ('heads', 'kv'))
-    init = nnx.initializers.xavier_uniform(in_axis=0, out_axis=(2, 3), batch_axis=(1,))
+    init = arch.kernel('qkv', kv_width, depth,
+                       nnx.initializers.xavier_uniform(in_axis=0, out_axis=(2, 3), batch_axis=(1,)))
     self.kv = param(rngs, init, (kv_width, 2, num_heads, head_dim), ('embed', None, 'heads', 'kv'))
     self.kv_bias = param(rngs, nnx.initializers.zeros, (2, num_heads, head_dim), (None, 'heads', 'kv'))
-    out_init = nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+    out_init = arch.kernel('out', width, depth, nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2))
     self.out = param(rngs, out_init, (num_heads, head_dim, width), ('heads', 'kv', 'embed'))
     self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ('embed',))
     self.dtype = dtype
@@ -173,8 +174,8 @@ class Mlp(nnx.Module):
 
 def _mlp(width, mlp_dim, rngs, dtype, moe, arch=Arch(), depth=1):
   """A dense MLP, or with `moe` (MoeMlp keyword arguments) a Mixture-of-Experts."""
-  if moe:
-    return moe_lib.MoeMlp(width, mlp_dim, rngs=rngs, dtype=dtype, **moe)
+  if moe:  # the experts take the arch's GELU; their kernels stay Xavier whatever arch.init
+    return moe_lib.MoeMlp(width, mlp_dim, rngs=rngs, dtype=dtype, activation=arch.activation, **moe)
   return Mlp(width, mlp_dim, rngs=rngs, dtype=dtype, arch=arch, depth=depth)
 
 
@@ -200,13 +201,15 @@ class FusionBlock(nnx.Module):
   (the layout of ALBEF's fusion layers, BERT's layers with `add_cross_attention`); `moe`
   as for Block."""
 
-  def __init__(self, width, num_heads, mlp_dim, kv_width, *, rngs, dtype=jnp.float32, moe=None):
-    self.ln1 = LayerNorm(width, rngs=rngs, dtype=dtype)
-    self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype)
-    self.ln_cross = LayerNorm(width, rngs=rngs, dtype=dtype)
-    self.cross = CrossAttention(width, kv_width, num_heads, rngs=rngs, dtype=dtype)
-    self.ln2 = LayerNorm(width, rngs=rngs, dtype=dtype)
-    self.mlp = _mlp(width, mlp_dim, rngs, dtype, moe)
+  def __init__(self, width, num_heads, mlp_dim, kv_width, *, rngs, dtype=jnp.float32, moe=None, arch=Arch(),
+               depth=1):
+    norm = lambda: LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
+    self.ln1 = norm()
+    self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype, arch=arch, depth=depth)
+    self.ln_cross = norm()
+    self.cross = CrossAttention(width, kv_width, num_heads, rngs=rngs, dtype=dtype, arch=arch, depth=depth)
+    self.ln2 = norm()
+    self.mlp = _mlp(width, mlp_dim, rngs, dtype, moe, arch, depth)
 
   def __call__(self, x, mask, kv):
     x = parallel.constrain(x, ('batch', None, None))

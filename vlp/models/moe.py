@@ -107,7 +107,7 @@ class MoeMlp(nnx.Module):
   """An MLP of `num_experts` experts; x [B, L, D] -> [B, L, D], routing within each example."""
 
   def __init__(self, width, mlp_dim, num_experts, *, rngs, router='expert_choice', k=1,
-               capacity_factor=1.0, batch_priority=False, dtype=jnp.float32):
+               capacity_factor=1.0, batch_priority=False, dtype=jnp.float32, activation=jax.nn.gelu):
     if router not in ROUTERS:
       raise ValueError(f'unknown router {router!r}; known: {ROUTERS}')
     self.router_kernel = param(rngs, nnx.initializers.normal(0.02), (width, num_experts),
@@ -119,6 +119,7 @@ class MoeMlp(nnx.Module):
     self.b2 = param(rngs, nnx.initializers.zeros, (num_experts, width), ('expert', 'embed'))
     self.router, self.k, self.capacity_factor = router, k, capacity_factor
     self.batch_priority, self.dtype, self.num_experts = batch_priority, dtype, num_experts
+    self.activation = activation  # the dense MLP's (model.arch.gelu)
 
   def route(self, x):
     """x [G, S, D] -> (dispatch, combine [G,S,E,C], aux dict)."""
@@ -153,7 +154,7 @@ class MoeMlp(nnx.Module):
     buffers = jnp.einsum('gsec,gsd->egcd', dispatch.astype(dt), x.astype(dt))
     buffers = parallel.constrain(buffers, ('expert', 'batch', None, None))
     h = jnp.einsum('egcd,edm->egcm', buffers, self.w1[...].astype(dt)) + self.b1[...].astype(dt)[:, None, None]
-    h = parallel.constrain(jax.nn.gelu(h), ('expert', 'batch', None, 'mlp'))
+    h = parallel.constrain(self.activation(h), ('expert', 'batch', None, 'mlp'))
     out = jnp.einsum('egcm,emd->egcd', h, self.w2[...].astype(dt)) + self.b2[...].astype(dt)[:, None, None]
     return jnp.einsum('gsec,egcd->gsd', combine.astype(dt), out)
 

@@ -15,7 +15,7 @@ import tqdm
 
 from vlp import checkpoint, eval as eval_lib, parallel, plan as plan_lib, tasks, workdir_check
 from vlp.data import records
-from vlp.train import agd, guard, metrics as metrics_lib, preemption, state as state_lib, step as step_lib
+from vlp.train import agd, guard, init_from, metrics as metrics_lib, preemption, state as state_lib, step as step_lib
 
 
 class Evaluators:
@@ -104,13 +104,18 @@ def _compile_all(plan, setup, times) -> dict:
   return steps
 
 
+def fresh_state(plan, setup):
+  """The state of step 0: a fresh init, with config.init['from']'s params where it names a source."""
+  return state_lib.init_state(plan, setup, init_from.load(plan.config, setup.abstract['params'], log=_log))
+
+
 def _start(plan, setup, ckpt, iterators, resume_at):
   """(first step, state): a fresh state, or the checkpoint's (with the input positions)."""
   # The input positions are per process; without them the pipeline starts afresh.
   restore_data = plan.config.checkpoint.restore_data
   start, state = ckpt.resume(resume_at, setup.abstract, iterators if restore_data else None)
   if start is None:
-    return 0, state_lib.init_state(plan, setup)
+    return 0, fresh_state(plan, setup)
   _log(f'resumed step {start}' + ('' if restore_data else ' (train state only; input pipeline from its start)'))
   return start, state
 
@@ -146,7 +151,7 @@ class _Rollback:
                            f'{target} with no checkpoint since; stopping (lower optim.lr, or look at the data)')
     self.last = target
     if state is None:
-      state = state_lib.init_state(self.plan, self.setup)
+      state = fresh_state(self.plan, self.setup)
     _log(f'step {at_step}: {why}: rolled back to step {target}; the input pipeline goes on')
     self.writer.write(at_step, {'rollback/to_step': target})
     return target, state

@@ -1,4 +1,11 @@
-"""Optax optimiser from config: warm-up + decay schedule, clipping, weight-decay mask."""
+"""Optax optimiser from config: warm-up + decay schedule, clipping, weight-decay mask, and for
+LiT and fine-tuning frozen params and per-group learning rates (optim.frozen, optim.lr_mult).
+
+Params are named by their '/'-joined path ('image/encoder/blocks/0/attn/qkv'); patterns are
+regular expressions matched against the whole name (re.fullmatch), as big_vision's
+`schedule` and `frozen` patterns."""
+import re
+
 import jax
 import optax
 
@@ -30,14 +37,73 @@ def decay_mask(no_decay=('pos_embed',)):
   return mask
 
 
+def path_name(path) -> str:
+  return '/'.join(str(getattr(p, 'key', p)) for p in path)
+
+
+def frozen_mask(o, params):
+  """True for the params optim.frozen names (they get no update and hold no optimizer state)."""
+  patterns = [re.compile(p) for p in o.get('frozen', ())]
+  return jax.tree_util.tree_map_with_path(lambda path, _: any(p.fullmatch(path_name(path)) for p in patterns),
+                                          params)
+
+
+def check_patterns(o, params, init_only=()):
+  """optim.frozen, optim.lr_mult (and init.only) are well formed and each pattern names at
+  least one param (a typo would silently train a tower meant to be locked). Configs written
+  before these keys existed have none."""
+  from vlp.config import ConfigError
+  names = [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for item in o.get('lr_mult', ()):
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], (int, float))
+            and item[1] > 0):
+      raise ConfigError(f"config key 'optim.lr_mult': entries are (regex, factor > 0), got {item!r}")
+  groups = (('optim.frozen', o.get('frozen', ())), ('optim.lr_mult', [p for p, _ in o.get('lr_mult', ())]),
+            ('init.only', init_only))
+  for key, patterns in groups:
+    for p in patterns:
+      try:
+        re.compile(p)
+      except (re.error, TypeError) as e:
+        raise ConfigError(f"config key '{key}': {p!r} is not a regular expression ({e})") from None
+      if not any(re.fullmatch(p, n) for n in names):
+        tops = sorted({n.split('/')[0] for n in names})
+        raise ConfigError(f"config key '{key}': {p!r} matches no param (names look like {names[0]!r}; "
+                          f"top level: {', '.join(tops)})")
+
+
+def group_labels(o, params):
+  """Each param's group: 'frozen', 'lr_mult_I' (the first optim.lr_mult pattern it matches) or 'base'."""
+  frozen = [re.compile(p) for p in o.get('frozen', ())]
+  mults = [re.compile(p) for p, _ in o.get('lr_mult', ())]
+
+  def label(path, _):
+    name = path_name(path)
+    if any(p.fullmatch(name) for p in frozen):
+      return 'frozen'
+    return next((f'lr_mult_{i}' for i, p in enumerate(mults) if p.fullmatch(name)), 'base')
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _base(o, lr):
+  mask = decay_mask(tuple(o.no_decay))
+  if o.name == 'adamw':
+    return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
+  return optax.lamb(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
+
+
 def make(o, total_steps: int):
   """Returns (optax transformation, learning-rate schedule)."""
   lr = schedule(o, total_steps)
-  mask = decay_mask(tuple(o.no_decay))
-  if o.name == 'adamw':
-    opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
+  if o.get('frozen') or o.get('lr_mult'):
+    # one optimizer per group: frozen params get none (no Adam moments: the memory LiT saves),
+    # a group's learning rate is the schedule times its multiplier
+    groups = {'base': _base(o, lr), 'frozen': optax.set_to_zero()}
+    for i, (_, mult) in enumerate(o.get('lr_mult', ())):
+      groups[f'lr_mult_{i}'] = _base(o, lambda step, m=float(mult): m * lr(step))
+    opt = optax.multi_transform(groups, lambda params: group_labels(o, params))
   else:
-    opt = optax.lamb(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
-  if o.clip_norm:
+    opt = _base(o, lr)
+  if o.clip_norm:  # frozen params' gradients are zero (the step stops them), so outside the norm
     opt = optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)
   return opt, lr

@@ -50,6 +50,7 @@ def make_setup(plan, mesh) -> Setup:
   logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_vars))
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, config.model.param_dtype),
                                  nnx.to_pure_dict(abstract_vars))
+  optim.check_patterns(config.optim, abstract_params, config.get('init', {}).get('only', ()))  # before compiling
   param_sh = parallel.tree_shardings(logical, abstract_params, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   shardings = {'step': parallel.replicated(mesh), 'params': param_sh,
@@ -69,12 +70,16 @@ def has_ema(config) -> bool:
   return config.get('ema_decay', 0.0) > 0  # configs saved before EMA existed have no key
 
 
-def init_state(plan, setup: Setup) -> dict:
-  """Initialises params and optimizer state directly in their sharded layout."""
+def init_state(plan, setup: Setup, loaded=None) -> dict:
+  """Initialises params and optimizer state directly in their sharded layout; `loaded` (the
+  params tree of vlp.train.init_from, None where a param keeps its init) replaces the fresh
+  params before the optimizer, EMA and model state are made from them."""
   config = plan.config
 
-  def init():
+  def init(loaded):
     params = _params_of(plan.recipe.build(config.model, config.seed), config.model.param_dtype)
+    if loaded is not None:
+      params = jax.tree.map(lambda fresh, given: fresh if given is None else given, params, loaded)
     state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': setup.tx.init(params)}
     if has_ema(config):
       state['ema_params'] = params
@@ -82,4 +87,4 @@ def init_state(plan, setup: Setup) -> dict:
     if model_state:
       state['model_state'] = model_state
     return state
-  return jax.jit(init, out_shardings=setup.shardings)()
+  return jax.jit(init, out_shardings=setup.shardings)(loaded)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from vlp import parallel
-from vlp.train import agd, guard
+from vlp.train import agd, guard, optim
 
 
 def micro_batches(batch, k: int):
@@ -50,17 +50,21 @@ def make_train_step(plan, setup, variant):
   graphdef, tx, lr_schedule = setup.graphdef, setup.tx, setup.lr_schedule
   untouched = recipe.untouched_params(variant, setup.abstract['params'])
   guarded = config.nonfinite.guard
+  frozen = optim.frozen_mask(config.optim, setup.abstract['params'])  # Python bools: a static choice
 
   def train_step(state, batch):
     model_state = state.get('model_state', {})
 
     def loss_fn(params, batch):
+      # no gradient reaches a frozen param, so XLA drops the backward pass of a frozen tower
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
       return recipe.loss(graphdef, params, model_state, batch, state['step'], config, variant)
 
     # recipes with a model state (ALBEF) keep accum_steps == 1: it moves once per step
     (loss, (aux, model_state)), grads = loss_and_grads(loss_fn, state['params'], batch, variant.accum_steps)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
+    params = jax.tree.map(lambda new, old, f: old if f else new, params, state['params'], frozen)  # bit for bit
     # a task's step leaves what it does not touch alone: no Adam drift, no weight decay
     params = agd.select_touched(params, state['params'], untouched)
     opt_state = agd.select_touched(opt_state, state['opt_state'], untouched)

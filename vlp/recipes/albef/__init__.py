@@ -73,7 +73,8 @@ class Albef(base.Recipe):
     return {
         # text layers below fusion_layer encode text alone, layers from it on (up to
         # text.depth) add cross-attention to the image tokens
-        'model': dict(align.towers(), fusion_layer=2),
+        'model': dict(align.towers(), fusion_layer=2,
+                      arch=dict(init='xavier', gelu='tanh', ln_eps=1e-6)),  # vlp.models.layers.Arch
         # ALBEF training (Li et al. 2021, configs/Pretrain.yaml)
         'albef': dict(
             momentum=0.995,  # EMA factor of the momentum model
@@ -89,6 +90,7 @@ class Albef(base.Recipe):
   def validate(self, config):
     base.validate_towers(config)
     m, a = config.model, config.albef
+    base.validate_arch(m.arch)
     check(isinstance(m.fusion_layer, int) and 0 <= m.fusion_layer < m.text.depth, 'model.fusion_layer',
           f'{m.fusion_layer!r} must be in [0, text.depth = {m.text.depth}): at least one fusion layer')
     check(0.0 <= a.momentum < 1.0, 'albef.momentum', 'must be in [0, 1)')

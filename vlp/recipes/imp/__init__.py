@@ -56,12 +56,14 @@ class Imp(base.Recipe):
         # clips of `frames` frames cut into tubelets of tubelet_size frames x patch_size^2 pixels
         video=dict(frames=8, tubelet_size=2),
         embed_dim=256,
+        arch=dict(init='xavier', gelu='tanh', ln_eps=1e-6),  # vlp.models.layers.Arch
     )}
 
   def validate(self, config):
     m = config.model
     config_lib.check_positive_ints(m.encoder, 'model.encoder')
     base.validate_moe(m.encoder.moe, 'model.encoder.moe', m.encoder.depth)
+    base.validate_arch(m.arch)
     check(m.image.image_size % m.image.patch_size == 0, 'model.image.patch_size',
           f'image_size {m.image.image_size} is not divisible by patch {m.image.patch_size}')
     v = m.video

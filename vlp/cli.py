@@ -60,6 +60,42 @@ def cmd_eval(args, overrides):
     cmd_plot(args, overrides)
 
 
+def cmd_import(args, overrides):
+  from vlp.interop import command
+  print(f'imported: {command.run(args.src, args.out, args.format, args.dtype)}')
+
+
+def _add_bench(sub):
+  bench = sub.add_parser('bench', help='benchmarks: step, matmuls, data').add_subparsers(dest='what', required=True)
+  for what, help_ in (('step', 'examples/s, step time, MFU of the train step'),
+                      ('matmuls', "the step's matmul-only floor")):
+    p = bench.add_parser(what, help=help_)
+    p.add_argument('--config', required=True)
+    p.add_argument('--steps', type=int, default=20)
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--compare', default=None, choices=('open_clip', 'dense'),
+                   help='open_clip: the same ALIGN model in open_clip; dense: the config without MoE')
+    p.set_defaults(fn=cmd_bench)
+  p = bench.add_parser('quality', help='held-out retrieval after training, vlp against open_clip side by side')
+  p.add_argument('--config', required=True)
+  p.add_argument('--compare', default='open_clip', choices=('open_clip', 'none'))
+  p.add_argument('--json', default='', help='also write the rows and differences to this file')
+  p.set_defaults(fn=cmd_bench_quality)
+  p = bench.add_parser('data', help='images/s of the input pipeline (flags: vlp bench data -h)', add_help=False)
+  p.set_defaults(fn=cmd_bench_data)  # its flags are parsed by vlp.bench.data
+  p = bench.add_parser('retrieval', help='recall@K: chunked vs dense top-k (flags: -h)', add_help=False)
+  p.set_defaults(fn=cmd_bench_retrieval)
+
+
+def _add_import(sub):
+  p = sub.add_parser('import', help="another framework's checkpoint (open_clip) as a vlp export directory")
+  p.add_argument('src', help='an open_clip directory (open_clip_config.json + open_clip_model.safetensors)')
+  p.add_argument('--out', required=True)
+  p.add_argument('--format', default=None, choices=('open_clip', 'hf', 'big_vision'), help='default: detected')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.set_defaults(fn=cmd_import)
+
+
 def cmd_plot(args, overrides):
   from vlp.eval import plot
   print(f'plot: {plot.plot(args.workdir, getattr(args, "out", None))}')
@@ -187,6 +223,7 @@ def main(argv=None, *, as_command=False):
   p.add_argument('--json', default=None, help='results file (default WORKDIR/eval_STEP.json)')
   p.add_argument('--plot', action='store_true', help='also write WORKDIR/metrics.png')
   p.set_defaults(fn=cmd_eval)
+  _add_import(sub)
   p = sub.add_parser('plot', help="PNG of a workdir's loss and eval metrics over steps")
   p.add_argument('--workdir', required=True)
   p.add_argument('--out', default=None, help='default WORKDIR/metrics.png')
@@ -198,25 +235,7 @@ def main(argv=None, *, as_command=False):
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'bf16'))
   p.add_argument('--weights', default='params', choices=('params', 'ema'))
   p.set_defaults(fn=cmd_export)
-  bench = sub.add_parser('bench', help='benchmarks: step, matmuls, data').add_subparsers(dest='what', required=True)
-  for what, help_ in (('step', 'examples/s, step time, MFU of the train step'),
-                      ('matmuls', "the step's matmul-only floor")):
-    p = bench.add_parser(what, help=help_)
-    p.add_argument('--config', required=True)
-    p.add_argument('--steps', type=int, default=20)
-    p.add_argument('--warmup', type=int, default=3)
-    p.add_argument('--compare', default=None, choices=('open_clip', 'dense'),
-                   help='open_clip: the same ALIGN model in open_clip; dense: the config without MoE')
-    p.set_defaults(fn=cmd_bench)
-  p = bench.add_parser('quality', help='held-out retrieval after training, vlp against open_clip side by side')
-  p.add_argument('--config', required=True)
-  p.add_argument('--compare', default='open_clip', choices=('open_clip', 'none'))
-  p.add_argument('--json', default='', help='also write the rows and differences to this file')
-  p.set_defaults(fn=cmd_bench_quality)
-  p = bench.add_parser('data', help='images/s of the input pipeline (flags: vlp bench data -h)', add_help=False)
-  p.set_defaults(fn=cmd_bench_data)  # its flags are parsed by vlp.bench.data
-  p = bench.add_parser('retrieval', help='recall@K: chunked vs dense top-k (flags: -h)', add_help=False)
-  p.set_defaults(fn=cmd_bench_retrieval)
+  _add_bench(sub)
   _add_compile(sub)
   p = sub.add_parser('data', help='data tools: `vlp data tokenizer|convert|check ...` (-h after the tool for its flags)')
   p.add_argument('tool', choices=('tokenizer', 'convert', 'check'))
@@ -232,7 +251,7 @@ def main(argv=None, *, as_command=False):
   # Data tools and eval data report bad paths and inputs as ValueError: one line, no traceback.
   from vlp.bench.compare import ReferenceEnvError  # the torch environment of a comparison is missing
   user_errors = (ConfigError, WorkdirMismatch, FileNotFoundError, ReferenceEnvError, Diverged) + \
-      ((ValueError,) if args.command in ('data', 'eval') else ())
+      ((ValueError,) if args.command in ('data', 'eval', 'import') else ())
   try:
     rc = args.fn(args, overrides)
   except user_errors as e:

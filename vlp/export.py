@@ -87,18 +87,27 @@ def export_encoders(model_cfg, keys, dtype, platforms=PLATFORMS) -> dict:
 
 def export(workdir: str, out: str, step=None, dtype: str = 'float32', weights: str = 'params') -> str:
   config, params, step = restore_params(workdir, step, weights)
+  flat = {k: np.asarray(jax.device_get(v)) for k, v in checkpoint.flatten(params)}
+  return write(out, config.model, flat, dtype, tasks.tokenizer_for(config).model_path,
+               {'step': step, 'weights': weights})
+
+
+def write(out: str, model_cfg, flat: dict, dtype: str = 'float32', tokenizer_path: str = '', meta=None) -> str:
+  """Writes an export directory of `flat` ({dotted name: array}) for the model config: the
+  weights, the encoders, the tokenizer (when there is one) and config.json with `meta`."""
+  meta = dict(meta or {})
   paths.makedirs(out)  # local or remote (gs://); every file is written whole
-  flat = {k: np.asarray(jax.device_get(v)).astype(dtype) for k, v in checkpoint.flatten(params)}
-  paths.write_atomic(paths.join(out, WEIGHTS), safetensors.numpy.save(flat, metadata={'step': str(step)}))
-  paths.copy(tasks.tokenizer_for(config).model_path, paths.join(out, TOKENIZER))
+  flat = {k: np.asarray(v).astype(dtype) for k, v in flat.items()}
+  paths.write_atomic(paths.join(out, WEIGHTS), safetensors.numpy.save(flat, metadata={'step': str(meta.get('step'))}))
+  if tokenizer_path:
+    paths.copy(tokenizer_path, paths.join(out, TOKENIZER))
   keys = sorted(flat)
-  encoders = export_encoders(config.model, keys, dtype)
+  encoders = export_encoders(model_cfg, keys, dtype)
   for kind, blob in encoders.items():
     paths.write_atomic(paths.join(out, encoder_file(kind)), bytes(blob))
   with paths.open(paths.join(out, CONFIG), 'w') as f:
-    json.dump({'model': config.model.to_dict(), 'step': step, 'dtype': dtype, 'weights': weights,
-               'param_keys': keys, **{f'{kind}_encoder': encoder_file(kind) for kind in encoders}},
-              f, indent=2, default=list)
+    json.dump({'model': model_cfg.to_dict(), **meta, 'dtype': dtype, 'param_keys': keys,
+               **{f'{kind}_encoder': encoder_file(kind) for kind in encoders}}, f, indent=2, default=list)
   return out
 
 
@@ -115,4 +124,5 @@ def load(path: str):
   if jax.tree.structure(expected) != jax.tree.structure(params):
     raise ValueError(f'{path}: weights do not match the model config')
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-  return nnx.merge(graphdef, params), Tokenizer(paths.join(path, TOKENIZER))
+  tokenizer = paths.join(path, TOKENIZER)  # an import (`vlp import`) keeps its source's token ids
+  return nnx.merge(graphdef, params), Tokenizer(tokenizer) if paths.exists(tokenizer) else None

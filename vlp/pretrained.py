@@ -41,7 +41,11 @@ class Encoders:
     self._image, self._text = (self._load(paths.join(path, self.config[k]))
                                for k in ('image_encoder', 'text_encoder'))
     self._video = self._load(paths.join(path, self.config['video_encoder'])) if 'video_encoder' in self.config else None
-    self.tokenizer = Tokenizer(paths.join(path, 'tokenizer.model'))
+    # an import (`vlp import`) carries no SentencePiece model: its encode_text takes the source's ids
+    tokenizer = paths.join(path, 'tokenizer.model')
+    self.tokenizer = Tokenizer(tokenizer) if paths.exists(tokenizer) else None
+    # an import's pixels as its source was trained on: (x / 255 - mean) / std; vlp's own: [-1, 1]
+    self.normalization = self.config.get('preprocess')
     model = self.config['model']
     self.image_size, self.context_length = model['image']['image_size'], model['text']['context_length']
 
@@ -51,13 +55,22 @@ class Encoders:
     return jax.jit(exported.call)
 
   def preprocess(self, images) -> np.ndarray:
-    """Encoded image files (bytes) or uint8 arrays -> float32 [B, S, S, 3] in [-1, 1],
-    resized and centre-cropped as in evaluation."""
+    """Encoded image files (bytes) or uint8 arrays -> float32 [B, S, S, 3], resized and
+    centre-cropped as in evaluation, normalised by the export's mean and std."""
     from vlp.data import transforms
-    return np.stack([transforms.normalize_image(
-        x if isinstance(x, np.ndarray) else transforms.resize_center_crop(x, self.image_size)) for x in images])
+    pixels = np.stack([x if isinstance(x, np.ndarray) else transforms.resize_center_crop(x, self.image_size)
+                       for x in images])
+    if self.normalization is None:
+      return transforms.normalize_image(pixels)
+    if pixels.dtype != np.uint8:
+      raise TypeError(f'expected uint8 pixels, got {pixels.dtype}')
+    mean, std = (np.asarray(self.normalization[k], np.float32) for k in ('mean', 'std'))
+    return (pixels.astype(np.float32) / 255.0 - mean) / std
 
   def tokenize(self, texts) -> np.ndarray:
+    if self.tokenizer is None:
+      raise ValueError('this export has no tokenizer (an import keeps its source\'s token ids): '
+                       'give encode_text int token ids [B, L]')
     return self.tokenizer.encode(list(texts), self.context_length)
 
   def encode_image(self, images) -> np.ndarray:

@@ -67,7 +67,8 @@ def differences(config) -> list[str]:
   """What the two setups still do differently, in one line each."""
   m, a = config.model, config.model.arch
   ours = {'text causal': m.text.causal, 'text pool': m.text.pool, 'arch.init': a.init, 'arch.gelu': a.gelu,
-          'arch.ln_eps': a.ln_eps, 'ln_pre (a LayerNorm before the ViT)': False, 'patch embedding bias': True,
+          'arch.ln_eps': a.ln_eps, 'ln_pre (a LayerNorm before the ViT)': m.image.ln_pre,
+          'patch embedding bias': m.image.patch_bias,
           'optim.no_decay': tuple(config.optim.no_decay), 'label smoothing': config.loss.label_smoothing}
   lines = [f'{k}: vlp {ours[k]}, open_clip {OPEN_CLIP[k]}' for k in ours if str(ours[k]) != str(OPEN_CLIP[k])]
   scale = m.logit_scale_init or align_model.DEFAULT_SCALE[m.head]

@@ -23,7 +23,8 @@ class Arch:
   init: 'xavier' (Xavier-uniform kernels, as BERT/ViT ports commonly do) or 'clip'
     (CLIP's scaled normals: QKV std width^-0.5, MLP input (2 width)^-0.5, both output
     projections width^-0.5 (2 depth)^-0.5, so the residual stream does not grow with
-    depth); gelu: 'tanh' (the tanh approximation) or 'erf' (exact, as torch's default);
+    depth); gelu: 'tanh' (the tanh approximation), 'erf' (exact, as torch's default) or
+    'quick' (x sigmoid(1.702 x), OpenAI CLIP's QuickGELU);
   ln_eps: LayerNorm epsilon (1e-6 in big_vision's ViT, 1e-5 in torch and CLIP).
   """
   init: str = 'xavier'
@@ -40,10 +41,12 @@ class Arch:
     return nnx.initializers.normal(std)
 
   def activation(self, x):
+    if self.gelu == 'quick':
+      return x * jax.nn.sigmoid(1.702 * x)
     return jax.nn.gelu(x, approximate=self.gelu == 'tanh')
 
 
-ARCH_CHOICES = {'init': ('xavier', 'clip'), 'gelu': ('tanh', 'erf')}
+ARCH_CHOICES = {'init': ('xavier', 'clip'), 'gelu': ('tanh', 'erf', 'quick')}
 
 
 def arch_of(model_cfg) -> Arch:

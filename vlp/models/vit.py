@@ -2,6 +2,10 @@
 
 Position embeddings are stored for the configured grid and bilinearly resized
 when an image of another resolution comes in, so one model serves any size.
+The CLS token has no position embedding of its own (a learnt constant either
+way: CLIP's class embedding plus its position embedding is this `cls`).
+CLIP's tower: `ln_pre` (a LayerNorm before the encoder) and a patch embedding
+without bias (`patch_bias=False`).
 """
 import einops
 import jax
@@ -20,15 +24,16 @@ def grid_positions(pos, grid_h: int, grid_w: int):
 
 class ViT(nnx.Module):
 
-  def __init__(self, image_size, patch_size, width, depth, num_heads, mlp_dim, pool='cls',
-               *, rngs, dtype=jnp.float32, remat='none', moe=None, arch=layers.Arch()):
+  def __init__(self, image_size, patch_size, width, depth, num_heads, mlp_dim, pool='cls', ln_pre=False,
+               patch_bias=True, *, rngs, dtype=jnp.float32, remat='none', moe=None, arch=layers.Arch()):
     self.patch_size, self.pool, self.dtype = patch_size, pool, dtype
     grid = image_size // patch_size
     self.patch_embed = layers.Dense(3 * patch_size * patch_size, width, ('patch', 'embed'),
-                                    rngs=rngs, dtype=dtype)
+                                    rngs=rngs, dtype=dtype, use_bias=patch_bias)
     self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.02), (grid, grid, width),
                                   (None, None, 'embed'))
     self.cls = layers.param(rngs, nnx.initializers.zeros, (width,), ('embed',))
+    self.ln_pre = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps) if ln_pre else None
     self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype, remat=remat, moe=moe,
                                   arch=arch)
 
@@ -50,4 +55,5 @@ class ViT(nnx.Module):
     patches = einops.rearrange(images, 'b (h p) (w q) c -> b (h w) (p q c)', p=p, q=p)
     x = self.patch_embed(patches) + self.position_embeddings(images.shape[1] // p, images.shape[2] // p).astype(self.dtype)
     cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
-    return self.encoder(jnp.concatenate([cls, x], axis=1))
+    x = jnp.concatenate([cls, x], axis=1)
+    return self.encoder(x if self.ln_pre is None else self.ln_pre(x))

@@ -145,6 +145,8 @@ def validate_towers(config, towers=('image', 'text')):
   check(im.image_size % im.patch_size == 0, 'model.image.patch_size',
         f'image_size {im.image_size} is not divisible by patch {im.patch_size}')
   check(im.pool in ('cls', 'gap'), 'model.image.pool', f'{im.pool!r} not in cls/gap')
+  for key in ('ln_pre', 'patch_bias'):
+    check(isinstance(im.get(key, False), bool), f'model.image.{key}', f'must be True or False, got {im[key]!r}')
   check(m.text.context_length >= 3, 'model.text.context_length', 'needs room for CLS, a token and SEP')
 
 

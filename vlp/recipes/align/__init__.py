@@ -20,7 +20,8 @@ def towers() -> dict:
   """The image and text towers of a dual encoder (also ALBEF's)."""
   return dict(
       image=dict(image_size=64, patch_size=8, width=256, depth=4, num_heads=4, mlp_dim=1024,
-                 pool='cls', moe=config_lib.moe_config()),
+                 pool='cls', moe=config_lib.moe_config(),
+                 ln_pre=False, patch_bias=True),  # CLIP's ViT: a LayerNorm before the encoder, no patch bias
       text=dict(vocab_size=1024, context_length=32, width=256, depth=4, num_heads=4, mlp_dim=1024,
                 moe=config_lib.moe_config()),
       embed_dim=256,

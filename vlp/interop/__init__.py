@@ -1,0 +1,1 @@
+"""Weights of other frameworks in and out of vlp (`vlp import`)."""

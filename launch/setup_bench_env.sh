@@ -3,7 +3,9 @@
 # open_clip reference of `vlp bench step --compare=open_clip`
 # (vlp/bench/open_clip_ref.py), and webdataset + Pillow + sentencepiece for the
 # input-pipeline reference of `vlp bench data --compare=webdataset`
-# (vlp/bench/data_ref.py). Idempotent: re-running checks and returns.
+# (vlp/bench/data_ref.py), and transformers for the CLIPModel parity tests of
+# `vlp import` / `vlp export --format=hf` (tests/hf_clip_ref.py). Idempotent:
+# re-running checks and returns.
 #
 #   bash launch/setup_bench_env.sh          # cheap: torch 2.13.0 CPU wheel (~190 MB),
 #                                           # open_clip_torch --no-deps, numpy (~30 s)
@@ -25,6 +27,7 @@ VENV="${VENV:-$ROOT/.venv-bench}"
 PYTHON="${PYTHON:-python3}"
 MODE="${1:-cheap}"
 OPEN_CLIP_VERSION="${OPEN_CLIP_VERSION:-3.3.0}"
+TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-5.24.0}"
 
 check() {
   (cd "$ROOT" && "$VENV/bin/python" -c "
@@ -32,7 +35,7 @@ import sys; sys.path.insert(0, 'vlp/bench')
 import open_clip_ref as r, torch, webdataset, PIL, sentencepiece
 oc = r.import_open_clip()
 print('bench env ok:', sys.executable, 'torch', torch.__version__, 'open_clip', oc.version, '|', oc.how)
-")
+") && "$VENV/bin/python" -c "import transformers; print('transformers', transformers.__version__)"
 }
 
 if [[ -x "$VENV/bin/python" ]] && check 2>/dev/null; then
@@ -48,13 +51,15 @@ case "$MODE" in
     "${PIP[@]}" "torch==2.13.0"
     "${PIP[@]}" numpy pillow sentencepiece "webdataset==1.0.2"
     "${PIP[@]}" --no-deps "open_clip_torch==$OPEN_CLIP_VERSION"
+    "${PIP[@]}" "transformers==$TRANSFORMERS_VERSION"
     ;;
   full|--full)
     case "$(uname -m)" in
       aarch64) "${PIP[@]}" "torch==2.9.1" "torchvision==0.24.1" ;;
       *)       "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1" ;;
     esac
-    "${PIP[@]}" "open_clip_torch==$OPEN_CLIP_VERSION" pillow sentencepiece "webdataset==1.0.2"
+    "${PIP[@]}" "open_clip_torch==$OPEN_CLIP_VERSION" pillow sentencepiece "webdataset==1.0.2" \
+      "transformers==$TRANSFORMERS_VERSION"
     ;;
   *) echo "usage: $0 [--cheap|--full]" >&2; exit 2 ;;
 esac

@@ -37,3 +37,17 @@ def test_evaluators_run_in_training_and_in_vlp_eval(tmp_path, capsys):
   os.remove(png)
   assert cli.main(['plot', f'--workdir={wd}', f'--out={tmp_path / "p.png"}']) == 0
   assert os.path.getsize(tmp_path / 'p.png') > 10_000
+
+
+def test_the_train_summary_names_rerankings_and_languages_apart(capsys):
+  """`vlp train`'s closing tables: ALBEF's re-rankings get a table each, languages one RSUM line."""
+  from vlp import cli
+  result = {}
+  for prefix in ('retrieval/', 'retrieval/de/', 'retrieval/fr/', 'retrieval/itm_itc/'):
+    for k in (1, 5, 10):
+      result[f'{prefix}i2t@{k}'], result[f'{prefix}t2i@{k}'] = float(k), 2.0 * k
+    result[f'{prefix}rsum'] = {'retrieval/de/': 1.5, 'retrieval/fr/': 2.5}.get(prefix, 9.0)
+  cli._print_result(result)
+  out = capsys.readouterr().out
+  assert '[retrieval] re-ranked by ITM + ITC' in out and '[retrieval] RSUM by language: de 1.5, fr 2.5' in out
+  assert 're-ranked by de' not in out and 're-ranked by fr' not in out

@@ -1,6 +1,7 @@
-"""`vlp import` of open_clip checkpoints: a small open_clip CLIP built on the spot with random
-weights (in the open_clip environment), imported, and run by vlp; embeddings equal in fp32. Then
-LiT from the import: its image tower locked, a text tower trained from scratch."""
+"""`vlp import` of open_clip checkpoints and transformers CLIPModel directories, `vlp export
+--format=hf`: small models built on the spot with random weights (in the open_clip environment),
+imported or exported, and run on both sides; embeddings equal in fp32. Then LiT from an import:
+its image tower locked, a text tower trained from scratch."""
 import json
 import os
 import subprocess
@@ -52,7 +53,7 @@ def _open_clip_dir(tmp_path, quick_gelu):
   return src, images, tokens, dict(np.load(src / 'embeddings.npz'))
 
 
-@pytest.mark.parametrize('quick_gelu', [True, False])
+@pytest.mark.parametrize('quick_gelu', [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_open_clip_import_gives_open_clips_embeddings(tmp_path, quick_gelu):
   src, images, tokens, want = _open_clip_dir(tmp_path, quick_gelu)
   out = tmp_path / 'imported'
@@ -116,3 +117,67 @@ def test_lit_on_an_imported_image_tower_keeps_it_bit_for_bit(tmp_path):
   image = [k for k in got if k.startswith(('image.', 'image_proj.'))]
   assert image and all(np.array_equal(got[k], src_flat[k]) for k in image)
   assert not np.array_equal(got['text.token_embed'][:5], np.zeros_like(got['text.token_embed'][:5]))
+
+
+HF_REF = os.path.join(os.path.dirname(__file__), 'hf_clip_ref.py')
+
+
+def _hf(tmp_path, *args):
+  """Runs tests/hf_clip_ref.py in the open_clip environment (skips where it lacks transformers)."""
+  try:
+    python = compare.bench_python(None)
+  except compare.ReferenceEnvError as e:
+    pytest.skip(str(e))
+  if subprocess.run([python, '-c', 'import transformers'], capture_output=True).returncode:
+    pytest.skip('the open_clip environment has no transformers (launch/setup_bench_env.sh installs it)')
+  images, tokens = _inputs(np.random.default_rng(0))
+  np.savez(tmp_path / 'hf_in.npz', image_nchw=images.transpose(0, 3, 1, 2), tokens=tokens)
+  proc = subprocess.run([python, HF_REF, *args, '--inputs', str(tmp_path / 'hf_in.npz')], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return images, tokens
+
+
+@pytest.mark.slow
+def test_transformers_clip_in_and_out_give_the_same_embeddings(tmp_path):
+  """A random transformers CLIPModel imported (HF -> vlp), and vlp's import exported back
+  (vlp -> HF) and loaded by CLIPModel.from_pretrained: all three embed alike."""
+  cfg = {'projection_dim': 32,
+         'text_config': {'vocab_size': VOCAB, 'hidden_size': 48, 'intermediate_size': 192, 'num_hidden_layers': 2,
+                         'num_attention_heads': 2, 'max_position_embeddings': CONTEXT, 'eos_token_id': VOCAB - 1,
+                         'bos_token_id': VOCAB - 2, 'pad_token_id': 0},
+         'vision_config': {'hidden_size': 64, 'intermediate_size': 256, 'num_hidden_layers': 2,
+                           'num_attention_heads': 2, 'image_size': 16, 'patch_size': 4}}
+  (tmp_path / 'hf_cfg.json').write_text(json.dumps(cfg))
+  src = tmp_path / 'hf'
+  images, tokens = _hf(tmp_path, 'build', '--config', str(tmp_path / 'hf_cfg.json'), '--out', str(src))
+  want = dict(np.load(src / 'embeddings.npz'))
+  assert cli.main(['import', str(src), f'--out={tmp_path / "vlp"}']) == 0
+  enc = pretrained.load(str(tmp_path / 'vlp'))
+  diffs = {'import image': np.abs(enc.encode_image(images) - want['image']).max(),
+           'import text': np.abs(enc.encode_text(tokens) - want['text']).max()}
+  back = tmp_path / 'hf_back'
+  assert cli.main(['export', f'--workdir={tmp_path / "vlp"}', '--format=hf', f'--out={back}']) == 0
+  _hf(tmp_path, 'embed', '--out', str(back))
+  again = dict(np.load(back / 'embeddings.npz'))
+  diffs.update({'export image': np.abs(again['image'] - want['image']).max(),
+                'export text': np.abs(again['text'] - want['text']).max()})
+  print('transformers parity:', {k: f'{v:.2e}' for k, v in diffs.items()})
+  assert max(diffs.values()) <= 1e-4, diffs
+
+
+@pytest.mark.slow
+def test_an_open_clip_import_exports_to_transformers_and_a_model_without_ln_pre_does_not(tmp_path, capsys):
+  src, images, tokens, want = _open_clip_dir(tmp_path, quick_gelu=False)
+  assert cli.main(['import', str(src), f'--out={tmp_path / "vlp"}']) == 0
+  out = tmp_path / 'hf'
+  assert cli.main(['export', f'--workdir={tmp_path / "vlp"}', '--format=hf', f'--out={out}']) == 0
+  _hf(tmp_path, 'embed', '--out', str(out))
+  got = dict(np.load(out / 'embeddings.npz'))
+  assert np.abs(got['image'] - want['image']).max() <= 1e-4 and np.abs(got['text'] - want['text']).max() <= 1e-4
+  # vlp's own default towers (no ln_pre, bidirectional option) are not a CLIPModel: one line says why
+  from vlp.train import loop
+  loop.train(tiny_config(total_steps=1), str(tmp_path / 'wd'), progress=False)
+  capsys.readouterr()
+  assert cli.main(['export', f'--workdir={tmp_path / "wd"}', '--format=hf', f'--out={tmp_path / "x"}']) == 2
+  err = capsys.readouterr().err
+  assert 'is not a CLIPModel: no ln_pre' in err and len(err.strip().splitlines()) == 1, err

@@ -103,24 +103,32 @@ def cmd_plot(args, overrides):
 
 def _print_result(result):
   """The final metrics of training: a table per retrieval evaluator, then one JSON line."""
-  from vlp.eval import retrieval
+  from vlp.eval import itm_rerank, retrieval
   names = sorted({k.split('/')[0] for k in result if k.endswith('/i2t@1') and k.count('/') == 1})
+  reranking = dict(itm_rerank.Evaluator.RERANKINGS)  # re-rankings of the top candidates (ALBEF's ITM)
   for name in names:
     print(f'[{name}]\n' + retrieval.format_table({k[len(name) + 1:]: v for k, v in result.items()
                                                    if k.startswith(name + '/')}))
-    reranked = sorted({k.split('/')[1] for k in result if k.startswith(name + '/') and k.count('/') == 2
-                       and k.endswith('/i2t@1')})  # re-rankings of the top candidates (ALBEF's ITM)
-    for rerank in reranked:
+    parts = sorted({k.split('/')[1] for k in result if k.startswith(name + '/') and k.count('/') == 2
+                    and k.endswith('/i2t@1')})  # re-rankings, or languages
+    for rerank in [p for p in parts if p in reranking]:
       prefix = f'{name}/{rerank}/'
-      print(f'[{name}] re-ranked by {rerank}\n' + retrieval.format_table(
+      print(f'[{name}] re-ranked by {reranking[rerank]}\n' + retrieval.format_table(
           {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}))
+    languages = [p for p in parts if p not in reranking]
+    if languages:
+      print(f'[{name}] RSUM by language: ' + ', '.join(f'{p} {result[f"{name}/{p}/rsum"]:.1f}' for p in languages))
   print(json.dumps(result, default=float))
 
 
 def cmd_export(args, overrides):
   from vlp import export
   dtype = 'bfloat16' if args.dtype == 'bf16' else args.dtype
-  out = export.export(args.workdir, args.out, step=args.step, dtype=dtype, weights=args.weights)
+  if args.format == 'hf':
+    from vlp.interop import command
+    out = command.export_hf(args.workdir, args.out, step=args.step, weights=args.weights)
+  else:
+    out = export.export(args.workdir, args.out, step=args.step, dtype=dtype, weights=args.weights)
   print(f'exported to {out}')
 
 
@@ -234,6 +242,8 @@ def main(argv=None, *, as_command=False):
   p.add_argument('--step', type=int, default=None)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'bf16'))
   p.add_argument('--weights', default='params', choices=('params', 'ema'))
+  p.add_argument('--format', default='vlp', choices=('vlp', 'hf'),
+                 help="hf: a transformers CLIPModel directory (--workdir may be an export or import)")
   p.set_defaults(fn=cmd_export)
   _add_bench(sub)
   _add_compile(sub)
@@ -251,7 +261,7 @@ def main(argv=None, *, as_command=False):
   # Data tools and eval data report bad paths and inputs as ValueError: one line, no traceback.
   from vlp.bench.compare import ReferenceEnvError  # the torch environment of a comparison is missing
   user_errors = (ConfigError, WorkdirMismatch, FileNotFoundError, ReferenceEnvError, Diverged) + \
-      ((ValueError,) if args.command in ('data', 'eval', 'import') else ())
+      ((ValueError,) if args.command in ('data', 'eval', 'import', 'export') else ())
   try:
     rc = args.fn(args, overrides)
   except user_errors as e:

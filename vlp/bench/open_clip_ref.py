@@ -89,6 +89,10 @@ def import_open_clip():
       for name in [m for m in sys.modules if m.startswith("torchvision")]:
         del sys.modules[name]
       _stub_torchvision()
+      # open_clip's optional HF text towers import transformers, whose package probe trips
+      # over the stub (torchvision.__spec__ is None); the CLIP towers need neither
+      if "transformers" not in sys.modules:
+        sys.modules["transformers"] = None
     pkg = types.ModuleType("open_clip")
     pkg.__path__ = list(spec.submodule_search_locations)
     pkg.__file__ = spec.origin

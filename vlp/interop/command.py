@@ -1,17 +1,21 @@
-"""`vlp import SRC --out=DIR [--format=open_clip]`: another framework's checkpoint as a vlp export.
+"""`vlp import SRC --out=DIR [--format=open_clip|hf]`: another framework's checkpoint as a vlp
+export; `vlp export --format=hf`: a vlp model as a transformers directory.
 
-The result is an export directory like `vlp export` writes (weights, config, jax.export'ed
+An import is an export directory like `vlp export` writes (weights, config, jax.export'ed
 encoders), so `vlp.load_pretrained(DIR)` runs it and `--config.init.from=DIR` trains from it
-(LiT: lock its image tower with optim.frozen). An import keeps its source's token ids (no
-SentencePiece model is written) and records the source's pixel normalisation.
+(LiT: lock its image tower with optim.frozen). It keeps its source's token ids (no
+SentencePiece model is written: config.json's `tokens` names the ids that end and start a
+caption) and records the source's pixel normalisation.
 """
 import json
 
 import jax
+import numpy as np
+import safetensors.numpy
 from flax import nnx
 
-from vlp import checkpoint, export, paths, recipes
-from vlp.interop import open_clip
+from vlp import checkpoint, export, paths, pretrained, recipes
+from vlp.interop import hf_clip, open_clip
 
 FORMATS = ('open_clip', 'hf', 'big_vision')
 
@@ -21,10 +25,8 @@ def detect(src: str) -> str:
     return 'open_clip'
   if src.endswith('.npz'):
     return 'big_vision'
-  if paths.exists(paths.join(src, 'config.json')):
-    with paths.open(paths.join(src, 'config.json')) as f:
-      if 'architectures' in json.load(f):
-        return 'hf'
+  if hf_clip.is_hf_clip(src):
+    return 'hf'
   raise ValueError(f'vlp import: {src} is not an open_clip directory ({open_clip.CONFIG}), a transformers '
                    'directory or a big_vision .npz')
 
@@ -40,18 +42,77 @@ def _check_against_model(flat: dict, model_cfg, src: str):
                      + ', '.join(f'{k} {got.get(k)} (model: {want.get(k)})' for k in diff[:5]))
 
 
+CLIP_NORMALIZATION = {'mean': [0.48145466, 0.4578275, 0.40821073], 'std': [0.26862954, 0.26130258, 0.27577711]}
+
+
+def _read(src: str, fmt: str):
+  """(vlp model config updates, nested params, pixel normalisation, token ids) of a source."""
+  if fmt == 'open_clip':
+    updates, normalization = open_clip.model_config(src)
+    params = open_clip.convert(open_clip.read_state(src), updates)
+    vocab = updates['text']['vocab_size']  # CLIP's tokenizer: start and end of text are the last two ids
+    return updates, params, normalization, {'eos_id': vocab - 1, 'bos_id': vocab - 2}
+  if fmt == 'hf':
+    updates = hf_clip.model_config(src)
+    if not paths.exists(paths.join(src, hf_clip.WEIGHTS)):
+      raise ValueError(f'vlp import: {src}: no {hf_clip.WEIGHTS} (torch pickles are not read: nothing is unpickled)')
+    params = hf_clip.to_vlp(pretrained.read_weights(paths.join(src, hf_clip.WEIGHTS)), updates)
+    with paths.open(paths.join(src, hf_clip.CONFIG)) as f:
+      text = json.load(f)['text_config']
+    normalization = CLIP_NORMALIZATION
+    if paths.exists(paths.join(src, 'preprocessor_config.json')):
+      with paths.open(paths.join(src, 'preprocessor_config.json')) as f:
+        pre = json.load(f)
+      normalization = {'mean': pre.get('image_mean', normalization['mean']),
+                       'std': pre.get('image_std', normalization['std'])}
+    return updates, params, normalization, {'eos_id': text.get('eos_token_id', 2), 'bos_id': text.get('bos_token_id', 1)}
+  raise ValueError(f'vlp import: --format={fmt} is not supported yet; vlp imports open_clip checkpoints '
+                   f'({open_clip.CONFIG} + {open_clip.WEIGHTS}) and transformers CLIPModel directories')
+
+
 def run(src: str, out: str, fmt: str | None = None, dtype: str = 'float32') -> str:
   fmt = fmt or detect(src)
-  if fmt != 'open_clip':
-    raise ValueError(f'vlp import: --format={fmt} is not supported yet; vlp imports open_clip checkpoints '
-                     f'({open_clip.CONFIG} + {open_clip.WEIGHTS})')
-  updates, normalization = open_clip.model_config(src)
+  updates, params, normalization, tokens = _read(src, fmt)
   model_cfg = recipes.base_config('align').model
   for key in ('image', 'text', 'arch'):
     model_cfg[key].update(updates.pop(key))
   model_cfg.update(updates)
-  params = open_clip.convert(open_clip.read_state(src), model_cfg)
   flat = {k: jax.numpy.asarray(v) for k, v in checkpoint.flatten(params)}
   _check_against_model(flat, model_cfg, src)
   return export.write(out, model_cfg, flat, dtype, meta={'step': 0, 'source': src, 'format': fmt,
-                                                        'preprocess': normalization})
+                                                        'preprocess': normalization, 'tokens': tokens})
+
+
+def _model_and_params(src: str, step=None, weights='params'):
+  """(model config dict, nested numpy params, {'eos_id', 'bos_id'}) of a workdir, export or import."""
+  if paths.exists(paths.join(src, export.WEIGHTS)):
+    with paths.open(paths.join(src, export.CONFIG)) as f:
+      meta = json.load(f)
+    params = export._unflatten(pretrained.read_weights(paths.join(src, export.WEIGHTS)))
+    tokens = meta.get('tokens')
+    if tokens is None:
+      from vlp.data.tokenizer import Tokenizer
+      tok = Tokenizer(paths.join(src, export.TOKENIZER))
+      tokens = {'eos_id': tok.sep_id, 'bos_id': tok.cls_id}
+    return meta['model'], params, tokens
+  from vlp import tasks
+  config, params, _ = export.restore_params(src, step, weights)
+  tok = tasks.tokenizer_for(config)
+  return config.model.to_dict(), jax.tree.map(np.asarray, jax.device_get(params)), {'eos_id': tok.sep_id,
+                                                                                    'bos_id': tok.cls_id}
+
+
+def export_hf(src: str, out: str, step=None, weights: str = 'params') -> str:
+  """A transformers CLIPModel directory (config.json, model.safetensors) of a vlp model."""
+  model, params, tokens = _model_and_params(src, step, weights)
+  why = hf_clip.exportable(model)
+  if tokens['eos_id'] == 2:  # transformers then pools at the highest token id instead (CLIP's legacy)
+    why.append('its end-of-caption token has id 2, which transformers reads as the legacy argmax pooling')
+  if why:
+    raise ValueError(f'vlp export --format=hf: {src} is not a CLIPModel: ' + '; '.join(why))
+  paths.makedirs(out)
+  with paths.open(paths.join(out, hf_clip.CONFIG), 'w') as f:
+    json.dump(hf_clip.hf_config(model, tokens['eos_id'], tokens['bos_id']), f, indent=2)
+  paths.write_atomic(paths.join(out, hf_clip.WEIGHTS),
+                     safetensors.numpy.save(hf_clip.to_hf(params, model), metadata={'format': 'pt'}))
+  return out

@@ -1,0 +1,176 @@
+"""transformers' CLIPModel <-> vlp's ALIGN model (CLIP towers), both ways, exactly.
+
+A transformers directory holds `config.json` (a CLIPConfig: `architectures: ['CLIPModel']`)
+and `model.safetensors`. The names, from transformers' to vlp's:
+- `vision_model.embeddings.patch_embedding.weight` [W, 3, p, p] <-> `image.patch_embed.kernel`
+  [(p p 3), W]; vlp's patch bias (when it has one) folds into the position embeddings;
+- `class_embedding` + the CLS position embedding <-> `image.cls`; `pre_layrnorm` <-> `image.ln_pre`;
+  `post_layernorm` / `final_layer_norm` <-> the encoders' final LayerNorm;
+- per layer, `self_attn.{q,k,v}_proj` <-> `attn.qkv` [W, 3, heads, head_dim], `out_proj` <->
+  `attn.out`, `layer_norm1/2` <-> `ln1/2`, `mlp.fc1/fc2` <-> `mlp.fc1/fc2`;
+- `visual_projection` / `text_projection` <-> `image_proj` / `text_proj`; `logit_scale` <-> `log_scale`.
+transformers pools the text at the first `eos_token_id`, vlp at the last token before padding:
+the same position for captions that end in that token and are zero-padded.
+"""
+import json
+
+import numpy as np
+
+from vlp import paths
+
+CONFIG, WEIGHTS = 'config.json', 'model.safetensors'
+ACT = {'erf': 'gelu', 'quick': 'quick_gelu', 'tanh': 'gelu_pytorch_tanh'}  # vlp arch.gelu -> hidden_act
+
+
+def is_hf_clip(src: str) -> bool:
+  if not paths.exists(paths.join(src, CONFIG)):
+    return False
+  with paths.open(paths.join(src, CONFIG)) as f:
+    return 'CLIPModel' in (json.load(f).get('architectures') or ())
+
+
+# ---- transformers -> vlp
+
+def model_config(src: str) -> dict:
+  """vlp model config updates of a CLIPConfig."""
+  with paths.open(paths.join(src, CONFIG)) as f:
+    cfg = json.load(f)
+  v, t = cfg['vision_config'], cfg['text_config']
+  acts = {v.get('hidden_act', 'quick_gelu'), t.get('hidden_act', 'quick_gelu')}
+  by_act = {a: g for g, a in ACT.items()}
+  if len(acts) != 1 or not acts <= set(by_act):
+    raise ValueError(f'vlp import: {src}: hidden_act {sorted(acts)} is not one vlp builds ({sorted(by_act)}, '
+                     'the same in both towers)')
+  eps = {v.get('layer_norm_eps', 1e-5), t.get('layer_norm_eps', 1e-5)}
+  if len(eps) != 1:
+    raise ValueError(f'vlp import: {src}: the towers have different layer_norm_eps {sorted(eps)}')
+  image = dict(image_size=v['image_size'], patch_size=v['patch_size'], width=v['hidden_size'],
+               depth=v['num_hidden_layers'], num_heads=v['num_attention_heads'], mlp_dim=v['intermediate_size'],
+               pool='cls', ln_pre=True, patch_bias=False)
+  text = dict(vocab_size=t['vocab_size'], context_length=t['max_position_embeddings'], width=t['hidden_size'],
+              depth=t['num_hidden_layers'], num_heads=t['num_attention_heads'], mlp_dim=t['intermediate_size'],
+              causal=True, pool='eos')
+  arch = dict(init='xavier', gelu=by_act[acts.pop()], ln_eps=float(eps.pop()))
+  return dict(image=image, text=text, embed_dim=cfg['projection_dim'], head='softmax', arch=arch)
+
+
+def _block_to_vlp(sd, prefix, heads):
+  get = lambda n: sd[f'{prefix}{n}']
+  width = get('self_attn.q_proj.weight').shape[1]
+  hd = width // heads
+  qkv = np.stack([get(f'self_attn.{n}_proj.weight').T.reshape(width, heads, hd) for n in 'qkv'], axis=1)
+  return {'ln1': {'scale': get('layer_norm1.weight'), 'bias': get('layer_norm1.bias')},
+          'ln2': {'scale': get('layer_norm2.weight'), 'bias': get('layer_norm2.bias')},
+          'attn': {'qkv': qkv, 'qkv_bias': np.stack([get(f'self_attn.{n}_proj.bias').reshape(heads, hd) for n in 'qkv']),
+                   'out': get('self_attn.out_proj.weight').T.reshape(heads, hd, width),
+                   'out_bias': get('self_attn.out_proj.bias')},
+          'mlp': {'fc1': {'kernel': get('mlp.fc1.weight').T, 'bias': get('mlp.fc1.bias')},
+                  'fc2': {'kernel': get('mlp.fc2.weight').T, 'bias': get('mlp.fc2.bias')}}}
+
+
+def _encoder_to_vlp(sd, tower, depth, heads, final_ln):
+  return {'blocks': {i: _block_to_vlp(sd, f'{tower}.encoder.layers.{i}.', heads) for i in range(depth)},
+          'ln': {'scale': sd[f'{tower}.{final_ln}.weight'], 'bias': sd[f'{tower}.{final_ln}.bias']}}
+
+
+def to_vlp(sd: dict, model: dict) -> dict:
+  im, tx = model['image'], model['text']
+  width, p = im['width'], im['patch_size']
+  grid = im['image_size'] // p
+  pos = sd['vision_model.embeddings.position_embedding.weight']
+  conv = sd['vision_model.embeddings.patch_embedding.weight']
+  image = {'patch_embed': {'kernel': conv.transpose(2, 3, 1, 0).reshape(p * p * 3, width)},
+           'pos_embed': pos[1:].reshape(grid, grid, width),
+           'cls': sd['vision_model.embeddings.class_embedding'] + pos[0],
+           'ln_pre': {'scale': sd['vision_model.pre_layrnorm.weight'], 'bias': sd['vision_model.pre_layrnorm.bias']},
+           'encoder': _encoder_to_vlp(sd, 'vision_model', im['depth'], im['num_heads'], 'post_layernorm')}
+  text = {'token_embed': sd['text_model.embeddings.token_embedding.weight'],
+          'pos_embed': sd['text_model.embeddings.position_embedding.weight'],
+          'encoder': _encoder_to_vlp(sd, 'text_model', tx['depth'], tx['num_heads'], 'final_layer_norm')}
+  return {'image': image, 'text': text, 'image_proj': {'kernel': sd['visual_projection.weight'].T},
+          'text_proj': {'kernel': sd['text_projection.weight'].T},
+          'log_scale': np.asarray(sd['logit_scale'], np.float32).reshape(())}
+
+
+# ---- vlp -> transformers
+
+def exportable(model: dict) -> list[str]:
+  """Why a vlp model config is not a CLIPModel (empty when it is)."""
+  im, tx, arch = model['image'], model['text'], model.get('arch', {})
+  why = []
+  if model.get('name') != 'align' or model.get('head') != 'softmax':
+    why.append(f"model {model.get('name')!r} with head {model.get('head')!r} (CLIPModel: align, softmax)")
+  if not im.get('ln_pre'):
+    why.append('no ln_pre (CLIP normalises the tokens before its ViT: train with model.image.ln_pre=True)')
+  if im.get('pool') != 'cls':
+    why.append(f"image pool {im.get('pool')!r} (CLIP: cls)")
+  if not (tx.get('causal') and tx.get('pool') == 'eos'):
+    why.append('bidirectional text or [CLS] pooling (CLIP: causal, pooled at EOT)')
+  if im['moe'].get('num_experts') or tx['moe'].get('num_experts'):
+    why.append('MoE blocks')
+  if arch.get('gelu', 'tanh') not in ACT:
+    why.append(f"gelu {arch.get('gelu')!r}")
+  return why
+
+
+def _block_to_hf(blk, prefix):
+  w = blk['attn']['qkv']  # [W, 3, heads, hd]
+  width = w.shape[0]
+  out = {}
+  for i, n in enumerate('qkv'):
+    out[f'{prefix}self_attn.{n}_proj.weight'] = w[:, i].reshape(width, width).T
+    out[f'{prefix}self_attn.{n}_proj.bias'] = blk['attn']['qkv_bias'][i].reshape(width)
+  out[f'{prefix}self_attn.out_proj.weight'] = blk['attn']['out'].reshape(width, width).T
+  out[f'{prefix}self_attn.out_proj.bias'] = blk['attn']['out_bias']
+  for vlp_name, hf_name in (('ln1', 'layer_norm1'), ('ln2', 'layer_norm2')):
+    out[f'{prefix}{hf_name}.weight'], out[f'{prefix}{hf_name}.bias'] = blk[vlp_name]['scale'], blk[vlp_name]['bias']
+  for fc in ('fc1', 'fc2'):
+    out[f'{prefix}mlp.{fc}.weight'], out[f'{prefix}mlp.{fc}.bias'] = blk['mlp'][fc]['kernel'].T, blk['mlp'][fc]['bias']
+  return out
+
+
+def _encoder_to_hf(enc, tower, final_ln):
+  out = {}
+  for i, blk in enc['blocks'].items():
+    out.update(_block_to_hf(blk, f'{tower}.encoder.layers.{i}.'))
+  out[f'{tower}.{final_ln}.weight'], out[f'{tower}.{final_ln}.bias'] = enc['ln']['scale'], enc['ln']['bias']
+  return out
+
+
+def to_hf(params: dict, model: dict) -> dict:
+  """transformers' CLIPModel state dict (numpy) of vlp ALIGN params (a nested dict)."""
+  im = params['image']
+  width, p = model['image']['width'], model['image']['patch_size']
+  kernel = np.asarray(im['patch_embed']['kernel'])
+  pos = np.asarray(im['pos_embed']).reshape(-1, width)
+  if 'bias' in im['patch_embed']:  # a bias on every patch token is a part of its position embedding
+    pos = pos + np.asarray(im['patch_embed']['bias'])
+  sd = {'vision_model.embeddings.patch_embedding.weight': kernel.reshape(p, p, 3, width).transpose(3, 2, 0, 1),
+        'vision_model.embeddings.class_embedding': np.asarray(im['cls']),
+        'vision_model.embeddings.position_embedding.weight': np.concatenate([np.zeros((1, width), pos.dtype), pos]),
+        'vision_model.pre_layrnorm.weight': im['ln_pre']['scale'], 'vision_model.pre_layrnorm.bias': im['ln_pre']['bias'],
+        'text_model.embeddings.token_embedding.weight': params['text']['token_embed'],
+        'text_model.embeddings.position_embedding.weight': params['text']['pos_embed'],
+        'visual_projection.weight': np.asarray(params['image_proj']['kernel']).T,
+        'text_projection.weight': np.asarray(params['text_proj']['kernel']).T,
+        'logit_scale': np.asarray(params['log_scale'], np.float32).reshape(())}
+  sd.update(_encoder_to_hf(im['encoder'], 'vision_model', 'post_layernorm'))
+  sd.update(_encoder_to_hf(params['text']['encoder'], 'text_model', 'final_layer_norm'))
+  return {k: np.array(v, np.float32, order='C') for k, v in sd.items()}  # (ascontiguousarray makes 0-d 1-d)
+
+
+def hf_config(model: dict, eos_id: int, bos_id: int) -> dict:
+  im, tx, arch = model['image'], model['text'], model.get('arch', {})
+  act = ACT[arch.get('gelu', 'tanh')]
+  eps = arch.get('ln_eps', 1e-6)
+  return {'architectures': ['CLIPModel'], 'model_type': 'clip', 'projection_dim': model['embed_dim'],
+          'logit_scale_init_value': 2.6592,
+          'text_config': {'vocab_size': tx['vocab_size'], 'hidden_size': tx['width'], 'intermediate_size': tx['mlp_dim'],
+                          'num_hidden_layers': tx['depth'], 'num_attention_heads': tx['num_heads'],
+                          'max_position_embeddings': tx['context_length'], 'hidden_act': act, 'layer_norm_eps': eps,
+                          'projection_dim': model['embed_dim'], 'eos_token_id': eos_id, 'bos_token_id': bos_id,
+                          'pad_token_id': 0},
+          'vision_config': {'hidden_size': im['width'], 'intermediate_size': im['mlp_dim'],
+                            'num_hidden_layers': im['depth'], 'num_attention_heads': im['num_heads'],
+                            'image_size': im['image_size'], 'patch_size': im['patch_size'], 'num_channels': 3,
+                            'hidden_act': act, 'layer_norm_eps': eps, 'projection_dim': model['embed_dim']}}

@@ -29,7 +29,7 @@ def test_bench_tiny_is_the_issue_architecture():
   c = config_lib.load(os.path.join(CONFIGS, 'bench_tiny.py'))
   dense = lambda tower: {k: v for k, v in tower.items() if k != 'moe'} if tower.moe.num_experts == 0 else None
   assert dense(c.model.image) == dict(image_size=64, patch_size=8, width=256, depth=4, num_heads=4,
-                                      mlp_dim=1024, pool='cls')
+                                      mlp_dim=1024, pool='cls', ln_pre=False, patch_bias=True)
   assert dense(c.model.text) == dict(vocab_size=1024, context_length=32, width=256, depth=4,
                                      num_heads=4, mlp_dim=1024, causal=True, pool='eos')
   assert (c.model.embed_dim, c.batch_size, c.model.dtype, c.optim.name) == (256, 128, 'float32', 'adamw')

@@ -31,7 +31,7 @@ KEYS = ('i2t@1', 't2i@1', 'i2t@5', 't2i@5', 'i2t@10', 't2i@10')
 
 # open_clip's CLIP as its trainer builds it, in the terms of vlp's config (init: open_clip
 # initialises its text tower as CLIP, its ViT with torch's defaults)
-OPEN_CLIP = {'text causal': True, 'text pool': 'eos', 'arch.init': 'clip text, torch-default vision',
+OPEN_CLIP = {'image pool': 'cls', 'text causal': True, 'text pool': 'eos', 'arch.init': 'clip text, torch-default vision',
              'arch.gelu': 'erf', 'arch.ln_eps': 1e-5, 'ln_pre (a LayerNorm before the ViT)': True,
              'patch embedding bias': False, 'optim.no_decay': (), 'label smoothing': 0.0}
 OPEN_CLIP_SCALE = {'softmax': 1 / 0.07, 'sigmoid': 10.0}  # its CLIP's start; build_clip's for SigLIP
@@ -66,7 +66,7 @@ def examples(plan) -> dict:
 def differences(config) -> list[str]:
   """What the two setups still do differently, in one line each."""
   m, a = config.model, config.model.arch
-  ours = {'text causal': m.text.causal, 'text pool': m.text.pool, 'arch.init': a.init, 'arch.gelu': a.gelu,
+  ours = {'image pool': m.image.pool, 'text causal': m.text.causal, 'text pool': m.text.pool, 'arch.init': a.init, 'arch.gelu': a.gelu,
           'arch.ln_eps': a.ln_eps, 'ln_pre (a LayerNorm before the ViT)': m.image.ln_pre,
           'patch embedding bias': m.image.patch_bias,
           'optim.no_decay': tuple(config.optim.no_decay), 'label smoothing': config.loss.label_smoothing}

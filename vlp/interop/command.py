@@ -105,7 +105,7 @@ def _model_and_params(src: str, step=None, weights='params'):
 def export_hf(src: str, out: str, step=None, weights: str = 'params') -> str:
   """A transformers CLIPModel directory (config.json, model.safetensors) of a vlp model."""
   model, params, tokens = _model_and_params(src, step, weights)
-  why = hf_clip.exportable(model)
+  why = hf_clip.exportable(model, params)
   if tokens['eos_id'] == 2:  # transformers then pools at the highest token id instead (CLIP's legacy)
     why.append('its end-of-caption token has id 2, which transformers reads as the legacy argmax pooling')
   if why:

@@ -94,12 +94,15 @@ def to_vlp(sd: dict, model: dict) -> dict:
 
 # ---- vlp -> transformers
 
-def exportable(model: dict) -> list[str]:
-  """Why a vlp model config is not a CLIPModel (empty when it is)."""
+DUAL_ENCODER = {'image', 'text', 'image_proj', 'text_proj', 'log_scale'}
+
+
+def exportable(model: dict, params: dict) -> list[str]:
+  """Why a vlp model (config and params) is not a CLIPModel (empty when it is)."""
   im, tx, arch = model['image'], model['text'], model.get('arch', {})
   why = []
-  if model.get('name') != 'align' or model.get('head') != 'softmax':
-    why.append(f"model {model.get('name')!r} with head {model.get('head')!r} (CLIPModel: align, softmax)")
+  if set(params) != DUAL_ENCODER:
+    why.append(f'params beyond a dual encoder with a softmax head: {sorted(set(params) ^ DUAL_ENCODER)}')
   if not im.get('ln_pre'):
     why.append('no ln_pre (CLIP normalises the tokens before its ViT: train with model.image.ln_pre=True)')
   if im.get('pool') != 'cls':

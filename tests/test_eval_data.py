@@ -88,12 +88,17 @@ class VlpTinyLabels(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield i, {'image': buffer.getvalue(), 'label': i % 3, 'file_name': f'{i}.png'}
 
 
-def test_tfds_class_label_dataset(tmp_path):
+def _prepared_zeroshot(builder, name, tmp_path):
+  """(evaluator entry, its data) of a TFDS builder prepared in tmp_path."""
   tfds.disable_progress_bar()
-  VlpTinyLabels(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  builder(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
   e = config_lib.ml_collections.ConfigDict(config_lib.eval_config(
-      'zeroshot', data='tfds', tfds_name='vlp_tiny_labels', tfds_data_dir=str(tmp_path), split='validation'))
-  data = datasets.classification_data(e, tiny_config())
+      'zeroshot', data='tfds', tfds_name=name, tfds_data_dir=str(tmp_path), split='validation'))
+  return e, datasets.classification_data(e, tiny_config())
+
+
+def test_tfds_class_label_dataset(tmp_path):
+  _, data = _prepared_zeroshot(VlpTinyLabels, 'vlp_tiny_labels', tmp_path)
   assert data['class_names'] == ['tench', 'goldfish', 'great_white_shark']
   assert data['image'].shape == (9, 16, 16, 3)
   # TFDS shuffles on write: the label must follow the image (grey level 25*i, label i % 3)
@@ -152,11 +157,7 @@ def test_wordnet_ids_read_as_clips_names_with_its_80_templates(tmp_path):
   class names and its 80 ImageNet templates, not 'a photo of a n01440764.'."""
   import data_fixtures as fx
   from vlp import eval as eval_lib
-  tfds.disable_progress_bar()
-  VlpTinyImagenet(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
-  e = config_lib.ml_collections.ConfigDict(config_lib.eval_config(
-      'zeroshot', data='tfds', tfds_name='vlp_tiny_imagenet', tfds_data_dir=str(tmp_path), split='validation'))
-  data = datasets.classification_data(e, tiny_config())
+  e, data = _prepared_zeroshot(VlpTinyImagenet, 'vlp_tiny_imagenet', tmp_path)
   assert data['class_names'] == ['tench', 'goldfish', 'great white shark']
   assert len(data['templates']) == 80 and data['templates'][0] == 'a bad photo of a {}.'
   # a folder layout holding a few classes of ImageNet, not the first ones

@@ -132,7 +132,8 @@ def _hf(tmp_path, *args):
     pytest.skip('the open_clip environment has no transformers (launch/setup_bench_env.sh installs it)')
   images, tokens = _inputs(np.random.default_rng(0))
   np.savez(tmp_path / 'hf_in.npz', image_nchw=images.transpose(0, 3, 1, 2), tokens=tokens)
-  proc = subprocess.run([python, HF_REF, *args, '--inputs', str(tmp_path / 'hf_in.npz')], capture_output=True, text=True)
+  proc = subprocess.run([python, HF_REF, *args, '--inputs', str(tmp_path / 'hf_in.npz')], capture_output=True,
+                        text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return images, tokens
 

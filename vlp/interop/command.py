@@ -65,7 +65,8 @@ def _read(src: str, fmt: str):
         pre = json.load(f)
       normalization = {'mean': pre.get('image_mean', normalization['mean']),
                        'std': pre.get('image_std', normalization['std'])}
-    return updates, params, normalization, {'eos_id': text.get('eos_token_id', 2), 'bos_id': text.get('bos_token_id', 1)}
+    tokens = {'eos_id': text.get('eos_token_id', 2), 'bos_id': text.get('bos_token_id', 1)}
+    return updates, params, normalization, tokens
   raise ValueError(f'vlp import: --format={fmt} is not supported yet; vlp imports open_clip checkpoints '
                    f'({open_clip.CONFIG} + {open_clip.WEIGHTS}) and transformers CLIPModel directories')
 

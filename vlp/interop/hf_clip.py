@@ -17,6 +17,7 @@ import json
 import numpy as np
 
 from vlp import paths
+from vlp.interop import clip_layout
 
 CONFIG, WEIGHTS = 'config.json', 'model.safetensors'
 ACT = {'erf': 'gelu', 'quick': 'quick_gelu', 'tanh': 'gelu_pytorch_tanh'}  # vlp arch.gelu -> hidden_act
@@ -61,7 +62,8 @@ def _block_to_vlp(sd, prefix, heads):
   qkv = np.stack([get(f'self_attn.{n}_proj.weight').T.reshape(width, heads, hd) for n in 'qkv'], axis=1)
   return {'ln1': {'scale': get('layer_norm1.weight'), 'bias': get('layer_norm1.bias')},
           'ln2': {'scale': get('layer_norm2.weight'), 'bias': get('layer_norm2.bias')},
-          'attn': {'qkv': qkv, 'qkv_bias': np.stack([get(f'self_attn.{n}_proj.bias').reshape(heads, hd) for n in 'qkv']),
+          'attn': {'qkv': qkv,
+                   'qkv_bias': np.stack([get(f'self_attn.{n}_proj.bias').reshape(heads, hd) for n in 'qkv']),
                    'out': get('self_attn.out_proj.weight').T.reshape(heads, hd, width),
                    'out_bias': get('self_attn.out_proj.bias')},
           'mlp': {'fc1': {'kernel': get('mlp.fc1.weight').T, 'bias': get('mlp.fc1.bias')},
@@ -75,21 +77,16 @@ def _encoder_to_vlp(sd, tower, depth, heads, final_ln):
 
 def to_vlp(sd: dict, model: dict) -> dict:
   im, tx = model['image'], model['text']
-  width, p = im['width'], im['patch_size']
-  grid = im['image_size'] // p
-  pos = sd['vision_model.embeddings.position_embedding.weight']
-  conv = sd['vision_model.embeddings.patch_embedding.weight']
-  image = {'patch_embed': {'kernel': conv.transpose(2, 3, 1, 0).reshape(p * p * 3, width)},
-           'pos_embed': pos[1:].reshape(grid, grid, width),
-           'cls': sd['vision_model.embeddings.class_embedding'] + pos[0],
-           'ln_pre': {'scale': sd['vision_model.pre_layrnorm.weight'], 'bias': sd['vision_model.pre_layrnorm.bias']},
-           'encoder': _encoder_to_vlp(sd, 'vision_model', im['depth'], im['num_heads'], 'post_layernorm')}
+  emb = 'vision_model.embeddings.'
+  image = clip_layout.image_tower(
+      sd[f'{emb}patch_embedding.weight'], sd[f'{emb}class_embedding'], sd[f'{emb}position_embedding.weight'],
+      (sd['vision_model.pre_layrnorm.weight'], sd['vision_model.pre_layrnorm.bias']),
+      _encoder_to_vlp(sd, 'vision_model', im['depth'], im['num_heads'], 'post_layernorm'), im)
   text = {'token_embed': sd['text_model.embeddings.token_embedding.weight'],
           'pos_embed': sd['text_model.embeddings.position_embedding.weight'],
           'encoder': _encoder_to_vlp(sd, 'text_model', tx['depth'], tx['num_heads'], 'final_layer_norm')}
-  return {'image': image, 'text': text, 'image_proj': {'kernel': sd['visual_projection.weight'].T},
-          'text_proj': {'kernel': sd['text_projection.weight'].T},
-          'log_scale': np.asarray(sd['logit_scale'], np.float32).reshape(())}
+  return clip_layout.dual_encoder(image, text, sd['visual_projection.weight'].T, sd['text_projection.weight'].T,
+                                  sd['logit_scale'])
 
 
 # ---- vlp -> transformers
@@ -128,7 +125,8 @@ def _block_to_hf(blk, prefix):
   for vlp_name, hf_name in (('ln1', 'layer_norm1'), ('ln2', 'layer_norm2')):
     out[f'{prefix}{hf_name}.weight'], out[f'{prefix}{hf_name}.bias'] = blk[vlp_name]['scale'], blk[vlp_name]['bias']
   for fc in ('fc1', 'fc2'):
-    out[f'{prefix}mlp.{fc}.weight'], out[f'{prefix}mlp.{fc}.bias'] = blk['mlp'][fc]['kernel'].T, blk['mlp'][fc]['bias']
+    out[f'{prefix}mlp.{fc}.weight'] = blk['mlp'][fc]['kernel'].T
+    out[f'{prefix}mlp.{fc}.bias'] = blk['mlp'][fc]['bias']
   return out
 
 
@@ -151,7 +149,8 @@ def to_hf(params: dict, model: dict) -> dict:
   sd = {'vision_model.embeddings.patch_embedding.weight': kernel.reshape(p, p, 3, width).transpose(3, 2, 0, 1),
         'vision_model.embeddings.class_embedding': np.asarray(im['cls']),
         'vision_model.embeddings.position_embedding.weight': np.concatenate([np.zeros((1, width), pos.dtype), pos]),
-        'vision_model.pre_layrnorm.weight': im['ln_pre']['scale'], 'vision_model.pre_layrnorm.bias': im['ln_pre']['bias'],
+        'vision_model.pre_layrnorm.weight': im['ln_pre']['scale'],
+        'vision_model.pre_layrnorm.bias': im['ln_pre']['bias'],
         'text_model.embeddings.token_embedding.weight': params['text']['token_embed'],
         'text_model.embeddings.position_embedding.weight': params['text']['pos_embed'],
         'visual_projection.weight': np.asarray(params['image_proj']['kernel']).T,
@@ -168,7 +167,8 @@ def hf_config(model: dict, eos_id: int, bos_id: int) -> dict:
   eps = arch.get('ln_eps', 1e-6)
   return {'architectures': ['CLIPModel'], 'model_type': 'clip', 'projection_dim': model['embed_dim'],
           'logit_scale_init_value': 2.6592,
-          'text_config': {'vocab_size': tx['vocab_size'], 'hidden_size': tx['width'], 'intermediate_size': tx['mlp_dim'],
+          'text_config': {'vocab_size': tx['vocab_size'], 'hidden_size': tx['width'],
+                          'intermediate_size': tx['mlp_dim'],
                           'num_hidden_layers': tx['depth'], 'num_attention_heads': tx['num_heads'],
                           'max_position_embeddings': tx['context_length'], 'hidden_act': act, 'layer_norm_eps': eps,
                           'projection_dim': model['embed_dim'], 'eos_token_id': eos_id, 'bos_token_id': bos_id,

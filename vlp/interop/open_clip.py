@@ -20,9 +20,9 @@ The mapping, from open_clip's names to vlp's:
 """
 import json
 
-import numpy as np
 
 from vlp import paths
+from vlp.interop import clip_layout
 
 CONFIG, WEIGHTS = 'open_clip_config.json', 'open_clip_model.safetensors'
 PICKLES = ('open_clip_pytorch_model.bin', 'pytorch_model.bin')
@@ -113,18 +113,12 @@ def _encoder(sd, prefix, depth, heads, final_ln):
 def convert(sd: dict, model: dict) -> dict:
   """vlp's ALIGN params (a nested dict) of an open_clip state dict."""
   im, tx = model['image'], model['text']
-  width, p = im['width'], im['patch_size']
-  grid = im['image_size'] // p
-  pos = sd['visual.positional_embedding']  # [1 + grid^2, W], the CLS position first
-  conv = sd['visual.conv1.weight']  # [W, 3, p, p]
-  image = {'patch_embed': {'kernel': conv.transpose(2, 3, 1, 0).reshape(p * p * 3, width)},
-           'pos_embed': pos[1:].reshape(grid, grid, width),
-           'cls': sd['visual.class_embedding'] + pos[0],
-           'ln_pre': {'scale': sd['visual.ln_pre.weight'], 'bias': sd['visual.ln_pre.bias']},
-           'encoder': _encoder(sd, 'visual.', im['depth'], im['num_heads'], 'visual.ln_post')}
+  image = clip_layout.image_tower(
+      sd['visual.conv1.weight'], sd['visual.class_embedding'], sd['visual.positional_embedding'],
+      (sd['visual.ln_pre.weight'], sd['visual.ln_pre.bias']),
+      _encoder(sd, 'visual.', im['depth'], im['num_heads'], 'visual.ln_post'), im)
   text = {'token_embed': sd['token_embedding.weight'], 'pos_embed': sd['positional_embedding'],
           'encoder': _encoder(sd, '', tx['depth'], tx['num_heads'], 'ln_final')}
   proj = sd['text_projection'] if 'text_projection' in sd else sd['text_projection.weight'].T
-  return {'image': image, 'text': text, 'image_proj': {'kernel': sd['visual.proj']},
-          'text_proj': {'kernel': proj}, 'log_scale': np.asarray(sd['logit_scale'], np.float32).reshape(())}
+  return clip_layout.dual_encoder(image, text, sd['visual.proj'], proj, sd['logit_scale'])
 

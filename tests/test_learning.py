@@ -14,8 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-# the sigmoid head starts slower (its bias at -10): at 50 steps it is at R@1 2.5 / 1.25, softmax at 24.5 / 19.6
-@pytest.mark.parametrize('head,steps', [('softmax', 50), ('sigmoid', 80)])
+# the sigmoid head starts slower (its bias at -10): at 50 steps it was at R@1 2.5 / 1.25 (softmax 24.5 / 19.6);
+# with GAP pooling 80 steps were not enough either
+@pytest.mark.parametrize('head,steps', [('softmax', 50), ('sigmoid', 120)])
 def test_align_tiny_learns(tmp_path, head, steps):
   env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '').replace(
       '--xla_force_host_platform_device_count=8', '').strip())

@@ -19,6 +19,7 @@ import numpy as np
 
 from vlp import checkpoint, export, paths, pretrained
 from vlp.config import ConfigError
+from vlp.train import optim
 
 def source_of(config) -> str:
   return config.get('init', {}).get('from', '')
@@ -68,6 +69,6 @@ def load(config, abstract_params: dict, log=print) -> dict | None:
     log(f'  in the source, not in this model (ignored): {_listing(extra)}')
 
   def pick(path, x):
-    name = '/'.join(str(getattr(p, 'key', p)) for p in path)
+    name = optim.path_name(path)
     return np.asarray(given[name], x.dtype) if name in given else None
   return jax.tree_util.tree_map_with_path(pick, abstract_params)

@@ -3,6 +3,8 @@
   python tests/hf_clip_ref.py build --config CFG.json --inputs IN.npz --out DIR   # a random CLIPModel, saved
   python tests/hf_clip_ref.py embed --inputs IN.npz --out DIR                     # CLIPModel.from_pretrained(DIR)
 Both write DIR/embeddings.npz: the normalised image and text embeddings of the inputs.
+`--model=siglip`: a SiglipModel instead, run as SigLIP is, its captions without an attention mask.
+`--texts=T.json` (embed): captions tokenised by DIR/tokenizer.json with transformers, not the inputs' ids.
 """
 import argparse
 import json
@@ -11,12 +13,26 @@ import os
 import numpy as np
 
 
-def _embed(model, inputs, out):
+def _tokenize(tokenizer_file, texts, length):
+  """transformers' own tokenisation of captions with a tokenizer.json: its special tokens,
+  truncated to `length` and padded with its pad token."""
+  from transformers import PreTrainedTokenizerFast
+  tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer_file, pad_token='<pad>')
+  return np.asarray(tok(texts, padding='max_length', max_length=length, truncation=True)['input_ids'], np.int64)
+
+
+def _embed(model, inputs, out, siglip, texts=None):
   import torch
-  ids = torch.from_numpy(inputs['tokens']).long()
+  tokens = inputs['tokens'] if texts is None else _tokenize(os.path.join(out, 'tokenizer.json'), texts,
+                                                             inputs['tokens'].shape[1])
+  ids = torch.from_numpy(tokens).long()
+  mask = {} if siglip else {'attention_mask': (ids != 0).long()}
   with torch.no_grad():
-    o = model(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=torch.from_numpy(inputs['image_nchw']))
-  np.savez(os.path.join(out, 'embeddings.npz'), image=o.image_embeds.numpy(), text=o.text_embeds.numpy())
+    o = model(input_ids=ids, pixel_values=torch.from_numpy(inputs['image_nchw']), **mask)
+  extra = {'logit_bias': model.logit_bias.detach().numpy()[0]} if siglip else {}
+  np.savez(os.path.join(out, 'embeddings.npz'), image=o.image_embeds.numpy(), text=o.text_embeds.numpy(), tokens=tokens,
+           logits=o.logits_per_image.numpy(), logit_scale=model.logit_scale.detach().exp().numpy().reshape(()),
+           **extra)
 
 
 def main():
@@ -25,22 +41,31 @@ def main():
   ap.add_argument('--config')
   ap.add_argument('--inputs', required=True)
   ap.add_argument('--out', required=True)
+  ap.add_argument('--model', choices=('clip', 'siglip'), default='clip')
+  ap.add_argument('--texts', help='a JSON list of captions, tokenised by DIR/tokenizer.json (embed)')
   args = ap.parse_args()
   import torch
-  from transformers import CLIPConfig, CLIPModel
+  import transformers
+  siglip = args.model == 'siglip'
+  Config, Model = ((transformers.SiglipConfig, transformers.SiglipModel) if siglip
+                   else (transformers.CLIPConfig, transformers.CLIPModel))
   inputs = np.load(args.inputs)
   if args.mode == 'build':
     with open(args.config) as f:
-      cfg = CLIPConfig(**json.load(f))
+      cfg = Config(**json.load(f))
     torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
+    model = Model(cfg).eval()
     with torch.no_grad():  # every weight away from its init (LayerNorm gains off 1, biases off 0)
       for p in model.parameters():
         p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(args.out)  # config.json + model.safetensors
   else:
-    model = CLIPModel.from_pretrained(args.out).eval()
-  _embed(model, inputs, args.out)
+    model = Model.from_pretrained(args.out).eval()
+  texts = None
+  if args.texts:
+    with open(args.texts) as f:
+      texts = json.load(f)
+  _embed(model, inputs, args.out, siglip, texts)
   print(json.dumps({'ok': True}))
 
 

@@ -249,6 +249,8 @@ def test_resume_continues_the_exact_trajectory(tmp_path):
                        for r in metrics_lib.read_jsonl(str(wd)) if 'loss' in r}
   result = run(tmp_path / 'straight', 6)
   assert 'retrieval/itm/t2i@1' in result and 'retrieval/t2i@1' in result
+  rows = [r for r in metrics_lib.read_jsonl(str(tmp_path / 'straight')) if 'loss' in r]
+  assert all(0 <= r['batch_acc_i2t'] <= 1 and 0 <= r['batch_acc_t2i'] <= 1 and 'temp' in r for r in rows)
   run(tmp_path / 'resumed', 3)
   run(tmp_path / 'resumed', 6)
   straight, resumed = logged(tmp_path / 'straight'), logged(tmp_path / 'resumed')

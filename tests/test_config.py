@@ -29,9 +29,9 @@ def test_bench_tiny_is_the_issue_architecture():
   c = config_lib.load(os.path.join(CONFIGS, 'bench_tiny.py'))
   dense = lambda tower: {k: v for k, v in tower.items() if k != 'moe'} if tower.moe.num_experts == 0 else None
   assert dense(c.model.image) == dict(image_size=64, patch_size=8, width=256, depth=4, num_heads=4,
-                                      mlp_dim=1024, pool='cls', ln_pre=False, patch_bias=True)
+                                      mlp_dim=1024, pool='cls', ln_pre=False, patch_bias=True, cls_token=True)
   assert dense(c.model.text) == dict(vocab_size=1024, context_length=32, width=256, depth=4,
-                                     num_heads=4, mlp_dim=1024, causal=True, pool='eos')
+                                     num_heads=4, mlp_dim=1024, causal=True, pool='eos', padding_mask=True)
   assert (c.model.embed_dim, c.batch_size, c.model.dtype, c.optim.name) == (256, 128, 'float32', 'adamw')
 
 

@@ -126,6 +126,35 @@ def test_towers_match_xla_cost_analysis():
   assert got_t == pytest.approx(ref_t, rel=0.05)
 
 
+def _siglip_vit(images, pe, pos, blocks, head, patch, heads):
+  """SigLIP's ViT: no CLS token, a MAP head (one probe attends to the patches, then a residual
+  MLP), no projection."""
+  b, hgt, wid, c = images.shape
+  n = hgt // patch
+  x = images.reshape(b, n, patch, n, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  x = _encoder(x.reshape(b, n * n, patch * patch * c) @ pe + pos, blocks, heads)
+  w = x.shape[-1]
+  split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, w // heads)
+  q = split(jnp.broadcast_to(head["probe"], (b, 1, w)) @ head["wq"])
+  k, v = split(x @ head["wk"]), split(x @ head["wv"])
+  att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / (w // heads) ** 0.5)
+  y = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, 1, w) @ head["wo"]
+  return (y + jax.nn.gelu(_ln(y) @ head["w1"]) @ head["w2"])[:, 0]
+
+
+def test_siglips_vit_matches_xla_cost_analysis():
+  cfg, b = _tiny_cfg(), 4
+  im = cfg.image
+  im.update(pool="map", cls_token=False)
+  z = lambda *s: jnp.zeros(s, jnp.float32)
+  n, w = (im.image_size // im.patch_size) ** 2, im.width
+  head = dict(probe=z(1, 1, w), wq=z(w, w), wk=z(w, w), wv=z(w, w), wo=z(w, w), w1=z(w, im.mlp_dim),
+              w2=z(im.mlp_dim, w))
+  params = (z(im.patch_size ** 2 * 3, w), z(1, n, w), [_block_params(w, im.mlp_dim) for _ in range(im.depth)], head)
+  ref = _xla_flops(lambda x, p: _siglip_vit(x, *p, patch=8, heads=2), z(b, 32, 32, 3), params)
+  assert b * F.vit_forward_flops(im, 0) == pytest.approx(ref, rel=0.05)
+
+
 def test_train_step_matches_xla_cost_analysis():
   """Forward + backward of the whole dual encoder with contrastive loss ~ 3x."""
   cfg, b = _tiny_cfg(), 8

@@ -104,8 +104,12 @@ def test_contrastive_task_of_video_drops_tokens_with_a_key_per_step():
   v0 = variants_of(full)['video_text']
   want = float(losses.softmax_contrastive(model.encode_video(batch['video']), model.encode_text(batch['text']),
                                           1 / 0.07))
-  np.testing.assert_allclose(float(IMP.loss(graphdef, params, {}, batch, jnp.int32(0), full, v0)[0]), want,
-                             rtol=1e-5)
+  loss0, (metrics, _) = IMP.loss(graphdef, params, {}, batch, jnp.int32(0), full, v0)
+  np.testing.assert_allclose(float(loss0), want, rtol=1e-5)
+  # the in-batch accuracy both ways, as argmax over the batch's similarities
+  sim = np.asarray(model.encode_video(batch['video'])) @ np.asarray(model.encode_text(batch['text'])).T
+  assert float(metrics['batch_acc_i2t']) == pytest.approx(np.mean(sim.argmax(1) == np.arange(16)))
+  assert float(metrics['batch_acc_t2i']) == pytest.approx(np.mean(sim.T.argmax(1) == np.arange(16)))
 
 
 @pytest.mark.slow  # trains: the quick part keeps to unit-sized checks

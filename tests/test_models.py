@@ -76,6 +76,63 @@ def test_bidirectional_text_pools_at_cls_and_sees_everything():
   assert not np.allclose(_text_features(model, a), _text_features(model, c), atol=1e-4)  # CLS sees token 3
 
 
+SIGLIP = {'model.head': 'sigmoid', 'model.image.pool': 'map', 'model.image.cls_token': False,
+          'model.image_proj': False, 'model.proj_bias': True, 'model.text.causal': False,
+          'model.text.pool': 'last', 'model.text.padding_mask': False}
+
+
+def _np_layernorm(x, scale, bias, eps):
+  return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * scale + bias
+
+
+def test_siglips_map_head_is_attention_pooling_by_one_probe():
+  """The MAP head against the formula (big_vision's MAPHead): softmax(probe Wq (X Wk)^T / sqrt(d))
+  X Wv per head, the output projection, then y + MLP(LN(y)); no CLS token among the tokens."""
+  model = _model(**SIGLIP)
+  assert model.image.cls is None and model.image_proj is None
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(3, 16, 16, 3)), jnp.float32)
+  tokens = np.asarray(model.image.tokens(images), np.float64)
+  assert tokens.shape == (3, 16, 32)  # 4 x 4 patches, no CLS
+  h = model.image.map_head
+  p = lambda v: np.asarray(v[...], np.float64)
+  q = np.einsum('d,dhk->hk', p(h.probe)[0], p(h.attn.q)) + p(h.attn.q_bias)
+  k, v = (np.einsum('bsd,dhk->bshk', tokens, p(h.attn.kv)[:, i]) + p(h.attn.kv_bias)[i] for i in range(2))
+  logits = np.einsum('hk,bshk->bhs', q, k) / math.sqrt(q.shape[-1])
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  y = np.einsum('bhs,bshk,hkd->bd', w, v, p(h.attn.out)) + p(h.attn.out_bias)
+  ln = _np_layernorm(y, p(h.ln.scale), p(h.ln.bias), h.ln.eps)
+  hidden = ln @ p(h.mlp.fc1.kernel) + p(h.mlp.fc1.bias)
+  hidden = 0.5 * hidden * (1 + np.vectorize(math.erf)(hidden / math.sqrt(2)))  # exact GELU, ALIGN's default
+  want = y + hidden @ p(h.mlp.fc2.kernel) + p(h.mlp.fc2.bias)
+  np.testing.assert_allclose(np.asarray(model.project(images, None)[0]), want, atol=1e-5)
+
+
+def test_siglips_text_attends_to_padding_and_pools_the_last_position():
+  model = _model(**SIGLIP)
+  a = np.array([[2, 10, 11, 3, 0, 0]])
+  features = _text_features(model, a)
+  t = jnp.asarray(a)
+  hidden = np.asarray(model.text.encoder(jnp.take(model.text.token_embed[...], t, axis=0)
+                                         + model.text.pos_embed[...][:6], mask=None))
+  np.testing.assert_allclose(features, hidden[:, -1], atol=1e-6)  # the last position, a padding one
+  longer = np.array([[2, 10, 11, 3, 0, 0, 0, 0]])  # as SigLIP: the padded length is part of the input
+  assert not np.allclose(features, _text_features(model, longer), atol=1e-4)
+  kernel, bias = np.asarray(model.text_proj.kernel[...]), np.asarray(model.text_proj.bias[...])
+  np.testing.assert_allclose(np.asarray(model.project(None, t)[1]), features @ kernel + bias, atol=1e-5)
+
+
+def test_siglips_layout_is_checked_before_compiling():
+  from vlp import config as config_lib, plan as plan_lib
+  check = lambda **kw: plan_lib.validate(tiny_config(**kw), num_devices=1)
+  with pytest.raises(config_lib.ConfigError, match="'model.image_proj'.*image.width == embed_dim"):
+    check(**{**SIGLIP, 'model.embed_dim': 48})
+  with pytest.raises(config_lib.ConfigError, match="'model.image.pool'.*CLS token"):
+    check(**{'model.image.cls_token': False, 'model.image.pool': 'cls'})
+  check(**SIGLIP)
+
+
 def test_clip_init_scales_kernels_with_width_and_depth():
   """CLIP's init (open_clip's TextTransformer.init_parameters): std width^-0.5 for attention
   inputs, (2 width)^-0.5 for the MLP input, width^-0.5 (2 depth)^-0.5 for both output

@@ -65,6 +65,13 @@ def test_two_processes_train_like_one_survive_sigterm_and_restore_onto_another_m
   assert sorted(both) == list(range(1, n + 1))
   np.testing.assert_allclose([both[s] for s in range(1, n + 1)], [one[s] for s in range(1, n + 1)],
                              rtol=0, atol=1e-5)
+  # input wait gathered from both processes: the slowest host's, the mean, which host
+  rows = [r for r in metrics_lib.read_jsonl(str(two)) if 'data_wait_frac' in r]
+  assert rows and all(r['data_wait_frac_host'] in (0, 1) and r['data_wait_frac'] >= r['data_wait_frac_mean'] - 1e-6
+                      for r in rows)
+  assert any(r['data_wait_frac'] > r['data_wait_frac_mean'] for r in rows)  # two hosts' own waits, not one's twice
+  final = [r for r in metrics_lib.read_jsonl(str(two)) if 'time/data_wait_s' in r][-1]
+  assert final['time/data_wait_s'] >= final['time/data_wait_mean_s'] - 1e-6 and final['time/step_s'] > 0
   # One process, mesh data=2 x fsdp=4: the state reshards; the input positions of two
   # processes cannot be taken over, so the pipeline restarts (restore_data=False), and
   # the same for the reference run, trained on data=8 in one process.

@@ -60,6 +60,18 @@ def flatten(tree: dict, prefix: str = ''):
       yield f'{prefix}{k}', v
 
 
+def unflatten(flat: dict) -> dict:
+  """The nested dict of flatten's (dotted key, leaf) pairs; digit keys become ints (list indices)."""
+  tree = {}
+  for key, v in flat.items():
+    node = tree
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node.setdefault(int(p) if p.isdigit() else p, {})
+    node[int(leaf) if leaf.isdigit() else leaf] = v
+  return tree
+
+
 def check_workdir(config, workdir: str):
   """Writes config.json on the first run; on a resume, refuses another model."""
   path = paths.join(workdir, 'config.json')

@@ -26,17 +26,6 @@ def encoder_file(kind: str) -> str:
   return f'{kind}_encoder.jax_exported'
 
 
-def _unflatten(flat):
-  tree = {}
-  for key, v in flat.items():
-    node = tree
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node.setdefault(int(p) if p.isdigit() else p, {})
-    node[int(leaf) if leaf.isdigit() else leaf] = v
-  return tree
-
-
 def restore_params(workdir: str, step=None, weights: str = 'params'):
   """(config, params, step) of a workdir's checkpoint: `step`, or the newest that restores (a newer
   damaged one is reported in one line and left alone); weights='ema' gives the moving average of
@@ -74,7 +63,7 @@ def export_encoders(model_cfg, keys, dtype, platforms=PLATFORMS) -> dict:
 
   def encoder(method):
     def fn(flat, x):
-      params = _unflatten({k: v.astype(jnp.float32) for k, v in zip(keys, flat)})
+      params = checkpoint.unflatten({k: v.astype(jnp.float32) for k, v in zip(keys, flat)})
       return getattr(nnx.merge(graphdef, params), method)(x)
     return jax.jit(fn)
 
@@ -119,7 +108,7 @@ def load(path: str):
   model_cfg = ml_collections.ConfigDict(meta['model'])
   model = recipes.get(model_cfg.name).build(model_cfg)
   graphdef, abstract = nnx.split(model, nnx.Param)
-  params = _unflatten(pretrained.read_weights(paths.join(path, WEIGHTS)))
+  params = checkpoint.unflatten(pretrained.read_weights(paths.join(path, WEIGHTS)))
   expected = nnx.to_pure_dict(abstract)
   if jax.tree.structure(expected) != jax.tree.structure(params):
     raise ValueError(f'{path}: weights do not match the model config')

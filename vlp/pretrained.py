@@ -12,6 +12,7 @@ import numpy as np
 import safetensors.numpy
 
 from vlp import paths
+from vlp.interop import hub_tokenizer
 
 
 def read_weights(path: str) -> dict:
@@ -41,9 +42,14 @@ class Encoders:
     self._image, self._text = (self._load(paths.join(path, self.config[k]))
                                for k in ('image_encoder', 'text_encoder'))
     self._video = self._load(paths.join(path, self.config['video_encoder'])) if 'video_encoder' in self.config else None
-    # an import (`vlp import`) carries no SentencePiece model: its encode_text takes the source's ids
-    tokenizer = paths.join(path, 'tokenizer.model')
-    self.tokenizer = Tokenizer(tokenizer) if paths.exists(tokenizer) else None
+    # vlp's own SentencePiece model; an import carries its source's tokenizer.json when it had one
+    tokenizer, hub = paths.join(path, 'tokenizer.model'), paths.join(path, hub_tokenizer.FILE)
+    self.tokenizer = None
+    if paths.exists(tokenizer):
+      self.tokenizer = Tokenizer(tokenizer)
+    elif paths.exists(hub):
+      tokens = self.config.get('tokens', {})
+      self.tokenizer = hub_tokenizer.HubTokenizer(hub, tokens['eos_id'], tokens.get('pad_id', 0))
     # an import's pixels as its source was trained on: (x / 255 - mean) / std; vlp's own: [-1, 1]
     self.normalization = self.config.get('preprocess')
     model = self.config['model']
@@ -69,8 +75,8 @@ class Encoders:
 
   def tokenize(self, texts) -> np.ndarray:
     if self.tokenizer is None:
-      raise ValueError('this export has no tokenizer (an import keeps its source\'s token ids): '
-                       'give encode_text int token ids [B, L]')
+      raise ValueError('this export has no tokenizer (an import of a source without tokenizer.json keeps its '
+                       'source\'s token ids): give encode_text int token ids [B, L]')
     return self.tokenizer.encode(list(texts), self.context_length)
 
   def encode_image(self, images) -> np.ndarray:

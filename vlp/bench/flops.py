@@ -101,7 +101,11 @@ def vit_forward_flops(image_cfg: Any, embed_dim: int, channels: int = 3) -> floa
                                  _get(image_cfg, "depth"),
                                  _get(image_cfg, "mlp_dim"), _get(image_cfg, "moe"))
   proj = matmul_flops(1, embed_dim, width) if embed_dim else 0.0
-  return patch_embed + blocks + proj
+  pool = 0.0
+  if _get(image_cfg, "pool") == "map":  # the probe's attention to the patches, then its MLP
+    pool = (cross_attention_forward_flops(1, num_patches, width, width)
+            + 2 * matmul_flops(1, _get(image_cfg, "mlp_dim"), width))
+  return patch_embed + blocks + pool + proj
 
 
 def text_forward_flops(text_cfg: Any, embed_dim: int) -> float:
@@ -121,7 +125,8 @@ def contrastive_logits_flops(batch_size: int, embed_dim: int) -> float:
 
 def align_forward_flops(model_cfg: Any, batch_size: int) -> float:
   e = _get(model_cfg, "embed_dim")
-  per_example = (vit_forward_flops(_get(model_cfg, "image"), e)
+  image_proj = _get(model_cfg, "image_proj", True)
+  per_example = (vit_forward_flops(_get(model_cfg, "image"), e if image_proj else 0)
                  + text_forward_flops(_get(model_cfg, "text"), e))
   return batch_size * per_example + contrastive_logits_flops(batch_size, e)
 

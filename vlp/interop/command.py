@@ -1,11 +1,13 @@
-"""`vlp import SRC --out=DIR [--format=open_clip|hf]`: another framework's checkpoint as a vlp
-export; `vlp export --format=hf`: a vlp model as a transformers directory.
+"""`vlp import SRC --out=DIR [--format=open_clip|hf|big_vision]`: another framework's checkpoint as a vlp
+export; `vlp export --format=hf`: a vlp model as a transformers directory (a CLIPModel, or a
+SiglipModel for the sigmoid head).
 
 An import is an export directory like `vlp export` writes (weights, config, jax.export'ed
 encoders), so `vlp.load_pretrained(DIR)` runs it and `--config.init.from=DIR` trains from it
-(LiT: lock its image tower with optim.frozen). It keeps its source's token ids (no
-SentencePiece model is written: config.json's `tokens` names the ids that end and start a
-caption) and records the source's pixel normalisation.
+(LiT: lock its image tower with optim.frozen). It keeps its source's token ids (config.json's
+`tokens` names the ids that end and start a caption), carries the source's tokenizer.json
+when it has one (vlp.interop.hub_tokenizer: encode_text then takes strings) and records the
+source's pixel normalisation.
 """
 import json
 
@@ -15,7 +17,7 @@ import safetensors.numpy
 from flax import nnx
 
 from vlp import checkpoint, export, paths, pretrained, recipes
-from vlp.interop import hf_clip, open_clip
+from vlp.interop import big_vision, hf_clip, hf_siglip, hub_tokenizer, open_clip
 
 FORMATS = ('open_clip', 'hf', 'big_vision')
 
@@ -25,7 +27,7 @@ def detect(src: str) -> str:
     return 'open_clip'
   if src.endswith('.npz'):
     return 'big_vision'
-  if hf_clip.is_hf_clip(src):
+  if {'CLIPModel', hf_siglip.ARCHITECTURE} & set(hf_clip.architectures(src)):
     return 'hf'
   raise ValueError(f'vlp import: {src} is not an open_clip directory ({open_clip.CONFIG}), a transformers '
                    'directory or a big_vision .npz')
@@ -53,13 +55,15 @@ def _read(src: str, fmt: str):
     vocab = updates['text']['vocab_size']  # CLIP's tokenizer: start and end of text are the last two ids
     return updates, params, normalization, {'eos_id': vocab - 1, 'bos_id': vocab - 2}
   if fmt == 'hf':
-    updates = hf_clip.model_config(src)
+    siglip = hf_siglip.ARCHITECTURE in hf_clip.architectures(src)
+    converter = hf_siglip if siglip else hf_clip
+    updates = converter.model_config(src)
     if not paths.exists(paths.join(src, hf_clip.WEIGHTS)):
       raise ValueError(f'vlp import: {src}: no {hf_clip.WEIGHTS} (torch pickles are not read: nothing is unpickled)')
-    params = hf_clip.to_vlp(pretrained.read_weights(paths.join(src, hf_clip.WEIGHTS)), updates)
+    params = converter.to_vlp(pretrained.read_weights(paths.join(src, hf_clip.WEIGHTS)), updates)
     with paths.open(paths.join(src, hf_clip.CONFIG)) as f:
       text = json.load(f)['text_config']
-    normalization = CLIP_NORMALIZATION
+    normalization = hf_siglip.SIGLIP_NORMALIZATION if siglip else CLIP_NORMALIZATION
     if paths.exists(paths.join(src, 'preprocessor_config.json')):
       with paths.open(paths.join(src, 'preprocessor_config.json')) as f:
         pre = json.load(f)
@@ -67,21 +71,27 @@ def _read(src: str, fmt: str):
                        'std': pre.get('image_std', normalization['std'])}
     tokens = {'eos_id': text.get('eos_token_id', 2), 'bos_id': text.get('bos_token_id', 1)}
     return updates, params, normalization, tokens
-  raise ValueError(f'vlp import: --format={fmt} is not supported yet; vlp imports open_clip checkpoints '
-                   f'({open_clip.CONFIG} + {open_clip.WEIGHTS}) and transformers CLIPModel directories')
+  if fmt == 'big_vision':  # SigLIP's SentencePiece captions end in EOS (id 1), padded with it; no BOS
+    flat = big_vision.read(src)
+    updates = big_vision.model_config(flat, src)
+    return updates, big_vision.to_vlp(flat, updates), big_vision.NORMALIZATION, {'eos_id': 1, 'bos_id': None}
+  raise ValueError(f'vlp import: --format={fmt}: not one of {", ".join(FORMATS)}')
 
 
 def run(src: str, out: str, fmt: str | None = None, dtype: str = 'float32') -> str:
   fmt = fmt or detect(src)
   updates, params, normalization, tokens = _read(src, fmt)
   model_cfg = recipes.base_config('align').model
-  for key in ('image', 'text', 'arch'):
+  for key in ('image', 'text', 'arch'):  # a source's tower options over the defaults, key by key
     model_cfg[key].update(updates.pop(key))
   model_cfg.update(updates)
   flat = {k: jax.numpy.asarray(v) for k, v in checkpoint.flatten(params)}
   _check_against_model(flat, model_cfg, src)
-  return export.write(out, model_cfg, flat, dtype, meta={'step': 0, 'source': src, 'format': fmt,
-                                                        'preprocess': normalization, 'tokens': tokens})
+  export.write(out, model_cfg, flat, dtype, meta={'step': 0, 'source': src, 'format': fmt,
+                                                 'preprocess': normalization, 'tokens': tokens})
+  if paths.isdir(src):  # the source's own tokenizer, so encode_text takes strings
+    hub_tokenizer.copy_files(src, out)
+  return out
 
 
 def _model_and_params(src: str, step=None, weights='params'):
@@ -89,31 +99,39 @@ def _model_and_params(src: str, step=None, weights='params'):
   if paths.exists(paths.join(src, export.WEIGHTS)):
     with paths.open(paths.join(src, export.CONFIG)) as f:
       meta = json.load(f)
-    params = export._unflatten(pretrained.read_weights(paths.join(src, export.WEIGHTS)))
+    params = checkpoint.unflatten(pretrained.read_weights(paths.join(src, export.WEIGHTS)))
     tokens = meta.get('tokens')
     if tokens is None:
       from vlp.data.tokenizer import Tokenizer
-      tok = Tokenizer(paths.join(src, export.TOKENIZER))
-      tokens = {'eos_id': tok.sep_id, 'bos_id': tok.cls_id}
+      tokens = _token_ids(Tokenizer(paths.join(src, export.TOKENIZER)))
     return meta['model'], params, tokens
   from vlp import tasks
   config, params, _ = export.restore_params(src, step, weights)
-  tok = tasks.tokenizer_for(config)
-  return config.model.to_dict(), jax.tree.map(np.asarray, jax.device_get(params)), {'eos_id': tok.sep_id,
-                                                                                    'bos_id': tok.cls_id}
+  return config.model.to_dict(), jax.tree.map(np.asarray, jax.device_get(params)), _token_ids(
+      tasks.tokenizer_for(config))
+
+
+def _token_ids(tok) -> dict:
+  """The ids a caption ends and starts with, as config.json's `tokens` names them."""
+  return {'eos_id': tok.sep_id, 'bos_id': tok.cls_id}
 
 
 def export_hf(src: str, out: str, step=None, weights: str = 'params') -> str:
-  """A transformers CLIPModel directory (config.json, model.safetensors) of a vlp model."""
+  """A transformers directory (config.json, model.safetensors) of a vlp model: a CLIPModel, or a
+  SiglipModel for the sigmoid head."""
   model, params, tokens = _model_and_params(src, step, weights)
-  why = hf_clip.exportable(model, params)
-  if tokens['eos_id'] == 2:  # transformers then pools at the highest token id instead (CLIP's legacy)
+  siglip = model.get('head') == 'sigmoid'
+  converter, name = (hf_siglip, hf_siglip.ARCHITECTURE) if siglip else (hf_clip, 'CLIPModel')
+  why = converter.exportable(model, params)
+  if not siglip and tokens['eos_id'] == 2:  # transformers then pools at the highest token id (CLIP's legacy)
     why.append('its end-of-caption token has id 2, which transformers reads as the legacy argmax pooling')
   if why:
-    raise ValueError(f'vlp export --format=hf: {src} is not a CLIPModel: ' + '; '.join(why))
+    raise ValueError(f'vlp export --format=hf: {src} is not a {name}: ' + '; '.join(why))
   paths.makedirs(out)
   with paths.open(paths.join(out, hf_clip.CONFIG), 'w') as f:
-    json.dump(hf_clip.hf_config(model, tokens['eos_id'], tokens['bos_id']), f, indent=2)
+    json.dump(converter.hf_config(model, tokens['eos_id'], tokens['bos_id']), f, indent=2)
   paths.write_atomic(paths.join(out, hf_clip.WEIGHTS),
-                     safetensors.numpy.save(hf_clip.to_hf(params, model), metadata={'format': 'pt'}))
+                     safetensors.numpy.save(converter.to_hf(params, model), metadata={'format': 'pt'}))
+  if paths.isdir(src):  # an import's tokenizer travels on; vlp's own SentencePiece model does not (yet)
+    hub_tokenizer.copy_files(src, out)
   return out

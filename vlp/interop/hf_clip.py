@@ -23,11 +23,25 @@ CONFIG, WEIGHTS = 'config.json', 'model.safetensors'
 ACT = {'erf': 'gelu', 'quick': 'quick_gelu', 'tanh': 'gelu_pytorch_tanh'}  # vlp arch.gelu -> hidden_act
 
 
-def is_hf_clip(src: str) -> bool:
+def architectures(src: str) -> tuple:
+  """The `architectures` a transformers directory's config.json names (empty when it has none)."""
   if not paths.exists(paths.join(src, CONFIG)):
-    return False
+    return ()
   with paths.open(paths.join(src, CONFIG)) as f:
-    return 'CLIPModel' in (json.load(f).get('architectures') or ())
+    return tuple(json.load(f).get('architectures') or ())
+
+
+def shared_act_and_eps(src: str, vision: dict, text: dict, default_act: str, default_eps: float):
+  """(vlp arch.gelu, ln_eps) of a two-tower config; vlp builds both towers alike."""
+  acts = {vision.get('hidden_act', default_act), text.get('hidden_act', default_act)}
+  by_act = {a: g for g, a in ACT.items()}
+  if len(acts) != 1 or not acts <= set(by_act):
+    raise ValueError(f'vlp import: {src}: hidden_act {sorted(acts)} is not one vlp builds ({sorted(by_act)}, '
+                     'the same in both towers)')
+  eps = {vision.get('layer_norm_eps', default_eps), text.get('layer_norm_eps', default_eps)}
+  if len(eps) != 1:
+    raise ValueError(f'vlp import: {src}: the towers have different layer_norm_eps {sorted(eps)}')
+  return by_act[acts.pop()], float(eps.pop())
 
 
 # ---- transformers -> vlp
@@ -37,21 +51,14 @@ def model_config(src: str) -> dict:
   with paths.open(paths.join(src, CONFIG)) as f:
     cfg = json.load(f)
   v, t = cfg['vision_config'], cfg['text_config']
-  acts = {v.get('hidden_act', 'quick_gelu'), t.get('hidden_act', 'quick_gelu')}
-  by_act = {a: g for g, a in ACT.items()}
-  if len(acts) != 1 or not acts <= set(by_act):
-    raise ValueError(f'vlp import: {src}: hidden_act {sorted(acts)} is not one vlp builds ({sorted(by_act)}, '
-                     'the same in both towers)')
-  eps = {v.get('layer_norm_eps', 1e-5), t.get('layer_norm_eps', 1e-5)}
-  if len(eps) != 1:
-    raise ValueError(f'vlp import: {src}: the towers have different layer_norm_eps {sorted(eps)}')
+  gelu, eps = shared_act_and_eps(src, v, t, default_act='quick_gelu', default_eps=1e-5)
   image = dict(image_size=v['image_size'], patch_size=v['patch_size'], width=v['hidden_size'],
                depth=v['num_hidden_layers'], num_heads=v['num_attention_heads'], mlp_dim=v['intermediate_size'],
                pool='cls', ln_pre=True, patch_bias=False)
   text = dict(vocab_size=t['vocab_size'], context_length=t['max_position_embeddings'], width=t['hidden_size'],
               depth=t['num_hidden_layers'], num_heads=t['num_attention_heads'], mlp_dim=t['intermediate_size'],
               causal=True, pool='eos')
-  arch = dict(init='xavier', gelu=by_act[acts.pop()], ln_eps=float(eps.pop()))
+  arch = dict(init='xavier', gelu=gelu, ln_eps=eps)
   return dict(image=image, text=text, embed_dim=cfg['projection_dim'], head='softmax', arch=arch)
 
 
@@ -70,7 +77,7 @@ def _block_to_vlp(sd, prefix, heads):
                   'fc2': {'kernel': get('mlp.fc2.weight').T, 'bias': get('mlp.fc2.bias')}}}
 
 
-def _encoder_to_vlp(sd, tower, depth, heads, final_ln):
+def encoder_to_vlp(sd, tower, depth, heads, final_ln):
   return {'blocks': {i: _block_to_vlp(sd, f'{tower}.encoder.layers.{i}.', heads) for i in range(depth)},
           'ln': {'scale': sd[f'{tower}.{final_ln}.weight'], 'bias': sd[f'{tower}.{final_ln}.bias']}}
 
@@ -81,10 +88,10 @@ def to_vlp(sd: dict, model: dict) -> dict:
   image = clip_layout.image_tower(
       sd[f'{emb}patch_embedding.weight'], sd[f'{emb}class_embedding'], sd[f'{emb}position_embedding.weight'],
       (sd['vision_model.pre_layrnorm.weight'], sd['vision_model.pre_layrnorm.bias']),
-      _encoder_to_vlp(sd, 'vision_model', im['depth'], im['num_heads'], 'post_layernorm'), im)
+      encoder_to_vlp(sd, 'vision_model', im['depth'], im['num_heads'], 'post_layernorm'), im)
   text = {'token_embed': sd['text_model.embeddings.token_embedding.weight'],
           'pos_embed': sd['text_model.embeddings.position_embedding.weight'],
-          'encoder': _encoder_to_vlp(sd, 'text_model', tx['depth'], tx['num_heads'], 'final_layer_norm')}
+          'encoder': encoder_to_vlp(sd, 'text_model', tx['depth'], tx['num_heads'], 'final_layer_norm')}
   return clip_layout.dual_encoder(image, text, sd['visual_projection.weight'].T, sd['text_projection.weight'].T,
                                   sd['logit_scale'])
 
@@ -102,8 +109,10 @@ def exportable(model: dict, params: dict) -> list[str]:
     why.append(f'params beyond a dual encoder with a softmax head: {sorted(set(params) ^ DUAL_ENCODER)}')
   if not im.get('ln_pre'):
     why.append('no ln_pre (CLIP normalises the tokens before its ViT: train with model.image.ln_pre=True)')
-  if im.get('pool') != 'cls':
+  if im.get('pool') != 'cls' or not im.get('cls_token', True):
     why.append(f"image pool {im.get('pool')!r} (CLIP: cls)")
+  if model.get('proj_bias'):
+    why.append('a bias on the projections (CLIP has none)')
   if not (tx.get('causal') and tx.get('pool') == 'eos'):
     why.append('bidirectional text or [CLS] pooling (CLIP: causal, pooled at EOT)')
   if im['moe'].get('num_experts') or tx['moe'].get('num_experts'):
@@ -130,7 +139,7 @@ def _block_to_hf(blk, prefix):
   return out
 
 
-def _encoder_to_hf(enc, tower, final_ln):
+def encoder_to_hf(enc, tower, final_ln):
   out = {}
   for i, blk in enc['blocks'].items():
     out.update(_block_to_hf(blk, f'{tower}.encoder.layers.{i}.'))
@@ -156,24 +165,27 @@ def to_hf(params: dict, model: dict) -> dict:
         'visual_projection.weight': np.asarray(params['image_proj']['kernel']).T,
         'text_projection.weight': np.asarray(params['text_proj']['kernel']).T,
         'logit_scale': np.asarray(params['log_scale'], np.float32).reshape(())}
-  sd.update(_encoder_to_hf(im['encoder'], 'vision_model', 'post_layernorm'))
-  sd.update(_encoder_to_hf(params['text']['encoder'], 'text_model', 'final_layer_norm'))
+  sd.update(encoder_to_hf(im['encoder'], 'vision_model', 'post_layernorm'))
+  sd.update(encoder_to_hf(params['text']['encoder'], 'text_model', 'final_layer_norm'))
   return {k: np.array(v, np.float32, order='C') for k, v in sd.items()}  # (ascontiguousarray makes 0-d 1-d)
 
 
-def hf_config(model: dict, eos_id: int, bos_id: int) -> dict:
+def tower_configs(model: dict, eos_id: int, bos_id: int) -> tuple[dict, dict]:
+  """The text_config and vision_config keys CLIP's and SigLIP's transformers configs share."""
   im, tx, arch = model['image'], model['text'], model.get('arch', {})
-  act = ACT[arch.get('gelu', 'tanh')]
-  eps = arch.get('ln_eps', 1e-6)
-  return {'architectures': ['CLIPModel'], 'model_type': 'clip', 'projection_dim': model['embed_dim'],
-          'logit_scale_init_value': 2.6592,
-          'text_config': {'vocab_size': tx['vocab_size'], 'hidden_size': tx['width'],
-                          'intermediate_size': tx['mlp_dim'],
-                          'num_hidden_layers': tx['depth'], 'num_attention_heads': tx['num_heads'],
-                          'max_position_embeddings': tx['context_length'], 'hidden_act': act, 'layer_norm_eps': eps,
-                          'projection_dim': model['embed_dim'], 'eos_token_id': eos_id, 'bos_token_id': bos_id,
-                          'pad_token_id': 0},
-          'vision_config': {'hidden_size': im['width'], 'intermediate_size': im['mlp_dim'],
-                            'num_hidden_layers': im['depth'], 'num_attention_heads': im['num_heads'],
-                            'image_size': im['image_size'], 'patch_size': im['patch_size'], 'num_channels': 3,
-                            'hidden_act': act, 'layer_norm_eps': eps, 'projection_dim': model['embed_dim']}}
+  act, eps = ACT[arch.get('gelu', 'tanh')], arch.get('ln_eps', 1e-6)
+  text = {'vocab_size': tx['vocab_size'], 'hidden_size': tx['width'], 'intermediate_size': tx['mlp_dim'],
+          'num_hidden_layers': tx['depth'], 'num_attention_heads': tx['num_heads'],
+          'max_position_embeddings': tx['context_length'], 'hidden_act': act, 'layer_norm_eps': eps,
+          'eos_token_id': eos_id, 'bos_token_id': bos_id, 'pad_token_id': 0}
+  vision = {'hidden_size': im['width'], 'intermediate_size': im['mlp_dim'], 'num_hidden_layers': im['depth'],
+            'num_attention_heads': im['num_heads'], 'image_size': im['image_size'], 'patch_size': im['patch_size'],
+            'num_channels': 3, 'hidden_act': act, 'layer_norm_eps': eps}
+  return text, vision
+
+
+def hf_config(model: dict, eos_id: int, bos_id: int) -> dict:
+  text, vision = tower_configs(model, eos_id, bos_id)
+  projection = {'projection_dim': model['embed_dim']}
+  return {'architectures': ['CLIPModel'], 'model_type': 'clip', **projection, 'logit_scale_init_value': 2.6592,
+          'text_config': {**text, **projection}, 'vision_config': {**vision, **projection}}

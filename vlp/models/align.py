@@ -4,7 +4,9 @@ contrastive loss. How it is trained lives in vlp.recipes.align.
 
 The temperature starts at `model.logit_scale_init` (0: the head's own start, CLIP's 1/0.07
 for softmax and SigLIP's 10 for sigmoid; ALIGN's paper starts at 1.0, which a small batch
-learns far too slowly), the sigmoid bias at `model.logit_bias_init`."""
+learns far too slowly), the sigmoid bias at `model.logit_bias_init`. SigLIP's layout has no
+image projection (`model.image_proj=False`: the pooled image feature is the embedding) and a
+bias on the text projection (`model.proj_bias=True`)."""
 import math
 
 import jax.numpy as jnp
@@ -25,9 +27,11 @@ class Model(nnx.Module):
     arch = layers.arch_of(cfg)
     self.image = ViT(**cfg.image, rngs=rngs, dtype=dtype, remat=remat, arch=arch)
     self.text = TextEncoder(**cfg.text, rngs=rngs, dtype=dtype, remat=remat, arch=arch)
-    proj = lambda width: layers.Dense(width, cfg.embed_dim, ('embed', 'proj'), rngs=rngs, use_bias=False,
-                                      dtype=dtype, init=arch.kernel('proj', width, 1, None))
-    self.image_proj, self.text_proj = proj(cfg.image.width), proj(cfg.text.width)
+    proj = lambda width: layers.Dense(width, cfg.embed_dim, ('embed', 'proj'), rngs=rngs,
+                                      use_bias=cfg.get('proj_bias', False), dtype=dtype,
+                                      init=arch.kernel('proj', width, 1, None))
+    self.image_proj = proj(cfg.image.width) if cfg.get('image_proj', True) else None
+    self.text_proj = proj(cfg.text.width)
     self.head = cfg.head
     scale0 = cfg.get('logit_scale_init') or DEFAULT_SCALE[cfg.head]
     self.log_scale = nnx.Param(jnp.asarray(math.log(scale0), jnp.float32))  # logit_scale = exp(log_scale)
@@ -42,7 +46,8 @@ class Model(nnx.Module):
 
   def project(self, images, tokens):
     """The embeddings before normalisation (their norms are a health metric); None skips a tower."""
-    return (None if images is None else self.image_proj(self.image(images)),
+    image_proj = self.image_proj or (lambda x: x)
+    return (None if images is None else image_proj(self.image(images)),
             None if tokens is None else self.text_proj(self.text(tokens)))
 
   def __call__(self, images, tokens):

@@ -4,7 +4,10 @@ Inputs are laid out `[CLS] tokens [SEP] PAD...` with PAD id 0 (vlp.data.tokenize
 padding is masked out of attention. Two layouts of the papers:
 - bidirectional attention pooled at [CLS] (BERT, ALIGN);
 - causal attention pooled at the last real token, [SEP] (CLIP's EOT), which is the
-  only position that has seen the whole caption.
+  only position that has seen the whole caption;
+- SigLIP's: bidirectional, pooled at the last position whether or not it is padding
+  (`pool='last'`), with padding attended to as any token (`padding_mask=False`): SigLIP
+  was trained on fixed-length padded captions without a mask.
 """
 import jax.numpy as jnp
 from flax import nnx
@@ -12,15 +15,15 @@ from flax import nnx
 from vlp.models import layers
 
 PAD_ID = 0
-POOLS = ('cls', 'eos')
+POOLS = ('cls', 'eos', 'last')
 
 
 class TextEncoder(nnx.Module):
 
   def __init__(self, vocab_size, context_length, width, depth, num_heads, mlp_dim,
-               causal=False, pool='cls', *, rngs, dtype=jnp.float32, remat='none', moe=None,
-               arch=layers.Arch()):
-    self.dtype, self.causal, self.pool = dtype, causal, pool
+               causal=False, pool='cls', padding_mask=True, *, rngs, dtype=jnp.float32, remat='none',
+               moe=None, arch=layers.Arch()):
+    self.dtype, self.causal, self.pool, self.padding_mask = dtype, causal, pool, padding_mask
     self.token_embed = layers.param(rngs, nnx.initializers.normal(0.02), (vocab_size, width),
                                     ('vocab', 'embed'))
     self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.01), (context_length, width),
@@ -35,11 +38,14 @@ class TextEncoder(nnx.Module):
       raise ValueError(f'text length {length} exceeds context_length {self.pos_embed.shape[0]}')
     x = jnp.take(self.token_embed[...], tokens, axis=0) + self.pos_embed[...][:length]
     real = tokens != PAD_ID
-    mask = real
-    if self.causal:  # query i sees keys j <= i that are not padding
-      mask = real[:, None, :] & jnp.tril(jnp.ones((length, length), bool))[None]
+    mask = real if self.padding_mask else None
+    if self.causal:  # query i sees keys j <= i (that are not padding, with padding_mask)
+      causal = jnp.tril(jnp.ones((length, length), bool))[None]
+      mask = causal if mask is None else mask[:, None, :] & causal
     x = self.encoder(x.astype(self.dtype), mask=mask)
     if self.pool == 'cls':
       return x[:, 0]
+    if self.pool == 'last':
+      return x[:, -1]
     last = jnp.maximum(jnp.sum(real, axis=1) - 1, 0)  # [SEP]: captions are PAD-padded at the end
     return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]

@@ -29,7 +29,7 @@ from flax import nnx
 
 from vlp import config as config_lib
 from vlp.config import ConfigError, check
-from vlp.models import layers, moe as moe_lib
+from vlp.models import layers, moe as moe_lib, vit
 
 DEFAULT_TASK = 'default'  # the task of a config without config.tasks
 
@@ -144,7 +144,9 @@ def validate_towers(config, towers=('image', 'text')):
   im = m.image
   check(im.image_size % im.patch_size == 0, 'model.image.patch_size',
         f'image_size {im.image_size} is not divisible by patch {im.patch_size}')
-  check(im.pool in ('cls', 'gap'), 'model.image.pool', f'{im.pool!r} not in cls/gap')
+  check(im.pool in vit.POOLS, 'model.image.pool', f"{im.pool!r} not in {'/'.join(vit.POOLS)}")
+  check(im.pool != 'cls' or im.get('cls_token', True), 'model.image.pool',
+        "'cls' needs the CLS token (model.image.cls_token=True)")
   for key in ('ln_pre', 'patch_bias'):
     check(isinstance(im.get(key, False), bool), f'model.image.{key}', f'must be True or False, got {im[key]!r}')
   check(m.text.context_length >= 3, 'model.text.context_length', 'needs room for CLS, a token and SEP')

@@ -80,7 +80,8 @@ class _Logger:
     elapsed = max(now - self.last[0], 1e-9)
     out = {f'{prefix}{k}': x for prefix, vm in self.latest.items() for k, x in vm.items()}
     out['examples_per_sec'] = (self.examples - self.last[2]) / elapsed
-    out['data_wait_frac'] = (waited - self.last[1]) / elapsed  # share of time the loop waited for input
+    # the share of time the loop waited for input, on the slowest host (and the mean, which host)
+    out.update(metrics_lib.across_hosts({'data_wait_frac': (waited - self.last[1]) / elapsed}))
     retries = self.skipped.get(records.RETRIED, 0)  # outages the input rode out: notes, not losses
     out.update({f'skipped/{reason}': n for reason, n in self.skipped.items() if reason != records.RETRIED})
     out['storage_retries'] = retries
@@ -254,6 +255,9 @@ def _finish(config, state, start, iterators, ckpt, writer, times, compiles, eval
   ckpt.close()
   times['checkpoint'] += time.perf_counter() - t
   times['step_compiles'] = compiles.count
+  # input wait and step time of the slowest host (a step waits for every host), and their means
+  hosts = metrics_lib.across_hosts({k: times[k] for k in ('data_wait', 'step')})
+  times.update({k: v for k, v in hosts.items() if not k.endswith('_host')})
   writer.write(done, {f'time/{k}_s' if k != 'step_compiles' else 'time/step_compiles': v for k, v in times.items()})
   writer.close()
   if evaluator and not final and start == config.total_steps:  # nothing left to train: evaluate what is there

@@ -1,10 +1,12 @@
-"""Metrics to JSONL and TensorBoard event files (process 0 only), and a compilation counter."""
+"""Metrics to JSONL and TensorBoard event files (process 0 only), per-host timings gathered
+from every process, and a compilation counter."""
 import contextlib
 import io
 import json
 import time
 
 import jax
+import numpy as np
 
 from vlp import paths
 
@@ -20,6 +22,23 @@ def _on_event(event, duration, **kwargs):
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def across_hosts(values: dict) -> dict:
+  """Per-host scalars of every process as {name: the max over hosts, name_mean, name_host: the
+  host with the max}: the slowest host bounds a synchronous step, so its input wait is the one
+  to read. A collective: every process calls it at the same point. One process: its own values."""
+  names = sorted(values)
+  if jax.process_count() == 1:
+    table = np.asarray([[values[k] for k in names]], np.float32)
+  else:
+    from jax.experimental import multihost_utils
+    table = np.asarray(multihost_utils.process_allgather(np.asarray([values[k] for k in names], np.float32)))
+  out = {}
+  for i, name in enumerate(names):
+    out.update({name: float(table[:, i].max()), f'{name}_mean': float(table[:, i].mean()),
+                f'{name}_host': int(table[:, i].argmax())})
+  return out
 
 
 class CompileCounter:

@@ -168,16 +168,18 @@ class Albef(base.Recipe):
       itm = losses.itm_loss(itm_logits, itm_labels)
       mlm = losses.mlm_loss(model.mlm_logits(batch['mlm_text'], image_tokens), batch['mlm_labels'],
                             mlm_logits_m, alpha)
-      return itc, itm, mlm, jnp.mean(jnp.argmax(itm_logits, axis=-1) == itm_labels)
+      health = {'itm_acc': jnp.mean(jnp.argmax(itm_logits, axis=-1) == itm_labels),
+                **align.in_batch_accuracy(image_feat, text_feat)}  # ITC's, within the batch
+      return itc, itm, mlm, health
 
     # capture: what the online model's MoE layers report (the momentum model's are not trained)
-    (itc, itm, mlm, itm_acc), intermediates = nnx.capture(online, nnx.Intermediate)(model)
+    (itc, itm, mlm, health), intermediates = nnx.capture(online, nnx.Intermediate)(model)
     moe_loss, moe_metrics = base.moe_aux(intermediates, config.loss)
     image_queue, ptr = enqueue(state['image_queue'], state['queue_ptr'], image_feat_m)
     text_queue, _ = enqueue(state['text_queue'], state['queue_ptr'], text_feat_m)
     new_state = {'momentum': momentum, 'image_queue': image_queue, 'text_queue': text_queue, 'queue_ptr': ptr}
     metrics = {'loss_itc': itc, 'loss_itm': itm, 'loss_mlm': mlm, 'temp': temp, 'alpha': alpha,
-               'itm_acc': itm_acc, **moe_metrics}
+               **health, **moe_metrics}
     return itc + itm + mlm + moe_loss, (metrics, new_state)
 
   def predict_fns(self, graphdef):

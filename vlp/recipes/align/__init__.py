@@ -57,24 +57,29 @@ def both_towers_bytes(config, variant, sizes: dict) -> tuple[float, int]:
   """(per-device activations of the image and text towers on one micro-batch, the micro-batch)."""
   m = config.model
   batch = variant.batch_size // variant.accum_steps
-  seq = (variant.image_size // m.image.patch_size) ** 2 + 1
+  seq = (variant.image_size // m.image.patch_size) ** 2 + int(m.image.get('cls_token', True))
   return tower_activation_bytes(config, [(m.image, seq), (m.text, m.text.context_length)], batch, sizes), batch
 
 
 HEALTH_ROWS = 256  # in-batch accuracy from this many rows: O(rows x B) however large the batch
 
 
-def health_metrics(image_raw, text_raw, image_emb, text_emb, scale, bias) -> dict:
-  """What shows a contrastive model learning or stuck: the temperature (and bias), the
-  embeddings' norms before normalisation, and the in-batch top-1 accuracy both ways (of the
-  first HEALTH_ROWS pairs against the whole batch)."""
+def in_batch_accuracy(image_emb, text_emb) -> dict:
+  """The contrastive loss's in-batch top-1 accuracy both ways: the first HEALTH_ROWS pairs
+  against the whole batch (O(rows x B) however large the batch)."""
   image_emb, text_emb = jax.lax.stop_gradient(image_emb), jax.lax.stop_gradient(text_emb)
   rows = min(HEALTH_ROWS, image_emb.shape[0])
   diag = jnp.arange(rows)
   accuracy = lambda queries, keys: jnp.mean(jnp.argmax(queries[:rows] @ keys.T, axis=1) == diag)
+  return {'batch_acc_i2t': accuracy(image_emb, text_emb), 'batch_acc_t2i': accuracy(text_emb, image_emb)}
+
+
+def health_metrics(image_raw, text_raw, image_emb, text_emb, scale, bias) -> dict:
+  """What shows a contrastive model learning or stuck: the temperature (and bias), the
+  embeddings' norms before normalisation, and the in-batch accuracy both ways."""
   norm = lambda x: jnp.mean(jnp.linalg.norm(jax.lax.stop_gradient(x).astype(jnp.float32), axis=-1))
   metrics = {'logit_scale': scale, 'image_norm': norm(image_raw), 'text_norm': norm(text_raw),
-             'batch_acc_i2t': accuracy(image_emb, text_emb), 'batch_acc_t2i': accuracy(text_emb, image_emb)}
+             **in_batch_accuracy(image_emb, text_emb)}
   if bias is not None:
     metrics['logit_bias'] = bias
   return metrics
@@ -86,10 +91,12 @@ class Align(base.Recipe):
   def config_sections(self):
     model = towers()
     # CLIP's text layout (causal, pooled at [SEP]); ALIGN's paper: causal=False, pool='cls'
-    model['text'].update(causal=True, pool='eos')
+    # padding_mask=False and pool='last': SigLIP's (unmasked fixed-length captions)
+    model['text'].update(causal=True, pool='eos', padding_mask=True)
     # the image pooled by the mean of its patch tokens (big_vision's 'gap'): +2.65 RSUM at align_tiny
     # against CLIP's [CLS] token (docs/results.md); pool='cls' is CLIP's and ALIGN's
-    model['image'].update(pool='gap')
+    # (SigLIP's: 'map' without a CLS token, cls_token=False)
+    model['image'].update(pool='gap', cls_token=True)
     return {'model': dict(
         model,
         head='softmax',  # 'softmax' (ALIGN/CLIP) or 'sigmoid' (SigLIP)
@@ -97,6 +104,8 @@ class Align(base.Recipe):
         # ALIGN's paper starts at 1.0, which small batches learn far too slowly.
         logit_scale_init=0.0,
         logit_bias_init=-10.0,  # sigmoid head (SigLIP)
+        image_proj=True,  # False: the pooled image feature is the embedding (SigLIP; image.width == embed_dim)
+        proj_bias=False,  # a bias on the projections (SigLIP's text head)
         arch=dict(init='xavier', gelu='erf', ln_eps=1e-5),  # vlp.models.layers.Arch; 'clip' init: -9 RSUM here
     ), 'optim': dict(no_decay=())}  # position embeddings decay too, as open_clip's: +2.5 RSUM at align_tiny
 
@@ -108,6 +117,11 @@ class Align(base.Recipe):
     check(isinstance(m.text.causal, bool), 'model.text.causal', f'must be True or False, got {m.text.causal!r}')
     check(not (m.text.causal and m.text.pool == 'cls'), 'model.text.pool',
           "'cls' under causal attention sees only [CLS] itself: use pool='eos'")
+    for key, value in (('text.padding_mask', m.text.padding_mask), ('image.cls_token', m.image.cls_token),
+                       ('image_proj', m.image_proj), ('proj_bias', m.proj_bias)):
+      check(isinstance(value, bool), f'model.{key}', f'must be True or False, got {value!r}')
+    check(m.image_proj or m.image.width == m.embed_dim, 'model.image_proj',
+          f'False needs image.width == embed_dim, got {m.image.width} and {m.embed_dim}')
     check(m.logit_scale_init >= 0, 'model.logit_scale_init', 'must be >= 0 (0: the head\'s default)')
     base.validate_arch(m.arch)
 
@@ -145,4 +159,4 @@ class Align(base.Recipe):
 
 
 RECIPE = Align()
-__all__ = ['RECIPE', 'Align', 'contrastive', 'towers']
+__all__ = ['RECIPE', 'Align', 'contrastive', 'in_batch_accuracy', 'towers']

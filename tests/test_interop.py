@@ -149,7 +149,7 @@ HF_CONFIGS = {  # small random models of each architecture transformers names
     'siglip': {'text_config': {'vocab_size': VOCAB, 'hidden_size': 48, 'intermediate_size': 192,
                                'num_hidden_layers': 2, 'num_attention_heads': 2, 'max_position_embeddings': CONTEXT,
                                'projection_size': 64, 'eos_token_id': VOCAB - 1, 'bos_token_id': VOCAB - 2,
-                               'pad_token_id': 0},
+                               'pad_token_id': 1},  # SigLIP's own: it pads with its EOS
                'vision_config': {'hidden_size': 64, 'intermediate_size': 256, 'num_hidden_layers': 2,
                                  'num_attention_heads': 4, 'image_size': 16, 'patch_size': 4}},
 }
@@ -178,6 +178,8 @@ def test_transformers_in_and_out_give_the_same_embeddings(tmp_path, arch):
                 'logits': np.abs(again['logits'] - want['logits']).max()})
   print(f'transformers {arch} parity:', {k: f'{v:.2e}' for k, v in diffs.items()})
   assert max(diffs.values()) <= 1e-4, diffs
+  exported = json.loads((back / 'config.json').read_text())['text_config']
+  assert exported['pad_token_id'] == HF_CONFIGS[arch]['text_config']['pad_token_id']
   if arch == 'siglip':  # the head's learnt scale and bias came through the import
     weights = safetensors.numpy.load_file(str(tmp_path / 'vlp' / export.WEIGHTS))
     assert np.isclose(np.exp(weights['log_scale']), want['logit_scale']) and np.isclose(weights['bias'],
@@ -214,7 +216,7 @@ def test_a_model_trained_in_siglips_layout_exports_to_transformers(tmp_path):
   from conftest import build_model
   from flax import nnx
   from vlp.train import loop
-  loop.train(tiny_config(total_steps=2, **SIGLIP_LAYOUT), str(tmp_path / 'wd'), progress=False)
+  loop.train(tiny_config(total_steps=1, **SIGLIP_LAYOUT), str(tmp_path / 'wd'), progress=False)
   out = tmp_path / 'hf'
   assert cli.main(['export', f'--workdir={tmp_path / "wd"}', '--format=hf', f'--out={out}']) == 0
   images, tokens = _hf(tmp_path, 'embed', '--out', str(out), '--model=siglip')

@@ -88,8 +88,10 @@ def _add_bench(sub):
 
 
 def _add_import(sub):
-  p = sub.add_parser('import', help="another framework's checkpoint (open_clip) as a vlp export directory")
-  p.add_argument('src', help='an open_clip directory (open_clip_config.json + open_clip_model.safetensors)')
+  p = sub.add_parser('import', help="another framework's checkpoint (open_clip, transformers CLIP / SigLIP, "
+                                   'big_vision) as a vlp export directory')
+  p.add_argument('src', help='an open_clip directory (open_clip_config.json + open_clip_model.safetensors), a '
+                             'transformers CLIPModel or SiglipModel directory, or a big_vision two-tower .npz')
   p.add_argument('--out', required=True)
   p.add_argument('--format', default=None, choices=('open_clip', 'hf', 'big_vision'), help='default: detected')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
@@ -243,7 +245,8 @@ def main(argv=None, *, as_command=False):
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'bf16'))
   p.add_argument('--weights', default='params', choices=('params', 'ema'))
   p.add_argument('--format', default='vlp', choices=('vlp', 'hf'),
-                 help="hf: a transformers CLIPModel directory (--workdir may be an export or import)")
+                 help="hf: a transformers CLIPModel (SiglipModel for the sigmoid head) directory (--workdir may be an "
+                      "export or import)")
   p.set_defaults(fn=cmd_export)
   _add_bench(sub)
   _add_compile(sub)

@@ -70,11 +70,13 @@ def _read(src: str, fmt: str):
       normalization = {'mean': pre.get('image_mean', normalization['mean']),
                        'std': pre.get('image_std', normalization['std'])}
     tokens = {'eos_id': text.get('eos_token_id', 2), 'bos_id': text.get('bos_token_id', 1)}
+    if siglip:  # SigLIP attends to its padding, so captions are padded with its own pad id
+      tokens['pad_id'] = text.get('pad_token_id', 1)
     return updates, params, normalization, tokens
   if fmt == 'big_vision':  # SigLIP's SentencePiece captions end in EOS (id 1), padded with it; no BOS
     flat = big_vision.read(src)
     updates = big_vision.model_config(flat, src)
-    return updates, big_vision.to_vlp(flat, updates), big_vision.NORMALIZATION, {'eos_id': 1, 'bos_id': None}
+    return updates, big_vision.to_vlp(flat, updates), big_vision.NORMALIZATION, dict(eos_id=1, bos_id=None, pad_id=1)
   raise ValueError(f'vlp import: --format={fmt}: not one of {", ".join(FORMATS)}')
 
 
@@ -129,7 +131,7 @@ def export_hf(src: str, out: str, step=None, weights: str = 'params') -> str:
     raise ValueError(f'vlp export --format=hf: {src} is not a {name}: ' + '; '.join(why))
   paths.makedirs(out)
   with paths.open(paths.join(out, hf_clip.CONFIG), 'w') as f:
-    json.dump(converter.hf_config(model, tokens['eos_id'], tokens['bos_id']), f, indent=2)
+    json.dump(converter.hf_config(model, tokens), f, indent=2)
   paths.write_atomic(paths.join(out, hf_clip.WEIGHTS),
                      safetensors.numpy.save(converter.to_hf(params, model), metadata={'format': 'pt'}))
   if paths.isdir(src):  # an import's tokenizer travels on; vlp's own SentencePiece model does not (yet)

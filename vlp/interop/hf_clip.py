@@ -170,22 +170,24 @@ def to_hf(params: dict, model: dict) -> dict:
   return {k: np.array(v, np.float32, order='C') for k, v in sd.items()}  # (ascontiguousarray makes 0-d 1-d)
 
 
-def tower_configs(model: dict, eos_id: int, bos_id: int) -> tuple[dict, dict]:
-  """The text_config and vision_config keys CLIP's and SigLIP's transformers configs share."""
+def tower_configs(model: dict, tokens: dict) -> tuple[dict, dict]:
+  """The text_config and vision_config keys CLIP's and SigLIP's transformers configs share;
+  tokens: the ids a caption ends, starts and is padded with (pad 0 unless it says)."""
   im, tx, arch = model['image'], model['text'], model.get('arch', {})
   act, eps = ACT[arch.get('gelu', 'tanh')], arch.get('ln_eps', 1e-6)
   text = {'vocab_size': tx['vocab_size'], 'hidden_size': tx['width'], 'intermediate_size': tx['mlp_dim'],
           'num_hidden_layers': tx['depth'], 'num_attention_heads': tx['num_heads'],
           'max_position_embeddings': tx['context_length'], 'hidden_act': act, 'layer_norm_eps': eps,
-          'eos_token_id': eos_id, 'bos_token_id': bos_id, 'pad_token_id': 0}
+          'eos_token_id': tokens['eos_id'], 'bos_token_id': tokens['bos_id'],
+          'pad_token_id': tokens.get('pad_id', 0)}
   vision = {'hidden_size': im['width'], 'intermediate_size': im['mlp_dim'], 'num_hidden_layers': im['depth'],
             'num_attention_heads': im['num_heads'], 'image_size': im['image_size'], 'patch_size': im['patch_size'],
             'num_channels': 3, 'hidden_act': act, 'layer_norm_eps': eps}
   return text, vision
 
 
-def hf_config(model: dict, eos_id: int, bos_id: int) -> dict:
-  text, vision = tower_configs(model, eos_id, bos_id)
+def hf_config(model: dict, tokens: dict) -> dict:
+  text, vision = tower_configs(model, tokens)
   projection = {'projection_dim': model['embed_dim']}
   return {'architectures': ['CLIPModel'], 'model_type': 'clip', **projection, 'logit_scale_init_value': 2.6592,
           'text_config': {**text, **projection}, 'vision_config': {**vision, **projection}}

@@ -150,8 +150,8 @@ def to_hf(params: dict, model: dict) -> dict:
   return {k: np.array(v, np.float32, order='C') for k, v in sd.items()}
 
 
-def hf_config(model: dict, eos_id: int, bos_id: int) -> dict:
-  text, vision = hf_clip.tower_configs(model, eos_id, bos_id)
+def hf_config(model: dict, tokens: dict) -> dict:
+  text, vision = hf_clip.tower_configs(model, tokens)
   return {'architectures': [ARCHITECTURE], 'model_type': 'siglip',
           'text_config': {**text, 'projection_size': model['embed_dim']},
           'vision_config': {**vision, 'vision_use_head': True}}

@@ -1,7 +1,7 @@
 """Text tower: token + position embeddings, a Transformer, and one pooled feature.
 
 Inputs are laid out `[CLS] tokens [SEP] PAD...` with PAD id 0 (vlp.data.tokenizer);
-padding is masked out of attention. Two layouts of the papers:
+padding is masked out of attention unless `padding_mask=False`. The papers' layouts:
 - bidirectional attention pooled at [CLS] (BERT, ALIGN);
 - causal attention pooled at the last real token, [SEP] (CLIP's EOT), which is the
   only position that has seen the whole caption;

@@ -83,7 +83,8 @@ def model_config(flat: dict, src: str) -> dict:
   if any(k.startswith('txt/MAPHead_0/') for k in flat):
     raise ValueError(f"vlp import: {src}: text pooled by a MAP head (pool_type 'map'); vlp pools text at a token")
   pool = 'map' if 'img/MAPHead_0/probe' in flat else 'cls' if 'img/cls' in flat else 'gap'
-  img0, txt0 = _blocks(flat, 'img/Transformer')[0], _blocks(flat, 'txt/Encoder_0')[0]
+  img_blocks, txt_blocks = _blocks(flat, 'img/Transformer'), _blocks(flat, 'txt/Encoder_0')
+  img0, txt0 = img_blocks[0], txt_blocks[0]
   vocab, text_width = flat['txt/Embed_0/embedding'].shape
   if 'txt/head/kernel' not in flat:
     raise ValueError(f'vlp import: {src}: no text head (txt/head); vlp projects the text (model.text_proj)')
@@ -92,12 +93,12 @@ def model_config(flat: dict, src: str) -> dict:
   if not image_proj and embed_dim != width:
     raise ValueError(f'vlp import: {src}: no image head and a text embedding of {embed_dim} against the image '
                      f'width {width}')
-  image = dict(image_size=grid * p, patch_size=p, width=width, depth=len(_blocks(flat, 'img/Transformer')),
+  image = dict(image_size=grid * p, patch_size=p, width=width, depth=len(img_blocks),
                num_heads=img0['MultiHeadDotProductAttention_0/query/kernel'].shape[1],
                mlp_dim=img0['MlpBlock_0/Dense_0/kernel'].shape[1], pool=pool, cls_token=pool == 'cls',
                ln_pre=False, patch_bias=True)
   text = dict(vocab_size=vocab, context_length=flat['txt/pos_embedding'].shape[1], width=text_width,
-              depth=len(_blocks(flat, 'txt/Encoder_0')),
+              depth=len(txt_blocks),
               num_heads=txt0['MultiHeadDotProductAttention_0/query/kernel'].shape[1],
               mlp_dim=txt0['MlpBlock_0/Dense_0/kernel'].shape[1], causal=False, pool='last', padding_mask=False)
   return dict(image=image, text=text, embed_dim=int(embed_dim), head='sigmoid' if 'b' in flat else 'softmax',

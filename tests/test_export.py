@@ -104,3 +104,56 @@ def test_ema_export_without_an_ema_is_one_clear_error(tmp_path, capsys):
   assert cli.main(['export', f'--workdir={tmp_path / "wd"}', f'--out={tmp_path / "out"}', '--weights=ema']) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'trained without an EMA' in err[0] and 'ema_decay' in err[0]
+
+
+SHARD_GB = 20_000 / 2**30  # 20 kB shards: the tiny model's 0.3 MB of weights in many files
+
+
+def _naive_read(path):
+  """The weights of an export directory as a transformers-style reader finds them: the index's
+  weight_map, each shard read with safetensors."""
+  import safetensors.numpy
+  with open(os.path.join(path, 'model.safetensors.index.json')) as f:
+    index = json.load(f)
+  return index, {name: safetensors.numpy.load_file(os.path.join(path, file))[name]
+                 for name, file in index['weight_map'].items()}
+
+
+def test_a_large_model_is_written_as_shards_with_an_index(trained):
+  whole = _export(trained, 'float32', '--dtype=float32')
+  sharded = _export(trained, 'sharded', f'--max_shard_gb={SHARD_GB}')
+  files = sorted(f for f in os.listdir(sharded) if f.endswith('.safetensors'))
+  assert 'model.safetensors' not in files and len(files) > 5
+  assert files[0] == f'model-00001-of-{len(files):05d}.safetensors'
+  index, weights = _naive_read(sharded)
+  import safetensors.numpy
+  want = safetensors.numpy.load_file(os.path.join(whole, 'model.safetensors'))
+  assert sorted(weights) == sorted(want) and index['metadata']['total_size'] == sum(x.nbytes for x in want.values())
+  for name, x in want.items():
+    np.testing.assert_array_equal(weights[name], x)
+  assert max(os.path.getsize(os.path.join(sharded, f)) for f in files) < 2 * 20_000 + max(x.nbytes for x in want.values())
+  enc = vlp.load_pretrained(sharded)
+  np.testing.assert_array_equal(enc.encode_image(trained['image']), vlp.load_pretrained(whole).encode_image(trained['image']))
+
+
+def test_two_processes_export_like_one_each_writing_its_shards(trained, tmp_path):
+  """`vlp export` in 2 processes x 4 devices (jax.distributed): every process restores its own part
+  of the params and writes every other shard; the files equal one process's, byte for byte."""
+  import portpicker
+  one = _export(trained, 'sharded', f'--max_shard_gb={SHARD_GB}')
+  two = str(tmp_path / 'two')
+  port = portpicker.pick_unused_port()
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
+  procs = [subprocess.Popen([sys.executable, '-m', 'vlp.cli', 'export', f'--workdir={trained["wd"]}', f'--out={two}',
+                             f'--max_shard_gb={SHARD_GB}', f'--coordinator=localhost:{port}', '--num_processes=2',
+                             f'--process_id={i}'], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(vlp.__file__))))
+           for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  assert 'exported to' in outs[0] and 'exported to' not in outs[1]  # process 0 reports
+  assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+  for f in os.listdir(one):
+    if f.endswith(('.safetensors', '.json')):
+      with open(os.path.join(one, f), 'rb') as a, open(os.path.join(two, f), 'rb') as b:
+        assert a.read() == b.read(), f

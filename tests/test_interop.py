@@ -12,7 +12,7 @@ import pytest
 import safetensors.numpy
 from conftest import tiny_config
 
-from vlp import checkpoint, cli, export, pretrained
+from vlp import checkpoint, cli, export, pretrained, weights_files
 from vlp.bench import compare
 from vlp.models import layers
 
@@ -181,7 +181,7 @@ def test_transformers_in_and_out_give_the_same_embeddings(tmp_path, arch):
   exported = json.loads((back / 'config.json').read_text())['text_config']
   assert exported['pad_token_id'] == HF_CONFIGS[arch]['text_config']['pad_token_id']
   if arch == 'siglip':  # the head's learnt scale and bias came through the import
-    weights = safetensors.numpy.load_file(str(tmp_path / 'vlp' / export.WEIGHTS))
+    weights = weights_files.read(str(tmp_path / 'vlp'))
     assert np.isclose(np.exp(weights['log_scale']), want['logit_scale']) and np.isclose(weights['bias'],
                                                                                        want['logit_bias'])
 
@@ -351,7 +351,7 @@ def test_big_vision_import_gives_big_visions_embeddings(tmp_path, pool, scan, im
   diffs = [np.abs(enc.encode_image(images) - want_image).max(), np.abs(enc.encode_text(tokens) - want_text).max()]
   print(f'big_vision parity ({pool}, scan={scan}):', [f'{d:.2e}' for d in diffs])
   assert max(diffs) <= 1e-4, diffs
-  weights = safetensors.numpy.load_file(str(tmp_path / 'vlp' / export.WEIGHTS))
+  weights = weights_files.read(str(tmp_path / 'vlp'))
   assert np.isclose(weights['log_scale'], 2.3) and ('bias' in weights) == (pool == 'map')
 
 

@@ -9,13 +9,24 @@ import pytest
 from conftest import compile_of, init_of, random_batch_of, setup_of, tiny_config
 
 import grain
-from vlp import checkpoint, parallel, tasks
+from vlp import checkpoint, parallel, recipes, tasks
+from vlp.data import transforms
 from vlp.train import guard, loop, metrics as metrics_lib
 
 MESH = {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}
 
 
-def test_a_nonfinite_step_changes_nothing_but_the_step():
+@pytest.fixture
+def float_images(monkeypatch):
+  """Steps compiled for float32 images (transforms.model_input passes floats through), as a source
+  of normalised float pixels would give them: uint8 pixels cannot be NaN, these can."""
+  cls = type(recipes.get('align'))
+  real = cls.batch_spec
+  monkeypatch.setattr(cls, 'batch_spec', lambda self, c, v: {
+      k: (shape, jnp.float32 if dtype == jnp.uint8 else dtype) for k, (shape, dtype) in real(self, c, v).items()})
+
+
+def test_a_nonfinite_step_changes_nothing_but_the_step(float_images):
   config = tiny_config(ema_decay=0.9)
   mesh = parallel.make_mesh(MESH)
   setup = setup_of(config, mesh)
@@ -63,11 +74,15 @@ def test_tracker_counts_runs_of_nonfinite_steps_and_warns_of_spikes():
   for step in (36, 37, 38):
     tracker.observe(step, '', {'loss': float('nan'), 'grad_norm': 1.0, 'nonfinite': 1.0})
   assert tracker.skipped == 5 and tracker.in_a_row == 3 and tracker.rollback_due()
+  tracker.observe(39, '', {'loss': 5.0, 'grad_norm': 1.0, 'nonfinite': 0.0})  # read in the same transfer
+  assert tracker.in_a_row == 0 and tracker.rollback_due()  # the run was seen: the rollback stays due
+  tracker.rolled_back()
+  assert not tracker.rollback_due()
 
 
 class _Poisoned(grain.DatasetIterator):
-  """The task's real iterator, with the images of the n-th batches (1-based, counted over the
-  run: a rollback does not rewind it) made NaN."""
+  """The task's real iterator, its images normalised on the host (float_images), those of the
+  n-th batches (1-based, counted over the run: a rollback does not rewind it) made NaN."""
 
   def __init__(self, it, bad):  # noqa: super().__init__ would want parents: this wraps one
     self.it, self.bad, self.n = it, bad, 0
@@ -75,9 +90,9 @@ class _Poisoned(grain.DatasetIterator):
   def __next__(self):
     batch = next(self.it)
     self.n += 1
-    if self.bad(self.n):
-      batch = dict(batch, image=np.full_like(batch['image'], np.nan))
-    return batch
+    image = batch['image']
+    image = transforms.normalize_image(image) if image.dtype == np.uint8 else image  # wrapped twice: once
+    return dict(batch, image=np.full_like(image, np.nan) if self.bad(self.n) else image)
 
   def get_state(self):
     return self.it.get_state()
@@ -98,7 +113,7 @@ def _poison(monkeypatch, bad):
 
 
 @pytest.mark.slow
-def test_skips_then_a_rollback_then_a_divergence_stops(tmp_path, monkeypatch, capsys):
+def test_skips_then_a_rollback_then_a_divergence_stops(tmp_path, monkeypatch, capsys, float_images):
   cache = str(tmp_path / 'compile_cache')  # the second run compiles nothing
   over = {'total_steps': 12, 'checkpoint.every': 3, 'nonfinite.max_consecutive': 3, 'compile_cache': cache}
   _poison(monkeypatch, lambda n: n in (4, 5, 8, 9, 10))
@@ -119,3 +134,22 @@ def test_skips_then_a_rollback_then_a_divergence_stops(tmp_path, monkeypatch, ca
                                           r'again after rolling back to step 3 with no checkpoint since'):
     loop.train(tiny_config(**over), str(tmp_path / 'b'), progress=False)
   assert 'step 6: 3 non-finite steps in a row: rolled back to step 3' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_metrics_come_back_on_log_steps_and_a_run_of_nonfinite_steps_is_still_caught(
+    tmp_path, monkeypatch, capsys, float_images):
+  """log_every=100: the metrics of 12 steps come back in a few transfers (every max_consecutive
+  unread steps), and the run of 3 non-finite steps 5-7, read with the finite steps 8-9 after
+  it, still rolls back (to step 9's checkpoint: the steps were not applied, so it is good)."""
+  over = {'total_steps': 12, 'log_every': 100, 'checkpoint.every': 3, 'nonfinite.max_consecutive': 3}
+  _poison(monkeypatch, lambda n: n in (5, 6, 7))
+  result = loop.train(tiny_config(**over), str(tmp_path / 'a'), progress=False)
+  out = capsys.readouterr().out
+  assert 'step 7: loss nan, grad_norm nan: not applied (skipped_nonfinite 3, 3 in a row)' in out
+  assert 'step 9: 3 non-finite steps in a row: rolled back to step 9' in out
+  log = metrics_lib.read_jsonl(str(tmp_path / 'a'))
+  assert [r['step'] for r in log if 'loss' in r] == [12]  # the one log step
+  assert [r['skipped_nonfinite'] for r in log if 'skipped_nonfinite' in r] == [3]
+  assert result['time']['metric_reads'] <= 5  # 13 steps' metrics (step 10 again after the rollback)
+

@@ -8,6 +8,7 @@ from conftest import plan_of, setup_of, tiny_config, train_losses
 from jax.sharding import PartitionSpec as P
 
 from vlp import cli, export, parallel
+from vlp.data import transforms
 from vlp.train import loop, metrics as metrics_lib, state as state_lib
 
 
@@ -47,6 +48,10 @@ def test_resume_continues_the_exact_trajectory(tmp_path):
   straight, resumed = _logged_losses(tmp_path / 'straight'), _logged_losses(tmp_path / 'resumed')
   assert sorted(straight) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
   assert [resumed[s] for s in range(1, 7)] == [straight[s] for s in range(1, 7)]  # bit for bit
+  # log_every=3: the metrics of steps 1-3 and 4-6 come back in one transfer each, the same numbers
+  sparse = _train(tmp_path / 'sparse', total_steps=6, log_every=3)
+  assert sparse['time']['metric_reads'] == 2
+  assert _logged_losses(tmp_path / 'sparse') == {3: straight[3], 6: straight[6]}
 
 
 @pytest.mark.slow  # trains: the quick part keeps to unit-sized checks
@@ -61,12 +66,13 @@ def test_export_gives_the_training_embeddings(tmp_path):
   mesh = parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
   [(_, _, evaluator)] = loop.Evaluators(plan_of(config), setup_of(config, mesh), tokenizer).evaluators
   image_emb, text_emb = evaluator.embed(params)
-  np.testing.assert_allclose(model.encode_image(evaluator.data['image'][:8]), image_emb[:8], atol=1e-5)
+  pixels = transforms.normalize_image(evaluator.data['image'][:8])  # the evaluator's are uint8, as the trainer's
+  np.testing.assert_allclose(model.encode_image(pixels), image_emb[:8], atol=1e-5)
   np.testing.assert_allclose(model.encode_text(evaluator.data['text'][:8]), text_emb[:8], atol=1e-5)
   # bf16 weights: half the bytes, embeddings within bf16 rounding
   cli.main(['export', f'--workdir={tmp_path / "wd"}', f'--out={tmp_path / "bf16"}', '--dtype=bfloat16'])
   bf16, _ = export.load(str(tmp_path / 'bf16'))
-  np.testing.assert_allclose(bf16.encode_image(evaluator.data['image'][:8]), image_emb[:8], atol=3e-2)
+  np.testing.assert_allclose(bf16.encode_image(pixels), image_emb[:8], atol=3e-2)
   # the same numbers as the eval at the end of training
   from vlp.eval.retrieval import recall_at_k
   again = recall_at_k(image_emb, text_emb, evaluator.data['text_to_image'])

@@ -21,10 +21,14 @@ def _load_config(spec: str, overrides):
   return config_lib.apply_overrides(config, overrides)
 
 
-def cmd_train(args, overrides):
+def _join(args):
+  """Before anything touches a device: joins the process group of a multi-host run."""
   from vlp import distributed
-  # Before anything touches a device: joins the process group of a multi-host run.
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def cmd_train(args, overrides):
+  _join(args)
   import jax
   from vlp.train import loop
   config = _load_config(args.config, overrides)
@@ -34,6 +38,7 @@ def cmd_train(args, overrides):
 
 
 def cmd_eval(args, overrides):
+  _join(args)
   import jax
   from flax import nnx
   from vlp import paths, tasks, config as config_lib, eval as eval_lib, plan as plan_lib
@@ -46,7 +51,9 @@ def cmd_eval(args, overrides):
   evaluators = eval_lib.make(config, plan.recipe.predict_fns(graphdef), tasks.tokenizer_for(config))
   if not evaluators:
     raise config_lib.ConfigError("config key 'evals': no evaluator has data to evaluate on")
-  metrics = eval_lib.run(evaluators, params)
+  metrics = eval_lib.run(evaluators, params)  # every process takes part; process 0 reports
+  if jax.process_index() != 0:
+    return
   print(eval_lib.format_tables(evaluators, metrics))
   model = f'{paths.abspath(args.workdir)}@{step}' + ('/ema' if args.weights == 'ema' else '')
   records = eval_lib.records(evaluators, metrics, config, model, step)
@@ -63,6 +70,13 @@ def cmd_eval(args, overrides):
 def cmd_import(args, overrides):
   from vlp.interop import command
   print(f'imported: {command.run(args.src, args.out, args.format, args.dtype)}')
+
+
+def _add_process_group(p):
+  """A multi-process job's flags: each process of `vlp train/eval/export` runs with its own."""
+  p.add_argument('--coordinator', default=None, help='host:port of process 0 (multi-process; or VLP_COORDINATOR)')
+  p.add_argument('--num_processes', type=int, default=None, help='or VLP_NUM_PROCESSES')
+  p.add_argument('--process_id', type=int, default=None, help='or VLP_PROCESS_ID')
 
 
 def _add_bench(sub):
@@ -124,14 +138,18 @@ def _print_result(result):
 
 
 def cmd_export(args, overrides):
+  _join(args)
   from vlp import export
   dtype = 'bfloat16' if args.dtype == 'bf16' else args.dtype
   if args.format == 'hf':
     from vlp.interop import command
     out = command.export_hf(args.workdir, args.out, step=args.step, weights=args.weights)
   else:
-    out = export.export(args.workdir, args.out, step=args.step, dtype=dtype, weights=args.weights)
-  print(f'exported to {out}')
+    out = export.export(args.workdir, args.out, step=args.step, dtype=dtype, weights=args.weights,
+                        max_shard_bytes=int(args.max_shard_gb * 2**30))
+  import jax
+  if jax.process_index() == 0:
+    print(f'exported to {out}')
 
 
 def cmd_bench_retrieval(args, overrides):
@@ -221,9 +239,7 @@ def main(argv=None, *, as_command=False):
   p.add_argument('--no_progress', action='store_true')
   p.add_argument('--step', type=int, default=None,
                  help='resume this saved step instead of the latest; deletes the later checkpoints')
-  p.add_argument('--coordinator', default=None, help='host:port of process 0 (multi-process; or VLP_COORDINATOR)')
-  p.add_argument('--num_processes', type=int, default=None, help='or VLP_NUM_PROCESSES')
-  p.add_argument('--process_id', type=int, default=None, help='or VLP_PROCESS_ID')
+  _add_process_group(p)
   p.set_defaults(fn=cmd_train)
   p = sub.add_parser('eval', help="run the config's evaluators (config.evals) on a workdir checkpoint")
   p.add_argument('--workdir', required=True)
@@ -232,6 +248,7 @@ def main(argv=None, *, as_command=False):
   p.add_argument('--weights', default='params', choices=('params', 'ema'))
   p.add_argument('--json', default=None, help='results file (default WORKDIR/eval_STEP.json)')
   p.add_argument('--plot', action='store_true', help='also write WORKDIR/metrics.png')
+  _add_process_group(p)
   p.set_defaults(fn=cmd_eval)
   _add_import(sub)
   p = sub.add_parser('plot', help="PNG of a workdir's loss and eval metrics over steps")
@@ -247,6 +264,10 @@ def main(argv=None, *, as_command=False):
   p.add_argument('--format', default='vlp', choices=('vlp', 'hf'),
                  help="hf: a transformers CLIPModel (SiglipModel for the sigmoid head) directory (--workdir may be an "
                       "export or import)")
+  p.add_argument('--max_shard_gb', type=float, default=2.0,
+                 help='larger models are written as shards of this size with model.safetensors.index.json, '
+                      'each shard by one process')
+  _add_process_group(p)
   p.set_defaults(fn=cmd_export)
   _add_bench(sub)
   _add_compile(sub)

@@ -124,12 +124,12 @@ def data_section() -> dict:
   )
 
 
-# Every key an evaluator entry may have, with its default. data:
+# Every key an evaluator entry may have, with its default (hold_images=False: re-decoded at each eval). data:
 #   retrieval: 'task' (the held-out split of config.data), 'synthetic', 'karpathy'
 #              (path = dataset_coco.json / dataset_flickr30k.json, image_dir), 'tfds'
 #   zeroshot:  'synthetic' (built-in labels), 'folder' (path: one subfolder per class), 'tfds'
 _EVAL_COMMON = dict(data='task', path='', image_dir='', split='test', num_images=0,
-                    tfds_name='', tfds_data_dir='', image_key='image', batch_size=256)
+                    tfds_name='', tfds_data_dir='', image_key='image', batch_size=256, hold_images=True)
 EVAL_DEFAULTS = {
     'retrieval': dict(_EVAL_COMMON, kind='retrieval', caption_key='captions/text', ks=(1, 5, 10),
                       by_language=True),

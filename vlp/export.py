@@ -1,4 +1,5 @@
-"""Inference weights: safetensors + model config + tokenizer + jax.export'ed encoders.
+"""Inference weights: safetensors (one file, or shards with an index) + model config + tokenizer +
+jax.export'ed encoders.
 
 The encoders are serialized StableHLO (`jax.export`) with the weights as
 arguments, in `param_keys` order, and a symbolic batch dimension: anyone with
@@ -11,13 +12,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import safetensors.numpy
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from vlp import checkpoint, config as config_lib, parallel, paths, plan as plan_lib, pretrained, recipes, tasks
+from vlp import checkpoint, config as config_lib, parallel, paths, plan as plan_lib, recipes, tasks, weights_files
 from vlp.train import state as state_lib
 
-WEIGHTS, CONFIG, TOKENIZER = 'model.safetensors', 'config.json', 'tokenizer.model'
+CONFIG, TOKENIZER = 'config.json', 'tokenizer.model'
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 
 
@@ -74,30 +75,47 @@ def export_encoders(model_cfg, keys, dtype, platforms=PLATFORMS) -> dict:
   return out
 
 
-def export(workdir: str, out: str, step=None, dtype: str = 'float32', weights: str = 'params') -> str:
+def export(workdir: str, out: str, step=None, dtype: str = 'float32', weights: str = 'params',
+           max_shard_bytes: int = weights_files.MAX_SHARD_BYTES) -> str:
+  """The export directory of a workdir's checkpoint; in a multi-process job every process runs it
+  (each restores its own shards of the params, and writes its share of the weight files)."""
   config, params, step = restore_params(workdir, step, weights)
-  flat = {k: np.asarray(jax.device_get(v)) for k, v in checkpoint.flatten(params)}
-  return write(out, config.model, flat, dtype, tasks.tokenizer_for(config).model_path,
-               {'step': step, 'weights': weights})
+  return write(out, config.model, dict(checkpoint.flatten(params)), dtype, tasks.tokenizer_for(config).model_path,
+               {'step': step, 'weights': weights}, max_shard_bytes)
 
 
-def write(out: str, model_cfg, flat: dict, dtype: str = 'float32', tokenizer_path: str = '', meta=None) -> str:
-  """Writes an export directory of `flat` ({dotted name: array}) for the model config: the
-  weights, the encoders, the tokenizer (when there is one) and config.json with `meta`."""
+def write(out: str, model_cfg, flat: dict, dtype: str = 'float32', tokenizer_path: str = '', meta=None,
+          max_shard_bytes: int = weights_files.MAX_SHARD_BYTES) -> str:
+  """Writes an export directory of `flat` ({dotted name: numpy array, or jax array sharded over
+  the devices}) for the model config: the weights (vlp.weights_files: each tensor gathered only
+  as its shard is written), then on process 0 the encoders, the tokenizer (when there is one)
+  and config.json with `meta`, written last: a directory with a config.json is complete."""
   meta = dict(meta or {})
   paths.makedirs(out)  # local or remote (gs://); every file is written whole
-  flat = {k: np.asarray(v).astype(dtype) for k, v in flat.items()}
-  paths.write_atomic(paths.join(out, WEIGHTS), safetensors.numpy.save(flat, metadata={'step': str(meta.get('step'))}))
-  if tokenizer_path:
-    paths.copy(tokenizer_path, paths.join(out, TOKENIZER))
-  keys = sorted(flat)
-  encoders = export_encoders(model_cfg, keys, dtype)
-  for kind, blob in encoders.items():
-    paths.write_atomic(paths.join(out, encoder_file(kind)), bytes(blob))
-  with paths.open(paths.join(out, CONFIG), 'w') as f:
-    json.dump({'model': model_cfg.to_dict(), **meta, 'dtype': dtype, 'param_keys': keys,
-               **{f'{kind}_encoder': encoder_file(kind) for kind in encoders}}, f, indent=2, default=list)
+  specs = {k: (tuple(v.shape), dtype) for k, v in flat.items()}
+  weights_files.write(out, specs, lambda k: _on_host(flat[k]), {'step': meta.get('step')}, max_shard_bytes,
+                      jax.process_count(), jax.process_index())
+  if jax.process_index() == 0:
+    if tokenizer_path:
+      paths.copy(tokenizer_path, paths.join(out, TOKENIZER))
+    keys = sorted(flat)
+    encoders = export_encoders(model_cfg, keys, dtype)
+    for kind, blob in encoders.items():
+      paths.write_atomic(paths.join(out, encoder_file(kind)), bytes(blob))
+    with paths.open(paths.join(out, CONFIG), 'w') as f:
+      json.dump({'model': model_cfg.to_dict(), **meta, 'dtype': dtype, 'param_keys': keys,
+                 **{f'{kind}_encoder': encoder_file(kind) for kind in encoders}}, f, indent=2, default=list)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('vlp export: every weight file written')
   return out
+
+
+def _on_host(x) -> np.ndarray:
+  """A whole tensor in host memory: a sharded array spanning processes is gathered (a collective
+  every process joins), a local one copied."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
 
 
 def load(path: str):
@@ -108,7 +126,7 @@ def load(path: str):
   model_cfg = ml_collections.ConfigDict(meta['model'])
   model = recipes.get(model_cfg.name).build(model_cfg)
   graphdef, abstract = nnx.split(model, nnx.Param)
-  params = checkpoint.unflatten(pretrained.read_weights(paths.join(path, WEIGHTS)))
+  params = checkpoint.unflatten(weights_files.read(path))
   expected = nnx.to_pure_dict(abstract)
   if jax.tree.structure(expected) != jax.tree.structure(params):
     raise ValueError(f'{path}: weights do not match the model config')

@@ -9,26 +9,19 @@ import json
 
 import jax
 import numpy as np
-import safetensors.numpy
 
-from vlp import paths
+from vlp import paths, weights_files
 from vlp.interop import hub_tokenizer
-
-
-def read_weights(path: str) -> dict:
-  """{dotted name: array} of a safetensors file, local or remote (bfloat16 included, which
-  safetensors' in-memory numpy loader does not read)."""
-  with paths.local_copy_if_remote(path) as local:
-    return safetensors.numpy.load_file(local)
 
 
 class Encoders:
   """encode_image(images) / encode_text(texts or tokens) -> L2-normalised [B, D] float32;
   an IMP export also has encode_video(clips).
 
-  Images are float [B, S, S, 3] scaled to [-1, 1] (`preprocess` makes them
-  from uint8 pixels), clips float [B, T, S, S, 3] likewise; texts are
-  strings, tokenized to `context_length`.
+  Images are uint8 [B, S, S, 3] pixels, or floats normalised as the model
+  takes them ([-1, 1], or an import's mean and std: `preprocess` makes them
+  from image files); clips [B, T, S, S, 3] likewise; texts are strings,
+  tokenized to `context_length`, or int token ids.
   """
 
   def __init__(self, path: str):
@@ -37,7 +30,7 @@ class Encoders:
       self.config = json.load(f)
     if 'image_encoder' not in self.config:
       raise ValueError(f'{path} has no exported encoders: export it again with this version of `vlp export`')
-    flat = read_weights(paths.join(path, 'model.safetensors'))
+    flat = weights_files.read(path)
     self.weights = [jax.device_put(flat[k]) for k in self.config['param_keys']]
     self._image, self._text = (self._load(paths.join(path, self.config[k]))
                                for k in ('image_encoder', 'text_encoder'))
@@ -64,8 +57,14 @@ class Encoders:
     """Encoded image files (bytes) or uint8 arrays -> float32 [B, S, S, 3], resized and
     centre-cropped as in evaluation, normalised by the export's mean and std."""
     from vlp.data import transforms
-    pixels = np.stack([x if isinstance(x, np.ndarray) else transforms.resize_center_crop(x, self.image_size)
-                       for x in images])
+    return self.normalize(np.stack([x if isinstance(x, np.ndarray) else transforms.resize_center_crop(
+        x, self.image_size) for x in images]))
+
+  def normalize(self, pixels) -> np.ndarray:
+    """uint8 pixels (images or clips) -> float32 as the model takes them: the export's mean and std
+    (an import's), or [-1, 1]."""
+    from vlp.data import transforms
+    pixels = np.asarray(pixels)
     if self.normalization is None:
       return transforms.normalize_image(pixels)
     if pixels.dtype != np.uint8:
@@ -80,12 +79,17 @@ class Encoders:
     return self.tokenizer.encode(list(texts), self.context_length)
 
   def encode_image(self, images) -> np.ndarray:
-    return np.asarray(self._image(self.weights, np.asarray(images, np.float32)))
+    return np.asarray(self._image(self.weights, self._float(images)))
+
+  def _float(self, x):
+    """uint8 pixels are normalised (`normalize`), floats taken as normalised already."""
+    x = np.asarray(x)
+    return self.normalize(x) if x.dtype == np.uint8 else x.astype(np.float32)
 
   def encode_video(self, clips) -> np.ndarray:
     if self._video is None:
       raise ValueError(f"a {self.config['model']['name']} export has no video encoder (IMP's has)")
-    return np.asarray(self._video(self.weights, np.asarray(clips, np.float32)))
+    return np.asarray(self._video(self.weights, self._float(clips)))
 
   def encode_text(self, texts) -> np.ndarray:
     tokens = texts if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i' else self.tokenize(texts)

@@ -12,7 +12,7 @@ import jax
 
 from vlp import config as config_lib
 from vlp.config import ConfigError
-from vlp.data import arrayrecord, pipeline, synthetic, synthetic_video, webdataset
+from vlp.data import arrayrecord, eval_set, pipeline, synthetic, synthetic_video, webdataset
 from vlp.data.tokenizer import for_config as tokenizer_for  # noqa: F401 - callers use tasks.tokenizer_for
 
 
@@ -93,12 +93,13 @@ def train_iterator(plan, tokenizer, variant):
   return pipeline.make_iterator(dataset, num_workers=d.num_workers, prefetch=d.prefetch)
 
 
-def eval_data(config, tokenizer) -> dict | None:
-  """Held-out images with all their captions, or None when the config names no eval data."""
+def eval_data(config, tokenizer, **hosts) -> dict | None:
+  """Held-out images with all their captions, or None when the config names no eval data;
+  hosts: eval_set.eval_arrays' (one host, all the images, unless given)."""
   source = _random_access_source(config, 'eval')
   if source is None:
     return None
-  return pipeline.eval_arrays(source, tokenizer, num_images=config.data.eval_images,
+  return eval_set.eval_arrays(source, tokenizer, num_images=config.data.eval_images,
                               context_length=config.model.text.context_length,
                               image_size=config.model.image.image_size,
-                              max_pixels=config.data.max_pixels)
+                              max_pixels=config.data.max_pixels, **hosts)

@@ -50,7 +50,7 @@ class Transform:
     image = image.convert('RGB')
     box = crop_box(*image.size, self.scale)
     image = image.crop(box).resize((self.size, self.size), resample=2)  # 2 = BILINEAR
-    pixels = np.asarray(image, np.float32) / 127.5 - 1.0
+    pixels = np.asarray(image, np.uint8)  # as vlp's pipeline hands them out: normalised on the device
     ids = [self.sp.bos_id()] + self.sp.encode(caption)[:self.context_length - 2] + [self.sp.eos_id()]
     tokens = np.zeros(self.context_length, np.int32)
     tokens[:len(ids)] = ids

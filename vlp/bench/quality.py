@@ -21,7 +21,6 @@ import numpy as np
 
 from vlp import plan as plan_lib, tasks
 from vlp.bench import compare
-from vlp.data import transforms
 from vlp.eval import retrieval
 from vlp.models import align as align_model
 from vlp.train import loop, metrics as metrics_lib
@@ -37,11 +36,6 @@ OPEN_CLIP = {'image pool': 'cls', 'text causal': True, 'text pool': 'eos', 'arch
 OPEN_CLIP_SCALE = {'softmax': 1 / 0.07, 'sigmoid': 10.0}  # its CLIP's start; build_clip's for SigLIP
 
 
-def _uint8(images):
-  """vlp's float pixels back to the uint8 they came from (exact: (x - 127.5) / 127.5)."""
-  return np.round(images * transforms.PIXEL_SCALE + transforms.PIXEL_CENTER).astype(np.uint8)
-
-
 def examples(plan) -> dict:
   """The train batches vlp's pipeline yields for the whole run, and the held-out split."""
   config = plan.config
@@ -53,13 +47,13 @@ def examples(plan) -> dict:
   images, texts = [], []
   for _ in range(config.total_steps):
     batch = next(iterator)
-    images.append(_uint8(batch['image']))
+    images.append(np.asarray(batch['image'], np.uint8))
     texts.append(np.asarray(batch['text'], np.int32))
   held_out = tasks.eval_data(config, tokenizer)
   if held_out is None:
     raise ValueError('vlp bench quality needs held-out data (config.data.eval or the built-in scenes)')
   return dict(train_image=np.concatenate(images), train_text=np.concatenate(texts),
-              eval_image=_uint8(held_out['image']), eval_text=held_out['text'],
+              eval_image=held_out['image'], eval_text=held_out['text'],
               text_to_image=held_out['text_to_image']), tokenizer
 
 

@@ -8,9 +8,11 @@ batch_size split over the batch axes (replicated when it does not divide, as num
 import time
 
 import jax
+import jax.numpy as jnp
 
 from vlp import parallel
 from vlp.compile import hlo
+from vlp.eval import embed
 from vlp.train import step as step_lib
 
 DEFAULT_EVAL_BATCH = 256  # a config without evaluators: the encoders at this batch
@@ -87,15 +89,16 @@ def eval_batch(config) -> int:
 def eval_encoders(plan, setup) -> list:
   """[(name, jitted, abstract args)] of the recipe's encoders ('image', 'text', 'video', ...)."""
   config, mesh = plan.config, setup.mesh
-  b = eval_batch(config)
-  shards = plan.sizes['data'] * plan.sizes['fsdp']
-  sh = parallel.batch_sharding(mesh) if b % shards == 0 else parallel.replicated(mesh)
+  b = embed.global_batch(eval_batch(config), mesh)
+  sh = parallel.batch_sharding(mesh)
   fns = plan.recipe.predict_fns(setup.graphdef)
   out = []
   for kind, (_, shape, dtype) in plan.recipe.export_encoders(config.model).items():
-    spec = jax.ShapeDtypeStruct((b, *shape), dtype, sharding=sh)
-    jitted = jax.jit(fns[kind], in_shardings=(setup.shardings['params'], sh))
-    out.append((f'encode_{kind}', jitted, (setup.abstract['params'], spec)))
+    dtype = jnp.uint8 if jnp.issubdtype(dtype, jnp.floating) else dtype  # pixels travel as uint8
+    specs = (jax.ShapeDtypeStruct((b, *shape), dtype, sharding=sh), jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh))
+    jitted = jax.jit(embed.with_row_ids(fns[kind]), in_shardings=(setup.shardings['params'], sh, sh),
+                     out_shardings=parallel.replicated(mesh))  # as vlp.eval.embed runs it
+    out.append((f'encode_{kind}', jitted, (setup.abstract['params'], *specs)))
   return out
 
 

@@ -29,7 +29,7 @@ class ImageTextSource(Protocol):
 
 
 class Preprocess:
-  """record -> {'image': float32 [S,S,3], 'text': int32 [L]}, or a skipped record.
+  """record -> {'image': uint8 [S,S,3], 'text': int32 [L]}, or a skipped record.
 
   Encoded images are decoded and cropped here (random-resized crop for
   training, resize + centre crop otherwise); arrays (the built-in scenes and
@@ -61,7 +61,7 @@ class Preprocess:
       pixels = self.pixels(record[vision], rng)
     except transforms.BadImage as e:
       return records.skipped(record.get('key', '?'), e.reason)
-    example = {vision: transforms.normalize_image(pixels)}
+    example = {vision: pixels}  # uint8: normalised on the device (transforms.model_input)
     if self.label:
       example['label'] = np.int32(record['label'])
     if not self.text:
@@ -193,60 +193,3 @@ def make_iterator(dataset: grain.IterDataset, num_workers: int,
   else:
     dataset = ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
   return iter(dataset)
-
-
-def eval_arrays(source, tokenizer: tokenizer_lib.Tokenizer, *, num_images: int,
-                context_length: int, image_size: int | None = None,
-                max_pixels: int = transforms.MAX_PIXELS) -> dict[str, np.ndarray]:
-  """The first num_images distinct images of source with all their captions.
-
-  A source with `captions(i) -> [(language, caption), ...]` (the built-in
-  scenes, TFDS COCO) gives every caption of record i; otherwise records whose
-  image bytes are identical are one image with several captions (image-caption
-  pairs as converted to ArrayRecord). Images are resized and centre-cropped.
-  Returns image float32 [N,H,W,3], text int32 [M,L], text_to_image int32
-  [M] (the image of every caption), language [M] (str, '' when unknown), and
-  'skipped': {reason: count} of the records that could not be used.
-  """
-  prep = Preprocess(tokenizer, context_length, image_size, train=False, max_pixels=max_pixels)
-  images, texts, text_to_image, languages, skipped = [], [], [], [], collections.Counter()
-  seen = {}  # image bytes -> image index
-  for i in range(len(source)):
-    record = source[i]
-    if records.is_skipped(record):
-      skipped[record[records.SKIP]] += 1
-      continue
-    captions = (source.captions(i) if hasattr(source, 'captions')
-                else [(record.get('language') or '', record['caption'])])
-    captions = [(lang or '', ' '.join(str(c).split())) for lang, c in captions]
-    if not any(c for _, c in captions):
-      skipped['empty_caption'] += 1
-      continue
-    image = record['image'] if 'image' in record else record['video']  # a clip: [T,S,S,3]
-    j = seen.get(image) if isinstance(image, bytes) else None
-    if j is None:
-      if len(images) == num_images:
-        break
-      try:
-        pixels = prep.pixels(image, None)
-      except transforms.BadImage as e:
-        skipped[e.reason] += 1
-        continue
-      j = len(images)
-      images.append(transforms.normalize_image(pixels))
-      if isinstance(image, bytes):
-        seen[image] = j
-    for lang, caption in captions:
-      if caption:
-        texts.append(caption)
-        text_to_image.append(j)
-        languages.append(lang)
-  if not images:
-    raise NoUsableData(f'no usable eval image in {source!r} (skipped: {dict(skipped)})')
-  return {
-      'image': np.stack(images),
-      'text': tokenizer.encode(texts, context_length),
-      'text_to_image': np.asarray(text_to_image, np.int32),
-      'language': np.asarray(languages, str),
-      'skipped': dict(skipped),
-  }

@@ -30,7 +30,6 @@ import csv
 import dataclasses
 import gzip
 import io
-import os
 import re
 import sys
 import zlib

@@ -62,7 +62,7 @@ class _Context:
   def task_data(self):
     if self._task_data is None:
       from vlp import tasks  # the trainer's input code, for the held-out split of config.data
-      self._task_data = tasks.eval_data(self.config, self.tokenizer)
+      self._task_data = tasks.eval_data(self.config, self.tokenizer, **datasets.this_host())
     return self._task_data
 
 

@@ -1,16 +1,20 @@
 """Evaluation data: Karpathy-split caption JSON, image folders, TFDS label datasets, built-in scenes and clips.
 
-Retrieval sets become the arrays of `pipeline.eval_arrays` (images with all
+Retrieval sets become the arrays of `eval_set.eval_arrays` (images with all
 their captions); classification sets become images, labels and class names.
-Everything is read once, at the model's image size, before any compiling.
+Everything is read once, at the model's image size, before any compiling;
+each host decodes only its own images (image j is host j % hosts's), which
+vlp.eval.embed then feeds to the devices.
 """
 import json
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from vlp import paths
-from vlp.data import pipeline, records, synthetic, synthetic_video, transforms
-from vlp.eval import imagenet, zeroshot
+from vlp.data import eval_set, pipeline, records, synthetic, synthetic_video
+from vlp.eval import embed, imagenet, zeroshot
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif')
 
@@ -74,10 +78,17 @@ def _test_videos(e, config):
 
 
 def retrieval_data(e, config, tokenizer) -> dict:
-  return pipeline.eval_arrays(retrieval_source(e, config), tokenizer,
+  return eval_set.eval_arrays(retrieval_source(e, config), tokenizer,
                               num_images=e.num_images or config.data.eval_images,
                               context_length=config.model.text.context_length,
-                              image_size=config.model.image.image_size, max_pixels=config.data.max_pixels)
+                              image_size=config.model.image.image_size, max_pixels=config.data.max_pixels,
+                              hold_images=e.hold_images, **this_host())
+
+
+def this_host() -> dict:
+  """eval_arrays' host arguments for this process: which host it is, and how hosts agree."""
+  return {'hosts': jax.process_count(), 'host': jax.process_index(),
+          'agree': eval_set.json_agree(multihost_utils.process_allgather)}
 
 
 def _spread(n: int, limit: int) -> np.ndarray:
@@ -86,14 +97,32 @@ def _spread(n: int, limit: int) -> np.ndarray:
   return np.arange(n) if not limit or limit >= n else np.linspace(0, n - 1, limit).round().astype(int)
 
 
-def _load_images(images, image_size, max_pixels):
-  """Encoded images (or arrays) -> float32 [N, S, S, 3] in [-1, 1]; raises on a bad one."""
-  out = []
-  for image in images:
-    pixels = image if isinstance(image, np.ndarray) else transforms.resize_center_crop(
-        image, image_size, max_pixels=max_pixels)
-    out.append(transforms.normalize_image(pixels))
-  return np.stack(out)
+class _Images:
+  """A list of encoded images, arrays or image files as a source of records ({'image': ...})."""
+
+  def __init__(self, images):
+    self.images = images
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, i):
+    image = self.images[i]
+    return {'image': paths.read_bytes(image) if isinstance(image, str) else image}
+
+
+def _load_images(images, image_size, max_pixels, ids, hold: bool):
+  """Images `ids` of a list of encoded images, arrays or image files -> uint8 [len(ids), S, S, 3]
+  (hold=False: an eval_set.StreamedImages of them, each decoded once here all the same, so that a
+  bad one fails now, not in the middle of a run); raises on a bad one."""
+  source, prep = _Images(images), pipeline.Preprocess(None, 0, image_size, train=False, max_pixels=max_pixels)
+  held, shape = [], None
+  for j in ids:
+    pixels = prep.pixels(source[j]['image'], None)
+    shape = pixels.shape
+    if hold:
+      held.append(pixels)
+  return np.stack(held) if hold else eval_set.StreamedImages(source, prep, ids, shape)
 
 
 def image_folder(root: str, limit: int = 0):
@@ -134,7 +163,8 @@ def _tfds_classification(e, limit):
 
 
 def classification_data(e, config) -> dict:
-  """image float32 [N, S, S, 3] (clips: [N, T, S, S, 3]), label int [N], class_names of an evaluator entry."""
+  """image uint8 [n, S, S, 3] (clips: [n, T, S, S, 3]) of this host's images (image_rows: which),
+  label int [N], class_names and templates of an evaluator entry."""
   size, max_pixels = config.model.image.image_size, config.data.max_pixels
   if e.data == 'synthetic':
     scenes = synthetic.SyntheticScenes(split='test', num_examples=e.num_images or config.data.eval_images,
@@ -146,15 +176,15 @@ def classification_data(e, config) -> dict:
     rows = [clips[i] for i in range(len(clips))]
     images, labels, names = [r['video'] for r in rows], [r['label'] for r in rows], synthetic_video.VIDEO_CLASS_NAMES
   elif e.data == 'folder':
-    files, labels, names = image_folder(e.path, e.num_images)
-    images = []
-    for path in files:
-      images.append(paths.read_bytes(path))
+    images, labels, names = image_folder(e.path, e.num_images)  # files: each host reads its own
   else:
     images, labels, names = _tfds_classification(e, e.num_images)
   default_templates = {'synthetic': zeroshot.SYNTHETIC_TEMPLATES, 'synthetic_video': zeroshot.VIDEO_TEMPLATES}
   templates = default_templates.get(e.data, zeroshot.CLIP_TEMPLATES)
   if not e.class_names and imagenet.are_wordnet_ids(names):  # ImageNet: CLIP's names, its 80 prompts
     names, templates = imagenet.readable(names), imagenet.templates()
-  return {'image': _load_images(images, size, max_pixels), 'label': np.asarray(labels, np.int32),
+  host = this_host()
+  rows = embed.host_rows(len(images), host['hosts'], host['host'])
+  return {'image': _load_images(images, size, max_pixels, rows['ids'], e.hold_images), 'image_rows': rows,
+          'label': np.asarray(labels, np.int32),
           'class_names': list(e.class_names) or list(names), 'templates': tuple(e.templates) or templates}

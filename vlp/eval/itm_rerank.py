@@ -12,10 +12,9 @@ with the keys of `recall_at_k`: `i2t@1`... (ITC, with RSUM and per language as
 every retrieval evaluator), `itm/i2t@1`... (ALBEF's) and `itm_itc/i2t@1`...,
 under the evaluator's name in config.evals.
 """
-import jax
 import numpy as np
 
-from vlp.eval import retrieval
+from vlp.eval import embed, retrieval
 from vlp.models.text import PAD_ID
 
 NEEDS = ('image_tokens', 'text_hidden', 'itm_logits', 'itc_temperature')  # of the recipe's predict_fns
@@ -30,9 +29,9 @@ class Evaluator(retrieval.Evaluator):
   def __init__(self, predict_fns, data, rerank_k, batch_size=256, ks=(1, 5, 10), by_language=True):
     super().__init__(predict_fns, data, batch_size, ks, by_language)
     self.rerank_k = rerank_k
-    self.image_tokens = jax.jit(predict_fns['image_tokens'])
-    self.text_hidden = jax.jit(predict_fns['text_hidden'])
-    self.itm_logits = jax.jit(predict_fns['itm_logits'])
+    self.image_tokens = embed.Encoder(predict_fns['image_tokens'])
+    self.text_hidden = embed.Encoder(predict_fns['text_hidden'])
+    self.itm_logits = embed.Replicated(predict_fns['itm_logits'])
     self.temperature = predict_fns['itc_temperature']
 
   def run(self, params):
@@ -57,8 +56,8 @@ class Evaluator(retrieval.Evaluator):
     {'match_logit' (ALBEF's score), 'match_logprob'}: (i2t [images, captions], t2i [captions, images])."""
     n_img, n_txt = sims.shape
     tokens = self.data['text']
-    image_tokens = retrieval.embed_in_batches(self.image_tokens, params, self.data['image'], self.batch_size)
-    text_hidden = retrieval.embed_in_batches(self.text_hidden, params, tokens, self.batch_size)
+    image_tokens = self.image_tokens(params, self.data['image'], self.batch_size, self.data.get('image_rows'))
+    text_hidden = self.text_hidden(params, tokens, self.batch_size)
     k_i2t, k_t2i = min(self.rerank_k, n_txt), min(self.rerank_k, n_img)
     top_i2t = np.argsort(-sims, axis=1, kind='stable')[:, :k_i2t]  # captions of each image
     top_t2i = np.argsort(-sims.T, axis=1, kind='stable')[:, :k_t2i]  # images of each caption
@@ -84,5 +83,5 @@ class Evaluator(retrieval.Evaluator):
 
   def _pairs(self, text_hidden, tokens, image_tokens, t, i):
     """Host-gathered inputs of pairs (t[j], i[j]), padded to the batch size (one compilation)."""
-    pad = lambda x: retrieval._pad_rows(x, self.batch_size)
+    pad = lambda x: np.pad(x, [(0, self.batch_size - len(x))] + [(0, 0)] * (x.ndim - 1))
     return pad(text_hidden[t]), pad(tokens[t] != PAD_ID), pad(image_tokens[i])

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlp.eval import embed
+
 BLOCK_BYTES = 2**28  # largest [chunk, N] float32 similarity block recall_at_k makes (256 MB)
 
 
@@ -172,10 +174,6 @@ def evaluate(image_emb, text_emb, text_to_image, languages=None, ks=(1, 5, 10)) 
   return out
 
 
-def _pad_rows(x, n):
-  return np.pad(x, [(0, n - len(x))] + [(0, 0)] * (x.ndim - 1))
-
-
 def recall_at_k_from_scores(i2t_scores, t2i_scores, text_to_image, ks=(1, 5, 10)) -> dict:
   """recall_at_k for given score matrices: i2t [images, captions], t2i [captions, images].
 
@@ -200,32 +198,25 @@ def recall_at_k_from_scores(i2t_scores, t2i_scores, text_to_image, ks=(1, 5, 10)
   return out
 
 
-def embed_in_batches(encode, params, x, batch_size):
-  """Runs a jitted encoder over x in fixed-size (padded) batches: one compilation."""
-  out = []
-  for a in range(0, len(x), batch_size):
-    chunk = x[a:a + batch_size]
-    out.append(np.asarray(encode(params, _pad_rows(chunk, batch_size)))[:len(chunk)])
-  return np.concatenate(out)
-
-
 class Evaluator:
   """Zero-shot retrieval; `run(params)` yields (name, value) pairs.
 
   predict_fns: `image(params, images)` / `text(params, tokens)` returning
-  L2-normalised embeddings. data: `image`, `text`, `text_to_image` and
-  optionally `language` (one per caption) arrays.
+  L2-normalised embeddings. data: `image` (uint8: this host's images, which
+  `image_rows` names, or all of them), `text`, `text_to_image` and optionally
+  `language` (one per caption) arrays (vlp.data.eval_set). Every device of the
+  params' mesh embeds its share (vlp.eval.embed).
   """
 
   RERANKINGS = ()  # (metric prefix, title) of re-ranked results besides the plain ones
 
   def __init__(self, predict_fns, data, batch_size=256, ks=(1, 5, 10), by_language=True):
-    self.encode_image, self.encode_text = jax.jit(predict_fns['image']), jax.jit(predict_fns['text'])
+    self.encode_image, self.encode_text = embed.Encoder(predict_fns['image']), embed.Encoder(predict_fns['text'])
     self.data, self.batch_size, self.ks, self.by_language = data, batch_size, tuple(ks), by_language
 
   def embed(self, params):
-    return (embed_in_batches(self.encode_image, params, self.data['image'], self.batch_size),
-            embed_in_batches(self.encode_text, params, self.data['text'], self.batch_size))
+    return (self.encode_image(params, self.data['image'], self.batch_size, self.data.get('image_rows')),
+            self.encode_text(params, self.data['text'], self.batch_size))
 
   def run(self, params):
     image_emb, text_emb = self.embed(params)

@@ -6,10 +6,9 @@ normalised again; an image's predicted class is the most similar class
 embedding. Metrics in percent: top-1, top-5 and the mean over classes of the
 per-class recall (balanced accuracy), as clip_benchmark reports them.
 """
-import jax
 import numpy as np
 
-from vlp.eval.retrieval import embed_in_batches
+from vlp.eval import embed
 
 # CLIP's seven best ImageNet templates (the CLIP repository's prompt-engineering notebook).
 CLIP_TEMPLATES = ('itap of a {}.', 'a bad photo of the {}.', 'a origami {}.', 'a photo of the large {}.',
@@ -46,22 +45,22 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, ks=(1, 5)) ->
 class Evaluator:
   """Zero-shot classification; `run(params)` yields (name, value) pairs.
 
-  predict_fns as for retrieval. data: `image` [N, H, W, 3], `label` [N] and
+  predict_fns as for retrieval. data: `image` uint8 [N, H, W, 3], `label` [N] and
   `class_names`; `tokenize(list of str) -> int32 [n, L]`.
   """
 
   def __init__(self, predict_fns, data, tokenize, templates, batch_size=256):
-    self.encode_image, self.encode_text = jax.jit(predict_fns['image']), jax.jit(predict_fns['text'])
+    self.encode_image, self.encode_text = embed.Encoder(predict_fns['image']), embed.Encoder(predict_fns['text'])
     self.data, self.batch_size, self.templates = data, batch_size, tuple(templates)
     prompts = [t.format(name) for name in data['class_names'] for t in self.templates]
     self.prompts = tokenize(prompts)
 
   def classifier(self, params) -> np.ndarray:
-    per_prompt = embed_in_batches(self.encode_text, params, self.prompts, self.batch_size)
+    per_prompt = self.encode_text(params, self.prompts, self.batch_size)
     return class_embeddings(per_prompt, len(self.data['class_names']))
 
   def run(self, params):
     classes = self.classifier(params)
-    image_emb = embed_in_batches(self.encode_image, params, self.data['image'], self.batch_size)
+    image_emb = self.encode_image(params, self.data['image'], self.batch_size, self.data.get('image_rows'))
     metrics = classification_metrics(image_emb @ classes.T, self.data["label"])
     yield from metrics.items()

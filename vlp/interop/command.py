@@ -16,7 +16,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from vlp import checkpoint, export, paths, pretrained, recipes
+from vlp import checkpoint, export, paths, recipes, weights_files
 from vlp.interop import big_vision, hf_clip, hf_siglip, hub_tokenizer, open_clip
 
 FORMATS = ('open_clip', 'hf', 'big_vision')
@@ -60,7 +60,7 @@ def _read(src: str, fmt: str):
     updates = converter.model_config(src)
     if not paths.exists(paths.join(src, hf_clip.WEIGHTS)):
       raise ValueError(f'vlp import: {src}: no {hf_clip.WEIGHTS} (torch pickles are not read: nothing is unpickled)')
-    params = converter.to_vlp(pretrained.read_weights(paths.join(src, hf_clip.WEIGHTS)), updates)
+    params = converter.to_vlp(weights_files.read_file(paths.join(src, hf_clip.WEIGHTS)), updates)
     with paths.open(paths.join(src, hf_clip.CONFIG)) as f:
       text = json.load(f)['text_config']
     normalization = hf_siglip.SIGLIP_NORMALIZATION if siglip else CLIP_NORMALIZATION
@@ -98,10 +98,10 @@ def run(src: str, out: str, fmt: str | None = None, dtype: str = 'float32') -> s
 
 def _model_and_params(src: str, step=None, weights='params'):
   """(model config dict, nested numpy params, {'eos_id', 'bos_id'}) of a workdir, export or import."""
-  if paths.exists(paths.join(src, export.WEIGHTS)):
+  if weights_files.exists(src):
     with paths.open(paths.join(src, export.CONFIG)) as f:
       meta = json.load(f)
-    params = checkpoint.unflatten(pretrained.read_weights(paths.join(src, export.WEIGHTS)))
+    params = checkpoint.unflatten(weights_files.read(src))
     tokens = meta.get('tokens')
     if tokens is None:
       from vlp.data.tokenizer import Tokenizer

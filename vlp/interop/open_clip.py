@@ -21,7 +21,7 @@ The mapping, from open_clip's names to vlp's:
 import json
 
 
-from vlp import paths
+from vlp import paths, weights_files
 from vlp.interop import clip_layout
 
 CONFIG, WEIGHTS = 'open_clip_config.json', 'open_clip_model.safetensors'
@@ -84,8 +84,7 @@ def read_state(src: str) -> dict:
     why = (f'{pickled[0]} is a torch pickle, which vlp does not load (unpickling runs code): convert it to '
            f'{WEIGHTS} with safetensors.torch.save_file' if pickled else f'no {WEIGHTS}')
     _refuse(f'{src}: {why}')
-  from vlp import pretrained
-  return pretrained.read_weights(path)
+  return weights_files.read_file(path)
 
 
 def _block(sd, prefix, heads):

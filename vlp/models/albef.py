@@ -11,7 +11,6 @@ starts from scratch (ALBEF loads bert-base).
 How it is trained (momentum model, queues, the three losses) lives in
 vlp.recipes.albef.
 """
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

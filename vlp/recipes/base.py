@@ -69,7 +69,7 @@ class Recipe:
   def batch_spec(self, config, variant) -> dict:
     """{key: (shape of one example, dtype)} of a variant's training batch."""
     size = variant.image_size
-    return {'image': ((size, size, 3), jnp.float32), 'text': ((config.model.text.context_length,), jnp.int32)}
+    return {'image': ((size, size, 3), jnp.uint8), 'text': ((config.model.text.context_length,), jnp.int32)}
 
   def preprocess_options(self, config) -> dict:
     return {}
@@ -83,6 +83,8 @@ class Recipe:
     for k, s in variant.spec.items():
       if k == 'label':
         batch[k] = rng.integers(0, self.num_classes(variant.cfg), s.shape)
+      elif s.dtype == np.uint8:  # pixels
+        batch[k] = rng.integers(0, 256, s.shape)
       elif np.issubdtype(s.dtype, np.floating):
         batch[k] = rng.normal(size=s.shape)
       else:

@@ -7,7 +7,7 @@ decision never leaves the device; the step reports `nonfinite` (1.0 when it
 was skipped). The step counter moves on either way: the batch was consumed.
 
 On the host (`Tracker`, fed by the loop's logger with the metrics it reads
-one step late anyway): skipped steps are counted (`skipped_nonfinite`, over
+back, a few steps at a time): skipped steps are counted (`skipped_nonfinite`, over
 the run) and each is printed; `max_consecutive` in a row ask the loop to roll
 back to the last checkpoint (the input pipeline goes on, so the batches in
 between are not seen again). A second rollback to the same checkpoint, with no
@@ -64,6 +64,7 @@ class Tracker:
     self.cfg, self.log = cfg, log
     self.skipped = 0  # over this run
     self.in_a_row = 0
+    self.longest = 0  # the longest run of non-finite steps since the last rollback
     self.windows = collections.defaultdict(lambda: collections.deque(maxlen=cfg.spike_window))
 
   def observe(self, step: int, prefix: str, m: dict) -> dict:
@@ -71,6 +72,7 @@ class Tracker:
     if m.get('nonfinite', 0.0) > 0:
       self.skipped += 1
       self.in_a_row += 1
+      self.longest = max(self.longest, self.in_a_row)
       self.log(f'step {step}: loss {m["loss"]:.4g}, grad_norm {m["grad_norm"]:.4g}: not applied '
                f'(skipped_nonfinite {self.skipped}, {self.in_a_row} in a row)')
       return {}
@@ -94,4 +96,9 @@ class Tracker:
     return {}
 
   def rollback_due(self) -> bool:
-    return self.in_a_row >= self.cfg.max_consecutive
+    """Whether max_consecutive non-finite steps came in a row since the last rollback (the loop reads
+    several steps' metrics at once, so the run may have ended by the time it is seen)."""
+    return self.longest >= self.cfg.max_consecutive
+
+  def rolled_back(self):
+    self.in_a_row = self.longest = 0

@@ -17,7 +17,7 @@ import re
 import jax
 import numpy as np
 
-from vlp import checkpoint, export, paths, pretrained
+from vlp import checkpoint, export, paths, weights_files
 from vlp.config import ConfigError
 from vlp.train import optim
 
@@ -27,14 +27,14 @@ def source_of(config) -> str:
 
 def _read(source: str) -> dict:
   """{'/'-joined name: numpy array} of the source's params."""
-  if paths.exists(paths.join(source, export.WEIGHTS)):
-    flat = pretrained.read_weights(paths.join(source, export.WEIGHTS))
+  if weights_files.exists(source):
+    flat = weights_files.read(source)
   elif paths.exists(paths.join(source, 'config.json')):
     _, params, _ = export.restore_params(source)
     flat = {k: np.asarray(jax.device_get(v)) for k, v in checkpoint.flatten(params)}
   else:
     raise ConfigError(f"config key 'init.from': {source} is neither a vlp workdir (config.json) nor a "
-                      f'vlp export ({export.WEIGHTS})')
+                      f'vlp export ({weights_files.SINGLE} or {weights_files.INDEX})')
   return {k.replace('.', '/'): v for k, v in flat.items()}
 
 

@@ -56,9 +56,13 @@ def train(config, workdir: str, progress: bool = True, step: int | None = None) 
 
 
 class _Logger:
-  """Writes a step's metrics one step late (the device is not waited for), on log steps:
-  per-variant curves ('<variant>/loss', ...) when there are several tasks, throughput,
-  input wait and skipped records."""
+  """Writes the metrics of log steps: per-variant curves ('<variant>/loss', ...) when there are
+  several tasks, throughput, input wait and skipped records.
+
+  Metrics stay on the device until a log step, or until `nonfinite.max_consecutive` steps are
+  unread (so a run of non-finite steps, which were not applied, is seen at most that many steps
+  late), then come back in one transfer: no host sync between those steps. The loop hands a
+  step's metrics over one step late, after the next step is dispatched."""
 
   def __init__(self, config, writer, times, bar, tracker):
     self.config, self.writer, self.times, self.bar, self.tracker = config, writer, times, bar, tracker
@@ -66,16 +70,32 @@ class _Logger:
     self.examples = 0
     self.latest = {}  # variant -> its latest metrics since the last log line
     self.skipped = collections.Counter()  # input records skipped this run, by reason
+    self.unread = []  # (step, variant, metrics on the device) not read back yet
+    self.reads = 0  # device -> host transfers of metrics (tests read it)
 
   def __call__(self, step, variant, device_metrics):
-    m = jax.device_get(device_metrics)
-    warnings = self.tracker.observe(step, variant.metric_prefix, m)
-    if warnings:
-      self.writer.write(step, warnings)
-    m = {k: v for k, v in m.items() if k != 'nonfinite'}  # counted over the run instead
-    self.latest[variant.metric_prefix] = m
-    if step % self.config.log_every and step != self.config.total_steps:
+    self.unread.append((step, variant, device_metrics))
+    log_step = step % self.config.log_every == 0 or step == self.config.total_steps
+    if not log_step and len(self.unread) < self.config.nonfinite.max_consecutive:
       return
+    self.read()
+    if log_step:
+      self.line(step, variant)
+
+  def read(self):
+    """Every unread step's metrics, in one transfer, through the guard's tracker."""
+    if not self.unread:
+      return
+    steps, self.unread = self.unread, []
+    self.reads += 1
+    for (step, variant, _), m in zip(steps, jax.device_get([m for _, _, m in steps])):
+      warnings = self.tracker.observe(step, variant.metric_prefix, m)
+      if warnings:
+        self.writer.write(step, warnings)
+      self.latest[variant.metric_prefix] = {k: v for k, v in m.items() if k != 'nonfinite'}  # counted instead
+
+  def line(self, step, variant):
+    m = self.latest[variant.metric_prefix]
     now, waited = time.perf_counter(), self.times['data_wait']
     elapsed = max(now - self.last[0], 1e-9)
     out = {f'{prefix}{k}': x for prefix, vm in self.latest.items() for k, x in vm.items()}
@@ -178,6 +198,7 @@ def _train(config, workdir, progress, resume_at, preempt):
                               compiles=metrics_lib.CompileCounter(), rollback=_Rollback(plan, setup, ckpt, writer),
                               batch_sharding=parallel.batch_sharding(mesh))
   state, final, done = _steps(run, start, state)
+  times['metric_reads'] = log.reads  # device -> host transfers of step metrics
   bar.close()
   return _finish(config, state, start, iterators, ckpt, writer, times, run.compiles, evaluator, final, done)
 
@@ -205,7 +226,7 @@ def _steps(run, start, state):
     pending, done, step = (step + 1, variant, device_metrics), step + 1, step + 1
     run.bar.update(1)
     if log.tracker.rollback_due():  # seen one step late: the step just dispatched goes too
-      pending, (step, state) = None, _roll_back(run, done - 1, f'{log.tracker.in_a_row} non-finite steps in a row')
+      pending, (step, state) = None, _roll_back(run, done - 1, f'{log.tracker.longest} non-finite steps in a row')
       done = step
       continue
     stop = run.preempt.requested()
@@ -230,6 +251,7 @@ def _steps(run, start, state):
       run.writer.write(done, final)
   if pending is not None:
     log(*pending)
+  log.read()  # the steps after the last log line (a preemption): counted by the guard's tracker too
   return state, final, done
 
 
@@ -241,7 +263,7 @@ def _in_nonfinite_run(device_metrics) -> bool:
 
 def _roll_back(run, at_step, why):
   step, state = run.rollback(at_step, why)
-  run.log.tracker.in_a_row = 0
+  run.log.tracker.rolled_back()
   run.bar.n = step
   run.bar.refresh()
   return step, state
@@ -258,7 +280,8 @@ def _finish(config, state, start, iterators, ckpt, writer, times, compiles, eval
   # input wait and step time of the slowest host (a step waits for every host), and their means
   hosts = metrics_lib.across_hosts({k: times[k] for k in ('data_wait', 'step')})
   times.update({k: v for k, v in hosts.items() if not k.endswith('_host')})
-  writer.write(done, {f'time/{k}_s' if k != 'step_compiles' else 'time/step_compiles': v for k, v in times.items()})
+  counts = ('step_compiles', 'metric_reads')
+  writer.write(done, {f'time/{k}' if k in counts else f'time/{k}_s': v for k, v in times.items()})
   writer.close()
   if evaluator and not final and start == config.total_steps:  # nothing left to train: evaluate what is there
     final = dict(evaluator.run(state['params']))

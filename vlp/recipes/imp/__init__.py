@@ -96,8 +96,8 @@ class Imp(base.Recipe):
 
   def batch_spec(self, config, variant):
     t, size = variant.cfg, variant.image_size
-    spec = {'image': ((size, size, 3), jnp.float32)} if variant.vision == 'image' else \
-        {'video': ((variant.frames, size, size, 3), jnp.float32)}
+    spec = {'image': ((size, size, 3), jnp.uint8)} if variant.vision == 'image' else \
+        {'video': ((variant.frames, size, size, 3), jnp.uint8)}
     if 'text' in t.modalities:
       spec['text'] = ((config.model.text.context_length,), jnp.int32)
     if t.loss == 'classification':

@@ -29,9 +29,9 @@ def eval_arrays(source, tokenizer: tokenizer_lib.Tokenizer, *, num_images: int, 
   (image-caption pairs as converted to ArrayRecord). Images are resized and
   centre-cropped. Returns image uint8 [n, H, W, 3] (this host's images: all of
   them with one host), image_rows ({'ids', 'total', 'most'} as
-  vlp.eval.embed.host_rows: which rows of the set those are), text int32 [M, L], text_to_image int32 [M] (the image of every
-  caption), language [M] (str, '' when unknown) and 'skipped': {reason:
-  count}. With hosts > 1, agree(this host's {image index: reason}) -> every
+  vlp.eval.embed.host_rows: which rows of the set those are), text int32
+  [M, L], text_to_image int32 [M] (the image of every caption), language [M]
+  (str, '' when unknown) and 'skipped': {reason: count}. With hosts > 1, agree(this host's {image index: reason}) -> every
   host's (vlp.eval.datasets gives one over jax.distributed). hold_images=False
   keeps no pixels: 'image' is a `StreamedImages` that reads and decodes the
   rows asked for (each eval decodes its batches again; for sets larger than a

@@ -3,8 +3,8 @@
 Images enter the models as float32 in [-1, 1] (pixel / 127.5 - 1, the
 big_vision `value_range(-1, 1)` convention) rather than with ImageNet/CLIP
 mean-std: it needs no dataset statistics and treats every source alike.
-The pipeline hands out uint8 pixels and the compiled step or encoder
-normalises them on the device (`model_input`): a quarter of float32's bytes
+The pipeline hands out uint8 pixels and the models' embedders
+normalise them on the device (`model_input`): a quarter of float32's bytes
 from host to device, and in an eval set held in host memory.
 
 Encoded images (web data: JPEG, PNG, WebP, GIF...) are decoded with Pillow.

@@ -7,7 +7,7 @@ of -1), and the outputs come back replicated, so every host ends with the
 whole set's embeddings in the set's order, whatever the mesh: a `tensor`
 axis that spans hosts included (unreplicated, those outputs would be
 `P(None, 'tensor')`, which no host can read whole). Images go to the device
-as uint8 and are normalised inside the compiled encoder.
+as uint8 and are normalised by the models' embedders.
 
 Without a mesh (params on one device, or numpy) it is one jitted call per
 padded batch, the same compiled shape every time.
@@ -19,7 +19,6 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from vlp import parallel
-from vlp.data import transforms
 
 
 def mesh_of(params):
@@ -50,9 +49,9 @@ def global_batch(batch_size: int, mesh) -> int:
 
 
 def with_row_ids(fn):
-  """fn(params, x) as the compiled encoder runs it: uint8 pixels normalised on the device, and the
-  batch's row ids passed through (the padding's are -1)."""
-  return lambda params, x, ids: (fn(params, transforms.model_input(x)), ids)
+  """fn(params, x) as the compiled encoder runs it, the batch's row ids passed through (the
+  padding's are -1). uint8 pixels go in as they are: the models' embedders normalise them."""
+  return lambda params, x, ids: (fn(params, x), ids)
 
 
 def host_rows(total: int, hosts: int = 1, host: int = 0) -> dict:

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import optax
 
 from vlp import parallel
-from vlp.data import transforms
 from vlp.train import agd, guard, optim
 
 
@@ -55,7 +54,6 @@ def make_train_step(plan, setup, variant):
 
   def train_step(state, batch):
     model_state = state.get('model_state', {})
-    batch = {k: transforms.model_input(x) for k, x in batch.items()}  # uint8 pixels -> [-1, 1] here, on the device
 
     def loss_fn(params, batch):
       # no gradient reaches a frozen param, so XLA drops the backward pass of a frozen tower

@@ -9,14 +9,17 @@ Target topology: v4-32 (16 v4 chips, 2x2x4; 32 examples per chip), checked befor
 is booked:
   vlp compile --config=configs/albef_base.py --topology=v4-32 --json=albef_base.json
 
-The text stack starts from scratch with vlp's SentencePiece vocabulary (ALBEF
-loads bert-base-uncased): give a 30k-ish tokenizer (`vlp data tokenizer`).
+As ALBEF, the text stack starts from bert-base-uncased when the config's argument names
+its import (BERT's post-LN layout, its WordPiece vocabulary, LayerNorm eps 1e-12):
+  vlp import bert-base-uncased --out=bert   # a transformers directory (config.json, model.safetensors)
+  vlp train --config=configs/albef_base.py:bert --workdir=DIR ...
+Without an argument it starts from scratch with vlp's SentencePiece vocabulary: give a
+30k-ish tokenizer (`vlp data tokenizer`).
 """
 from vlp.recipes import base_config
 
 
 def get_config(arg=None):
-  del arg
   c = base_config('albef')
   c.batch_size = 512
   c.total_steps = 30 * 14_000_000 // 512  # 30 epochs of the 14M-pair corpus
@@ -31,4 +34,9 @@ def get_config(arg=None):
   c.data.update(crop_scale=(0.2, 1.0), flip=True)  # as ALBEF (which adds RandAugment)
   c.eval_every = 5000
   c.checkpoint.every = 2000
+  if arg:  # a BERT import: the text stack, its MLM head and the captions' vocabulary start from it
+    c.model.text.post_ln = True
+    c.model.arch.ln_eps = 1e-12  # BERT's; the ViT takes it too (one model.arch for both towers)
+    c.init.text_from = arg
+    c.data.tokenizer = f'{arg}/tokenizer.json'
   return c

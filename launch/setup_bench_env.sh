@@ -4,7 +4,8 @@
 # (vlp/bench/open_clip_ref.py), and webdataset + Pillow + sentencepiece for the
 # input-pipeline reference of `vlp bench data --compare=webdataset`
 # (vlp/bench/data_ref.py), and transformers for the CLIPModel parity tests of
-# `vlp import` / `vlp export --format=hf` (tests/hf_clip_ref.py). Idempotent:
+# `vlp import` / `vlp export --format=hf` (tests/hf_clip_ref.py, tests/hf_bert_ref.py; protobuf for
+# SiglipTokenizer). Idempotent:
 # re-running checks and returns.
 #
 #   bash launch/setup_bench_env.sh          # cheap: torch 2.13.0 CPU wheel (~190 MB),
@@ -32,7 +33,7 @@ TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-5.24.0}"
 check() {
   (cd "$ROOT" && "$VENV/bin/python" -c "
 import sys; sys.path.insert(0, 'vlp/bench')
-import open_clip_ref as r, torch, webdataset, PIL, sentencepiece
+import open_clip_ref as r, torch, webdataset, PIL, sentencepiece, google.protobuf
 oc = r.import_open_clip()
 print('bench env ok:', sys.executable, 'torch', torch.__version__, 'open_clip', oc.version, '|', oc.how)
 ") && "$VENV/bin/python" -c "import transformers; print('transformers', transformers.__version__)"
@@ -49,7 +50,7 @@ case "$MODE" in
     # torch==2.13.0: a CPU build where pip is configured with one (elsewhere
     # use PyTorch's CPU wheel index for the same version).
     "${PIP[@]}" "torch==2.13.0"
-    "${PIP[@]}" numpy pillow sentencepiece "webdataset==1.0.2"
+    "${PIP[@]}" numpy pillow sentencepiece protobuf "webdataset==1.0.2"
     "${PIP[@]}" --no-deps "open_clip_torch==$OPEN_CLIP_VERSION"
     "${PIP[@]}" "transformers==$TRANSFORMERS_VERSION"
     ;;
@@ -58,7 +59,7 @@ case "$MODE" in
       aarch64) "${PIP[@]}" "torch==2.9.1" "torchvision==0.24.1" ;;
       *)       "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1" ;;
     esac
-    "${PIP[@]}" "open_clip_torch==$OPEN_CLIP_VERSION" pillow sentencepiece "webdataset==1.0.2" \
+    "${PIP[@]}" "open_clip_torch==$OPEN_CLIP_VERSION" pillow sentencepiece protobuf "webdataset==1.0.2" \
       "transformers==$TRANSFORMERS_VERSION"
     ;;
   *) echo "usage: $0 [--cheap|--full]" >&2; exit 2 ;;

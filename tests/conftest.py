@@ -140,3 +140,17 @@ def _no_compile_cache_leak():
   yield
   if moved():
     _use_session_cache()
+
+
+def transformers_python() -> str:
+  """The open_clip environment's python (launch/setup_bench_env.sh), where it has transformers;
+  skips the test otherwise."""
+  import subprocess
+  from vlp.bench import compare
+  try:
+    python = compare.bench_python(None)
+  except compare.ReferenceEnvError as e:
+    pytest.skip(str(e))
+  if subprocess.run([python, '-c', 'import transformers'], capture_output=True).returncode:
+    pytest.skip('the open_clip environment has no transformers (launch/setup_bench_env.sh installs it)')
+  return python

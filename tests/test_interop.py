@@ -5,12 +5,11 @@ its image tower locked, a text tower trained from scratch."""
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import safetensors.numpy
-from conftest import tiny_config
+from conftest import tiny_config, transformers_python
 
 from vlp import checkpoint, cli, export, pretrained, weights_files
 from vlp.bench import compare
@@ -124,12 +123,7 @@ HF_REF = os.path.join(os.path.dirname(__file__), 'hf_clip_ref.py')
 
 def _hf(tmp_path, *args):
   """Runs tests/hf_clip_ref.py in the open_clip environment (skips where it lacks transformers)."""
-  try:
-    python = compare.bench_python(None)
-  except compare.ReferenceEnvError as e:
-    pytest.skip(str(e))
-  if subprocess.run([python, '-c', 'import transformers'], capture_output=True).returncode:
-    pytest.skip('the open_clip environment has no transformers (launch/setup_bench_env.sh installs it)')
+  python = transformers_python()
   images, tokens = _inputs(np.random.default_rng(0))
   np.savez(tmp_path / 'hf_in.npz', image_nchw=images.transpose(0, 3, 1, 2), tokens=tokens)
   proc = subprocess.run([python, HF_REF, *args, '--inputs', str(tmp_path / 'hf_in.npz')], capture_output=True,
@@ -402,3 +396,62 @@ def test_an_import_takes_captions_through_its_sources_tokenizer_and_hands_it_on(
   diff = np.abs(enc.encode_text(CAPTIONS) - want['text']).max()
   print(f'strings through the source tokenizer: {diff:.2e}')
   assert diff <= 1e-4
+
+
+def _spiece(path, vocab_size):
+  """A small SentencePiece model with SigLIP's special ids: </s> (EOS and padding) = 1, <unk> = 2."""
+  import sentencepiece as spm
+  words = 'a an the red blue green yellow purple small large circle square triangle star left right above below ' \
+          'of next to two three and with'.split()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter([' '.join(words[i:] + words[:i]) for i in range(len(words))]),
+                                 model_prefix=str(path), vocab_size=vocab_size, model_type='unigram', pad_id=0,
+                                 eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+  return f'{path}.model'
+
+
+@pytest.mark.slow
+def test_a_siglip_import_takes_captions_through_its_sentencepiece_model(tmp_path):
+  """A SiglipModel directory with SiglipTokenizer's spiece.model: the import encodes strings as
+  transformers tokenises them (lower-cased, punctuation removed, EOS kept when cut, padded with
+  </s>) and SiglipModel embeds them alike; the tokenizer travels on to the HF export."""
+  cfg = json.loads(json.dumps(HF_CONFIGS['siglip']))
+  cfg['text_config'].update(eos_token_id=1, pad_token_id=1)  # the tokenizer's </s>
+  (tmp_path / 'hf_cfg.json').write_text(json.dumps(cfg))
+  src = tmp_path / 'hf'
+  _hf(tmp_path, 'build', '--config', str(tmp_path / 'hf_cfg.json'), '--out', str(src), '--model=siglip',
+      f'--spiece={_spiece(tmp_path / "sp", 200)}')
+  assert cli.main(['import', str(src), f'--out={tmp_path / "vlp"}']) == 0
+  back = tmp_path / 'hf_back'
+  assert cli.main(['export', f'--workdir={tmp_path / "vlp"}', '--format=hf', f'--out={back}']) == 0
+  assert (back / 'spiece.model').read_bytes() == (src / 'spiece.model').read_bytes()
+  captions = CAPTIONS + ['Two  GREEN triangles!!', 'a red, circle; left of: the square.']
+  (tmp_path / 'texts.json').write_text(json.dumps(captions))
+  _hf(tmp_path, 'embed', '--out', str(back), '--model=siglip', f'--texts={tmp_path / "texts.json"}')
+  want = dict(np.load(back / 'embeddings.npz'))
+  enc = pretrained.load(str(tmp_path / 'vlp'))
+  got_tokens = enc.tokenize(captions)
+  np.testing.assert_array_equal(got_tokens, want['tokens'])
+  assert got_tokens[2, -1] == 1 and (got_tokens[1] == 1).sum() > 1  # cut with EOS kept; padded with </s>
+  diff = np.abs(enc.encode_text(captions) - want['text']).max()
+  print(f'strings through SigLIP\'s SentencePiece model: {diff:.2e}')
+  assert diff <= 1e-4
+
+
+def test_a_big_vision_import_takes_strings_through_the_tokenizer_it_is_given(tmp_path):
+  """`vlp import X.npz --tokenizer=SP.model`: big_vision's captions, the model's pieces of the
+  text as it is, then EOS (id 1, kept when cut), padded with 1."""
+  import sentencepiece as spm
+  flat = _big_vision_npz(np.random.default_rng(0), pool='map', scan=False, image_head=False)
+  np.savez(tmp_path / 'siglip.npz', **flat)
+  sp_model = _spiece(tmp_path / 'sp', 80)  # within the checkpoint's 100 ids
+  assert cli.main(['import', str(tmp_path / 'siglip.npz'), f'--out={tmp_path / "vlp"}', f'--tokenizer={sp_model}']) == 0
+  enc = pretrained.load(str(tmp_path / 'vlp'))
+  sp = spm.SentencePieceProcessor(model_file=sp_model)
+  length = enc.context_length
+  want = np.ones((len(CAPTIONS), length), np.int32)
+  for row, text in zip(want, CAPTIONS):
+    ids = sp.encode(text)
+    ids = (ids[:length - 1] if len(ids) >= length else ids) + [1]
+    row[:len(ids)] = ids
+  np.testing.assert_array_equal(enc.tokenize(CAPTIONS), want)
+  np.testing.assert_array_equal(enc.encode_text(CAPTIONS), enc.encode_text(want))

@@ -69,7 +69,7 @@ def cmd_eval(args, overrides):
 
 def cmd_import(args, overrides):
   from vlp.interop import command
-  print(f'imported: {command.run(args.src, args.out, args.format, args.dtype)}')
+  print(f'imported: {command.run(args.src, args.out, args.format, args.dtype, args.tokenizer)}')
 
 
 def _add_process_group(p):
@@ -102,13 +102,16 @@ def _add_bench(sub):
 
 
 def _add_import(sub):
-  p = sub.add_parser('import', help="another framework's checkpoint (open_clip, transformers CLIP / SigLIP, "
-                                   'big_vision) as a vlp export directory')
+  p = sub.add_parser('import', help="another framework's checkpoint (open_clip, transformers CLIP / SigLIP / "
+                                   'BERT, big_vision) as a vlp export directory')
   p.add_argument('src', help='an open_clip directory (open_clip_config.json + open_clip_model.safetensors), a '
-                             'transformers CLIPModel or SiglipModel directory, or a big_vision two-tower .npz')
+                             'transformers CLIPModel, SiglipModel, BertModel or BertForMaskedLM directory, or a '
+                             'big_vision two-tower .npz')
   p.add_argument('--out', required=True)
   p.add_argument('--format', default=None, choices=('open_clip', 'hf', 'big_vision'), help='default: detected')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--tokenizer', default='', help="the SentencePiece .model of a source that ships none "
+                 "(big_vision's): encode_text then takes strings")
   p.set_defaults(fn=cmd_import)
 
 

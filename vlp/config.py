@@ -114,7 +114,7 @@ def data_section() -> dict:
       train_examples=100_000,  # synthetic: size of the train split
       eval_images=500,  # images in the retrieval eval (synthetic: one caption per language each)
       languages=('en', 'de', 'fr', 'es'),  # synthetic captions
-      tokenizer='builtin',  # or a path to a SentencePiece .model (`vlp data tokenizer`)
+      tokenizer='builtin',  # or a SentencePiece .model (`vlp data tokenizer`), or a BERT import's tokenizer.json
       crop_scale=(0.5, 1.0),  # random-resized crop: area fraction kept (encoded images only)
       flip=False,  # random left-right flip; off by default: captions name left and right
       max_pixels=64_000_000,  # larger images are skipped as decompression bombs

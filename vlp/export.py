@@ -16,6 +16,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vlp import checkpoint, config as config_lib, parallel, paths, plan as plan_lib, recipes, tasks, weights_files
+from vlp.interop import hub_tokenizer
 from vlp.train import state as state_lib
 
 CONFIG, TOKENIZER = 'config.json', 'tokenizer.model'
@@ -96,8 +97,8 @@ def write(out: str, model_cfg, flat: dict, dtype: str = 'float32', tokenizer_pat
   weights_files.write(out, specs, lambda k: _on_host(flat[k]), {'step': meta.get('step')}, max_shard_bytes,
                       jax.process_count(), jax.process_index())
   if jax.process_index() == 0:
-    if tokenizer_path:
-      paths.copy(tokenizer_path, paths.join(out, TOKENIZER))
+    if tokenizer_path:  # a SentencePiece model, or a BERT import's tokenizer.json under its own name
+      paths.copy(tokenizer_path, paths.join(out, hub_tokenizer.FILE if tokenizer_path.endswith('.json') else TOKENIZER))
     keys = sorted(flat)
     encoders = export_encoders(model_cfg, keys, dtype)
     for kind, blob in encoders.items():

@@ -16,7 +16,8 @@ from vlp.interop import hub_tokenizer
 
 class Encoders:
   """encode_image(images) / encode_text(texts or tokens) -> L2-normalised [B, D] float32;
-  an IMP export also has encode_video(clips).
+  an IMP export also has encode_video(clips). A text encoder alone (a BERT import) has
+  encode_text only, which gives its last hidden states, float32 [B, L, width].
 
   Images are uint8 [B, S, S, 3] pixels, or floats normalised as the model
   takes them ([-1, 1], or an import's mean and std: `preprocess` makes them
@@ -28,25 +29,22 @@ class Encoders:
     from vlp.data.tokenizer import Tokenizer
     with paths.open(paths.join(path, 'config.json')) as f:  # local or remote (gs://)
       self.config = json.load(f)
-    if 'image_encoder' not in self.config:
+    if 'text_encoder' not in self.config:
       raise ValueError(f'{path} has no exported encoders: export it again with this version of `vlp export`')
     flat = weights_files.read(path)
     self.weights = [jax.device_put(flat[k]) for k in self.config['param_keys']]
-    self._image, self._text = (self._load(paths.join(path, self.config[k]))
-                               for k in ('image_encoder', 'text_encoder'))
-    self._video = self._load(paths.join(path, self.config['video_encoder'])) if 'video_encoder' in self.config else None
-    # vlp's own SentencePiece model; an import carries its source's tokenizer.json when it had one
-    tokenizer, hub = paths.join(path, 'tokenizer.model'), paths.join(path, hub_tokenizer.FILE)
-    self.tokenizer = None
-    if paths.exists(tokenizer):
-      self.tokenizer = Tokenizer(tokenizer)
-    elif paths.exists(hub):
-      tokens = self.config.get('tokens', {})
-      self.tokenizer = hub_tokenizer.HubTokenizer(hub, tokens['eos_id'], tokens.get('pad_id', 0))
+    self._image, self._text, self._video = (
+        self._load(paths.join(path, self.config[f'{kind}_encoder'])) if f'{kind}_encoder' in self.config else None
+        for kind in ('image', 'text', 'video'))
+    # vlp's own SentencePiece model; an import carries its source's tokenizer.json or spiece.model
+    tokenizer = paths.join(path, 'tokenizer.model')
+    self.tokenizer = (Tokenizer(tokenizer) if paths.exists(tokenizer)
+                      else hub_tokenizer.for_export(path, self.config.get('tokens') or {}))
     # an import's pixels as its source was trained on: (x / 255 - mean) / std; vlp's own: [-1, 1]
     self.normalization = self.config.get('preprocess')
     model = self.config['model']
-    self.image_size, self.context_length = model['image']['image_size'], model['text']['context_length']
+    self.image_size = model['image']['image_size'] if 'image' in model else None
+    self.context_length = model['text']['context_length']
 
   @staticmethod
   def _load(file):
@@ -74,11 +72,13 @@ class Encoders:
 
   def tokenize(self, texts) -> np.ndarray:
     if self.tokenizer is None:
-      raise ValueError('this export has no tokenizer (an import of a source without tokenizer.json keeps its '
-                       'source\'s token ids): give encode_text int token ids [B, L]')
+      raise ValueError('this export has no tokenizer (an import of a source without tokenizer.json or '
+                       'spiece.model keeps its source\'s token ids): give encode_text int token ids [B, L]')
     return self.tokenizer.encode(list(texts), self.context_length)
 
   def encode_image(self, images) -> np.ndarray:
+    if self._image is None:
+      raise ValueError(f"a {self.config['model']['name']} export is a text encoder: it has no image encoder")
     return np.asarray(self._image(self.weights, self._float(images)))
 
   def _float(self, x):

@@ -70,6 +70,7 @@ class Preprocess:
     if self.mlm_prob:  # ALBEF's MLM inputs, masked with this example's own rng: resumable
       example['mlm_text'], example['mlm_labels'] = transforms.mlm_mask(
           text, rng, vocab_size=self.tokenizer.vocab_size, mask_id=self.tokenizer.mask_id,
+          special_ids=self.tokenizer.special_ids,
           prob=self.mlm_prob)
     return example
 

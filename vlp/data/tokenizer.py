@@ -107,6 +107,11 @@ class Tokenizer:
   def sep_id(self) -> int:
     return self._sp.eos_id()
 
+  @property
+  def special_ids(self) -> tuple[int, ...]:
+    """The ids MLM never selects: [PAD], [UNK], [CLS], [SEP], [MASK]."""
+    return (self.pad_id, self._sp.unk_id(), self.cls_id, self.sep_id, self.mask_id)
+
   def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
     """int32 [len(texts), max_len]; long texts lose their last tokens."""
     if max_len < 2:
@@ -218,9 +223,18 @@ def builtin_tokenizer(vocab_size: int = 1024) -> Tokenizer:
 
 
 def for_config(config) -> Tokenizer:
-  """The tokenizer `config.data.tokenizer` names ('builtin' or a SentencePiece .model path),
-  checked against the model's vocabulary."""
-  t = builtin_tokenizer() if config.data.tokenizer == 'builtin' else Tokenizer(config.data.tokenizer)
+  """The tokenizer `config.data.tokenizer` names ('builtin', a SentencePiece .model path, or a
+  BERT-style tokenizer.json: a BERT import's WordPiece vocabulary), checked against the model's
+  vocabulary."""
+  name = config.data.tokenizer
+  if name.endswith('.json'):
+    from vlp.interop import hub_tokenizer
+    try:
+      t = hub_tokenizer.BertTokenizer(name)
+    except ValueError as e:
+      raise ConfigError(f"config key 'data.tokenizer': {e}") from None
+  else:
+    t = builtin_tokenizer() if name == 'builtin' else Tokenizer(name)
   if t.vocab_size > config.model.text.vocab_size:
     raise ConfigError(f"config key 'model.text.vocab_size': {config.model.text.vocab_size} is smaller "
                       f'than the tokenizer vocabulary ({t.vocab_size})')

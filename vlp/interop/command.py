@@ -1,6 +1,6 @@
 """`vlp import SRC --out=DIR [--format=open_clip|hf|big_vision]`: another framework's checkpoint as a vlp
-export; `vlp export --format=hf`: a vlp model as a transformers directory (a CLIPModel, or a
-SiglipModel for the sigmoid head).
+export; `vlp export --format=hf`: a vlp model as a transformers directory (a CLIPModel, a
+SiglipModel for the sigmoid head, a BertModel or BertForMaskedLM for a BERT import).
 
 An import is an export directory like `vlp export` writes (weights, config, jax.export'ed
 encoders), so `vlp.load_pretrained(DIR)` runs it and `--config.init.from=DIR` trains from it
@@ -17,7 +17,7 @@ import safetensors.numpy
 from flax import nnx
 
 from vlp import checkpoint, export, paths, recipes, weights_files
-from vlp.interop import big_vision, hf_clip, hf_siglip, hub_tokenizer, open_clip
+from vlp.interop import big_vision, hf_bert, hf_clip, hf_siglip, hub_tokenizer, open_clip
 
 FORMATS = ('open_clip', 'hf', 'big_vision')
 
@@ -27,7 +27,7 @@ def detect(src: str) -> str:
     return 'open_clip'
   if src.endswith('.npz'):
     return 'big_vision'
-  if {'CLIPModel', hf_siglip.ARCHITECTURE} & set(hf_clip.architectures(src)):
+  if {'CLIPModel', hf_siglip.ARCHITECTURE, *hf_bert.ARCHITECTURES} & set(hf_clip.architectures(src)):
     return 'hf'
   raise ValueError(f'vlp import: {src} is not an open_clip directory ({open_clip.CONFIG}), a transformers '
                    'directory or a big_vision .npz')
@@ -48,44 +48,63 @@ CLIP_NORMALIZATION = {'mean': [0.48145466, 0.4578275, 0.40821073], 'std': [0.268
 
 
 def _read(src: str, fmt: str):
-  """(vlp model config updates, nested params, pixel normalisation, token ids) of a source."""
+  """(recipe, vlp model config updates, nested params, pixel normalisation, token ids) of a source."""
   if fmt == 'open_clip':
     updates, normalization = open_clip.model_config(src)
     params = open_clip.convert(open_clip.read_state(src), updates)
     vocab = updates['text']['vocab_size']  # CLIP's tokenizer: start and end of text are the last two ids
-    return updates, params, normalization, {'eos_id': vocab - 1, 'bos_id': vocab - 2}
+    return 'align', updates, params, normalization, {'eos_id': vocab - 1, 'bos_id': vocab - 2}
   if fmt == 'hf':
-    siglip = hf_siglip.ARCHITECTURE in hf_clip.architectures(src)
-    converter = hf_siglip if siglip else hf_clip
-    updates = converter.model_config(src)
-    if not paths.exists(paths.join(src, hf_clip.WEIGHTS)):
-      raise ValueError(f'vlp import: {src}: no {hf_clip.WEIGHTS} (torch pickles are not read: nothing is unpickled)')
-    params = converter.to_vlp(weights_files.read_file(paths.join(src, hf_clip.WEIGHTS)), updates)
-    with paths.open(paths.join(src, hf_clip.CONFIG)) as f:
-      text = json.load(f)['text_config']
-    normalization = hf_siglip.SIGLIP_NORMALIZATION if siglip else CLIP_NORMALIZATION
-    if paths.exists(paths.join(src, 'preprocessor_config.json')):
-      with paths.open(paths.join(src, 'preprocessor_config.json')) as f:
-        pre = json.load(f)
-      normalization = {'mean': pre.get('image_mean', normalization['mean']),
-                       'std': pre.get('image_std', normalization['std'])}
-    tokens = {'eos_id': text.get('eos_token_id', 2), 'bos_id': text.get('bos_token_id', 1)}
-    if siglip:  # SigLIP attends to its padding, so captions are padded with its own pad id
-      tokens['pad_id'] = text.get('pad_token_id', 1)
-    return updates, params, normalization, tokens
+    return _read_hf(src)
   if fmt == 'big_vision':  # SigLIP's SentencePiece captions end in EOS (id 1), padded with it; no BOS
     flat = big_vision.read(src)
     updates = big_vision.model_config(flat, src)
-    return updates, big_vision.to_vlp(flat, updates), big_vision.NORMALIZATION, dict(eos_id=1, bos_id=None, pad_id=1)
+    return ('align', updates, big_vision.to_vlp(flat, updates), big_vision.NORMALIZATION,
+            dict(eos_id=1, bos_id=None, pad_id=1))
   raise ValueError(f'vlp import: --format={fmt}: not one of {", ".join(FORMATS)}')
 
 
-def run(src: str, out: str, fmt: str | None = None, dtype: str = 'float32') -> str:
+def _hf_weights(src: str) -> dict:
+  if not paths.exists(paths.join(src, hf_clip.WEIGHTS)):
+    raise ValueError(f'vlp import: {src}: no {hf_clip.WEIGHTS} (torch pickles are not read: nothing is unpickled)')
+  return weights_files.read_file(paths.join(src, hf_clip.WEIGHTS))
+
+
+def _read_hf(src: str):
+  architectures = set(hf_clip.architectures(src))
+  if architectures & set(hf_bert.ARCHITECTURES):  # a text encoder: no pixels; ids from its own tokenizer
+    updates, sd = hf_bert.model_config(src), hf_bert.canonical(_hf_weights(src))
+    updates.update(hf_bert.heads(sd))
+    tokenizer = paths.join(src, hub_tokenizer.FILE)
+    tokens = hub_tokenizer.special_ids(tokenizer) if paths.exists(tokenizer) else {'pad_id': 0}
+    return 'bert', updates, hf_bert.to_vlp(sd, updates), None, tokens
+  siglip = hf_siglip.ARCHITECTURE in architectures
+  converter = hf_siglip if siglip else hf_clip
+  updates = converter.model_config(src)
+  params = converter.to_vlp(_hf_weights(src), updates)
+  with paths.open(paths.join(src, hf_clip.CONFIG)) as f:
+    text = json.load(f)['text_config']
+  normalization = hf_siglip.SIGLIP_NORMALIZATION if siglip else CLIP_NORMALIZATION
+  if paths.exists(paths.join(src, 'preprocessor_config.json')):
+    with paths.open(paths.join(src, 'preprocessor_config.json')) as f:
+      pre = json.load(f)
+    normalization = {'mean': pre.get('image_mean', normalization['mean']),
+                     'std': pre.get('image_std', normalization['std'])}
+  tokens = {'eos_id': text.get('eos_token_id', 2), 'bos_id': text.get('bos_token_id', 1)}
+  if siglip:  # SigLIP attends to its padding, so captions are padded with its own pad id
+    tokens.update(pad_id=text.get('pad_token_id', 1), **hub_tokenizer.siglip_options(src))
+  return 'align', updates, params, normalization, tokens
+
+
+def run(src: str, out: str, fmt: str | None = None, dtype: str = 'float32', tokenizer: str = '') -> str:
+  """Imports src into out; `tokenizer`: a SentencePiece model the source's captions were read
+  with, where the source does not ship one (big_vision: its `tok` model), taken as it is."""
   fmt = fmt or detect(src)
-  updates, params, normalization, tokens = _read(src, fmt)
-  model_cfg = recipes.base_config('align').model
+  recipe, updates, params, normalization, tokens = _read(src, fmt)
+  model_cfg = recipes.base_config(recipe).model
   for key in ('image', 'text', 'arch'):  # a source's tower options over the defaults, key by key
-    model_cfg[key].update(updates.pop(key))
+    if key in updates:
+      model_cfg[key].update(updates.pop(key))
   model_cfg.update(updates)
   flat = {k: jax.numpy.asarray(v) for k, v in checkpoint.flatten(params)}
   _check_against_model(flat, model_cfg, src)
@@ -93,6 +112,8 @@ def run(src: str, out: str, fmt: str | None = None, dtype: str = 'float32') -> s
                                                  'preprocess': normalization, 'tokens': tokens})
   if paths.isdir(src):  # the source's own tokenizer, so encode_text takes strings
     hub_tokenizer.copy_files(src, out)
+  if tokenizer:
+    paths.copy(tokenizer, paths.join(out, hub_tokenizer.SPIECE))
   return out
 
 
@@ -118,14 +139,22 @@ def _token_ids(tok) -> dict:
   return {'eos_id': tok.sep_id, 'bos_id': tok.cls_id}
 
 
+def _converter(model: dict):
+  """(converter module, the transformers class it writes) of a vlp model config."""
+  if hf_bert.claims(model):
+    return hf_bert, 'BertForMaskedLM' if model.get('mlm_head') else 'BertModel'
+  if model.get('head') == 'sigmoid':
+    return hf_siglip, hf_siglip.ARCHITECTURE
+  return hf_clip, 'CLIPModel'
+
+
 def export_hf(src: str, out: str, step=None, weights: str = 'params') -> str:
-  """A transformers directory (config.json, model.safetensors) of a vlp model: a CLIPModel, or a
-  SiglipModel for the sigmoid head."""
+  """A transformers directory (config.json, model.safetensors) of a vlp model: a CLIPModel, a
+  SiglipModel for the sigmoid head, a BertModel or BertForMaskedLM for a BERT import."""
   model, params, tokens = _model_and_params(src, step, weights)
-  siglip = model.get('head') == 'sigmoid'
-  converter, name = (hf_siglip, hf_siglip.ARCHITECTURE) if siglip else (hf_clip, 'CLIPModel')
+  converter, name = _converter(model)
   why = converter.exportable(model, params)
-  if not siglip and tokens['eos_id'] == 2:  # transformers then pools at the highest token id (CLIP's legacy)
+  if converter is hf_clip and tokens['eos_id'] == 2:  # transformers then pools at the highest token id (CLIP's legacy)
     why.append('its end-of-caption token has id 2, which transformers reads as the legacy argmax pooling')
   if why:
     raise ValueError(f'vlp export --format=hf: {src} is not a {name}: ' + '; '.join(why))

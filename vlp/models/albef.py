@@ -4,9 +4,11 @@ Follows salesforce/ALBEF `models/model_pretrain.py`: a ViT image encoder; one
 BERT-style text stack split at `fusion_layer` (layers below it encode text
 alone, layers from it on add cross-attention to the image tokens); 256-d
 L2-normalised projections of both CLS tokens for ITC; a 2-way ITM head on the
-fusion CLS; an MLM head tied to the token embedding. Differences, on purpose:
-pre-LayerNorm blocks as the rest of vlp (BERT is post-LN), and the text stack
-starts from scratch (ALBEF loads bert-base).
+fusion CLS; an MLM head tied to the token embedding. The text stack is
+pre-LayerNorm as the rest of vlp, or with `model.text.post_ln` BERT's layout
+(post-LN blocks, a LayerNorm on the embeddings, no final one), so that it can
+start from a BERT import as ALBEF starts from bert-base
+(`init.text_from`, vlp.recipes.albef).
 
 How it is trained (momentum model, queues, the three losses) lives in
 vlp.recipes.albef.
@@ -23,25 +25,32 @@ TEMP_RANGE = (0.001, 0.5)  # ALBEF clamps its learnt temperature to this range
 
 class TextStack(nnx.Module):
   """Token + position embeddings, `fusion_layer` text-only blocks, then fusion blocks;
-  `moe` (model.text.moe) picks MoE blocks over the whole stack of `depth` blocks."""
+  `moe` (model.text.moe) picks MoE blocks over the whole stack of `depth` blocks. `post_ln`:
+  BERT's layout, the embeddings layer-normalised and every block post-LN (so no final
+  LayerNorm). BERT's token-type embedding of segment 0, the only segment captions have, is a
+  part of the position embedding (vlp.interop.hf_bert folds it in)."""
 
   def __init__(self, vocab_size, context_length, width, depth, num_heads, mlp_dim, *,
-               fusion_layer, image_width, rngs, dtype=jnp.float32, remat='none', moe=None, arch=layers.Arch()):
+               fusion_layer, image_width, rngs, dtype=jnp.float32, remat='none', moe=None, arch=layers.Arch(),
+               post_ln=False):
     self.dtype, self.remat = dtype, remat
     self.token_embed = layers.param(rngs, nnx.initializers.normal(0.02), (vocab_size, width),
                                     ('vocab', 'embed'))
     self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.01), (context_length, width),
                                   (None, 'embed'))
+    norm = lambda: layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
+    self.embed_ln = norm() if post_ln else None
     experts = [layers.moe_kwargs(moe) if is_moe else None for is_moe in layers.moe_blocks(depth, moe)]
     self.text_blocks = nnx.List([
-        layers.Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=experts[i], arch=arch, depth=depth)
+        layers.Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=experts[i], arch=arch, depth=depth,
+                     post_ln=post_ln)
         for i in range(fusion_layer)])
-    self.text_ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
+    self.text_ln = None if post_ln else norm()
     self.fusion_blocks = nnx.List([
         layers.FusionBlock(width, num_heads, mlp_dim, image_width, rngs=rngs, dtype=dtype, moe=experts[i],
-                           arch=arch, depth=depth)
+                           arch=arch, depth=depth, post_ln=post_ln)
         for i in range(fusion_layer, depth)])
-    self.fusion_ln = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
+    self.fusion_ln = None if post_ln else norm()
 
   def encode(self, tokens):
     """int [B, L] -> text-only hidden states [B, L, width] (the text encoder's output)."""
@@ -49,10 +58,12 @@ class TextStack(nnx.Module):
     if length > self.pos_embed.shape[0]:
       raise ValueError(f'text length {length} exceeds context_length {self.pos_embed.shape[0]}')
     x = (jnp.take(self.token_embed[...], tokens, axis=0) + self.pos_embed[...][:length]).astype(self.dtype)
+    if self.embed_ln is not None:
+      x = self.embed_ln(x)
     apply = layers.remat_apply(self.remat)
     for block in self.text_blocks:
       x = apply(block, x, tokens != PAD_ID)
-    return self.text_ln(x)
+    return x if self.text_ln is None else self.text_ln(x)
 
   def fuse(self, text_hidden, mask, image_tokens):
     """Fusion encoder: text hidden states [B, L, D] attend to image tokens [B, S, D_img]."""
@@ -60,7 +71,7 @@ class TextStack(nnx.Module):
     x = text_hidden
     for block in self.fusion_blocks:
       x = apply(block, x, mask, image_tokens)
-    return self.fusion_ln(x)
+    return x if self.fusion_ln is None else self.fusion_ln(x)
 
 
 class MlmHead(nnx.Module):

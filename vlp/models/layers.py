@@ -182,30 +182,37 @@ def _mlp(width, mlp_dim, rngs, dtype, moe, arch=Arch(), depth=1):
   return Mlp(width, mlp_dim, rngs=rngs, dtype=dtype, arch=arch, depth=depth)
 
 
+def residual(x, layer, norm, post_ln: bool):
+  """x + layer(norm(x)) (pre-LN, as ViT and CLIP), or norm(x + layer(x)) (post-LN, as BERT)."""
+  return norm(x + layer(x)) if post_ln else x + layer(norm(x))
+
+
 class Block(nnx.Module):
-  """Pre-LayerNorm Transformer block; `moe` (vlp.models.moe.MoeMlp keyword arguments with
-  num_experts) replaces its MLP by a Mixture-of-Experts."""
+  """Transformer block, pre-LayerNorm or (`post_ln`, BERT's layout) post-LayerNorm; `moe`
+  (vlp.models.moe.MoeMlp keyword arguments with num_experts) replaces its MLP by a
+  Mixture-of-Experts."""
 
   def __init__(self, width, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, moe=None, qk_norm=False,
-               arch=Arch(), depth=1):
+               arch=Arch(), depth=1, post_ln=False):
     self.ln1 = LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
     self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype, qk_norm=qk_norm, arch=arch, depth=depth)
     self.ln2 = LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
     self.mlp = _mlp(width, mlp_dim, rngs, dtype, moe, arch, depth)
+    self.post_ln = post_ln
 
   def __call__(self, x, mask=None):
     x = parallel.constrain(x, ('batch', None, None))
-    x = x + self.attn(self.ln1(x), mask)
-    return x + self.mlp(self.ln2(x))
+    x = residual(x, lambda h: self.attn(h, mask), self.ln1, self.post_ln)
+    return residual(x, self.mlp, self.ln2, self.post_ln)
 
 
 class FusionBlock(nnx.Module):
-  """Pre-LayerNorm block with cross-attention to other tokens between self-attention and MLP
-  (the layout of ALBEF's fusion layers, BERT's layers with `add_cross_attention`); `moe`
-  as for Block."""
+  """Block with cross-attention to other tokens between self-attention and MLP (the layout of
+  ALBEF's fusion layers, BERT's layers with `add_cross_attention`); `moe` and `post_ln` as
+  for Block."""
 
   def __init__(self, width, num_heads, mlp_dim, kv_width, *, rngs, dtype=jnp.float32, moe=None, arch=Arch(),
-               depth=1):
+               depth=1, post_ln=False):
     norm = lambda: LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
     self.ln1 = norm()
     self.attn = SelfAttention(width, num_heads, rngs=rngs, dtype=dtype, arch=arch, depth=depth)
@@ -213,12 +220,13 @@ class FusionBlock(nnx.Module):
     self.cross = CrossAttention(width, kv_width, num_heads, rngs=rngs, dtype=dtype, arch=arch, depth=depth)
     self.ln2 = norm()
     self.mlp = _mlp(width, mlp_dim, rngs, dtype, moe, arch, depth)
+    self.post_ln = post_ln
 
   def __call__(self, x, mask, kv):
     x = parallel.constrain(x, ('batch', None, None))
-    x = x + self.attn(self.ln1(x), mask)
-    x = x + self.cross(self.ln_cross(x), kv)
-    return x + self.mlp(self.ln2(x))
+    x = residual(x, lambda h: self.attn(h, mask), self.ln1, self.post_ln)
+    x = residual(x, lambda h: self.cross(h, kv), self.ln_cross, self.post_ln)
+    return residual(x, self.mlp, self.ln2, self.post_ln)
 
 
 # What a rematerialised block keeps for the backward pass: 'full' only its

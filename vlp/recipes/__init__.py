@@ -10,7 +10,7 @@ from vlp import config as config_lib
 from vlp.config import ConfigError
 from vlp.recipes.base import DEFAULT_TASK, Recipe
 
-BUILTIN = ('align', 'albef', 'imp')
+BUILTIN = ('align', 'albef', 'imp', 'bert')
 _REGISTRY: dict[str, Recipe] = {}
 
 

@@ -14,6 +14,7 @@ compares model names. The methods, with what they are for:
   build(model_cfg)       the Flax NNX model
   batch_spec(...)        the one batch schema: input pipeline, compiled step, random batch
   preprocess_options()   extra arguments of the input pipeline's example maker
+  init_sources(config)   params to start from besides init.from (ALBEF: a BERT import)
   init_model_state(...)  state besides params and optimizer (momentum params, queues)
   loss(...)              (loss, (metrics, new model state)) of one variant's batch
   untouched_params(...)  top-level params a task's step leaves alone
@@ -91,6 +92,12 @@ class Recipe:
         batch[k] = rng.integers(5, config.model.text.vocab_size, size=s.shape)
       batch[k] = batch[k].astype(s.dtype)
     return batch
+
+  def init_sources(self, config) -> list:
+    """[(config key, source, convert)]: sources a fresh run takes params from besides init.from
+    (vlp.train.init_from); convert(name, array) maps a source's param ('/'-joined name) to this
+    model's (name, array), or to None for a param not taken."""
+    return []
 
   def init_model_state(self, config, params) -> dict:
     return {}

@@ -9,6 +9,10 @@ as big_vision's `model_init` and open_clip's `--pretrained` do:
   params this model lacks are ignored; both are listed in one line each;
 - `init.only` (regexes) takes only the params it names from the source (LiT: the
   image tower, the text tower from scratch).
+A recipe may name more sources (`Recipe.init_sources`: ALBEF's `init.text_from`, a BERT
+import for its text stack), each with a conversion of the source's params to its own
+(names, and e.g. the first rows of a longer position table); their params are taken after
+init.from's.
 Names are '/'-joined paths ('image/encoder/blocks/0/attn/qkv'), as `optim.frozen`
 patterns see them.
 """
@@ -42,27 +46,43 @@ def _listing(names, most=50):
   return ', '.join(names[:most]) + (f' ... ({len(names) - most} more)' if len(names) > most else '')
 
 
-def load(config, abstract_params: dict, log=print) -> dict | None:
-  """The params tree of this model with every matching param of the source (None where a
-  param keeps its init); None when config.init['from'] is empty."""
+def _given(config, sources) -> dict:
+  """{this model's param name: (config key, source, array)} of init.from and the recipe's sources."""
+  given = {}
   source = source_of(config)
-  if not source:
+  if source:
+    params = _read(source)
+    only = [re.compile(p) for p in config.init.get('only', ())]
+    if only:
+      params = {k: v for k, v in params.items() if any(p.fullmatch(k) for p in only)}
+      if not params:
+        raise ConfigError(f"config key 'init.only': {source} has no param that {list(config.init.only)} names")
+    given.update({k: ('init.from', source, v) for k, v in params.items()})
+  for key, src, convert in sources:
+    for k, v in _read(src).items():
+      if (taken := convert(k, v)) is not None:
+        given[taken[0]] = (key, src, taken[1])
+  return given
+
+
+def load(config, abstract_params: dict, log=print, sources=()) -> dict | None:
+  """The params tree of this model with every matching param of the sources (None where a
+  param keeps its init); None when config.init['from'] is empty and there are no `sources`
+  ([(config key, source, convert)], vlp.recipes.base.Recipe.init_sources)."""
+  if not source_of(config) and not sources:
     return None
-  given = _read(source)
-  only = [re.compile(p) for p in config.init.get('only', ())]
-  if only:
-    given = {k: v for k, v in given.items() if any(p.fullmatch(k) for p in only)}
-    if not given:
-      raise ConfigError(f"config key 'init.only': {source} has no param that {list(config.init.only)} names")
+  given = _given(config, sources)
   names = {k.replace('.', '/'): x for k, x in checkpoint.flatten(abstract_params)}
-  wrong = [n for n, x in names.items() if n in given and tuple(given[n].shape) != tuple(x.shape)]
+  wrong = [n for n in names if n in given and tuple(given[n][2].shape) != tuple(names[n].shape)]
   if wrong:
     more = f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''
-    raise ConfigError(f"config key 'init.from': {source}: param {wrong[0]} has shape "
-                      f'{tuple(given[wrong[0]].shape)}, this model {tuple(names[wrong[0]].shape)}{more}')
+    key, source, value = given[wrong[0]]
+    raise ConfigError(f"config key '{key}': {source}: param {wrong[0]} has shape "
+                      f'{tuple(value.shape)}, this model {tuple(names[wrong[0]].shape)}{more}')
   missing = sorted(set(names) - set(given))
   extra = sorted(set(given) - set(names))
-  log(f'init.from {source}: {len(names) - len(missing)} of {len(names)} params loaded')
+  froms = ', '.join(sorted({f'{key} {src}' for key, src, _ in given.values()}))
+  log(f'{froms}: {len(names) - len(missing)} of {len(names)} params loaded')
   if missing:
     log(f'  kept at their init (not taken from the source): {_listing(missing)}')
   if extra:
@@ -70,5 +90,5 @@ def load(config, abstract_params: dict, log=print) -> dict | None:
 
   def pick(path, x):
     name = optim.path_name(path)
-    return np.asarray(given[name], x.dtype) if name in given else None
+    return np.asarray(given[name][2], x.dtype) if name in given else None
   return jax.tree_util.tree_map_with_path(pick, abstract_params)

@@ -127,7 +127,8 @@ def _compile_all(plan, setup, times) -> dict:
 
 def fresh_state(plan, setup):
   """The state of step 0: a fresh init, with config.init['from']'s params where it names a source."""
-  return state_lib.init_state(plan, setup, init_from.load(plan.config, setup.abstract['params'], log=_log))
+  return state_lib.init_state(plan, setup, init_from.load(plan.config, setup.abstract['params'], log=_log,
+                                                         sources=plan.recipe.init_sources(plan.config)))
 
 
 def _start(plan, setup, ckpt, iterators, resume_at):

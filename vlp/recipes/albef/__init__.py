@@ -8,15 +8,25 @@ pointer; they move inside the step, without gradients. The loss is ITC
 against the queues with distillation, ITM on hard negatives and MLM
 distilled from the momentum model (vlp.recipes.albef.losses). Evaluation
 re-ranks retrieval candidates with the ITM head (`itm_rerank` evaluators).
+
+As ALBEF starts from bert-base-uncased, `init.text_from=DIR` starts the text stack
+from a BERT import (`vlp import` of a transformers BertModel or BertForMaskedLM):
+BERT's layers below fusion_layer become the text-only blocks, the others the fusion
+blocks' self-attention and MLP (their cross-attention starts fresh), and its MLM head
+ALBEF's. The stack must be in BERT's layout (model.text.post_ln) and the captions in
+BERT's vocabulary (data.tokenizer=DIR/tokenizer.json).
 """
+import json
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlp import config as config_lib
+from vlp import config as config_lib, paths
 from vlp.bench import flops
-from vlp.config import check
+from vlp.config import ConfigError, check
 from vlp.data import transforms
 from vlp.models import albef as model_lib, layers
 from vlp.models.text import PAD_ID
@@ -64,6 +74,12 @@ def itm_inputs(text_hidden, mask, image_tokens, neg_image, neg_text):
   return pairs, jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
 
 
+def _towers():
+  towers = align.towers()
+  towers['text']['post_ln'] = False
+  return towers
+
+
 class Albef(base.Recipe):
   name = 'albef'
   eval_kinds = ('retrieval', 'zeroshot', 'itm_rerank')
@@ -75,7 +91,8 @@ class Albef(base.Recipe):
         # text.depth) add cross-attention to the image tokens
         # vlp.models.layers.Arch: exact GELU, LayerNorm eps 1e-5 and every matrix decayed (as ALIGN's):
         # +5.5 ITC RSUM, +3.9 after ITM + ITC re-ranking at albef_tiny (docs/results.md)
-        'model': dict(align.towers(), fusion_layer=2, arch=dict(init='xavier', gelu='erf', ln_eps=1e-5)),
+        # text.post_ln: BERT's layout (vlp.models.albef.TextStack), to start from a BERT import
+        'model': dict(_towers(), fusion_layer=2, arch=dict(init='xavier', gelu='erf', ln_eps=1e-5)),
         'optim': dict(no_decay=()),
         # ALBEF training (Li et al. 2021, configs/Pretrain.yaml)
         'albef': dict(
@@ -87,6 +104,7 @@ class Albef(base.Recipe):
         ),
         # ITC retrieval, then the top rerank_k candidates re-ranked by the ITM head
         'evals': dict(retrieval=config_lib.eval_config('itm_rerank')),
+        'init': dict(text_from=''),  # a BERT import the text stack and MLM head start from
     }
 
   def validate(self, config):
@@ -103,6 +121,30 @@ class Albef(base.Recipe):
     check(config.accum_steps == 1, 'accum_steps', 'ALBEF updates momentum and queues per step: must be 1')
     check(config.loss.chunk_size == 0, 'loss.chunk_size', 'ALIGN only; ALBEF contrasts against its queues')
     check(config.loss.impl == 'gather', 'loss.impl', 'ALIGN only; ALBEF contrasts against its queues')
+    check(isinstance(m.text.post_ln, bool), 'model.text.post_ln', f'must be True or False, got {m.text.post_ln!r}')
+    if config.init.text_from:
+      check(m.text.post_ln, 'model.text.post_ln', 'init.text_from starts the text stack from BERT, which is '
+            'post-LN: set it to True')
+      check(config.data.tokenizer.endswith('.json'), 'data.tokenizer', 'init.text_from starts the text stack from '
+            "BERT: read captions in its vocabulary with the import's tokenizer.json (DIR/tokenizer.json)")
+
+  def init_sources(self, config):
+    """init.text_from: a BERT import's layers, embeddings and MLM head, renamed into the text stack;
+    its position table cut to the captions' context (BERT has 512 positions, ALBEF reads 30)."""
+    source = config.init.text_from
+    if not source:
+      return []
+    _check_bert_source(config.model, source)
+    fusion, context = config.model.fusion_layer, config.model.text.context_length
+
+    def convert(name, value):
+      block = re.fullmatch(r'text/text_blocks/(\d+)/(.*)', name)
+      if block and int(block[1]) >= fusion:
+        return f'text/fusion_blocks/{int(block[1]) - fusion}/{block[2]}', value
+      if name == 'text/pos_embed':
+        return name, value[:context]
+      return (name, value) if name.startswith(('text/', 'mlm_head/')) else None  # BERT's pooler is not ALBEF's
+    return [('init.text_from', source, convert)]
 
   def check_task(self, config, key, task):
     base.image_text_only(key, task, 'ALBEF')
@@ -203,6 +245,26 @@ class Albef(base.Recipe):
     # features and the queue, [r, B + Q] per direction, with their gradients and targets (float32)
     rows = batch // (sizes['data'] * sizes['fsdp'])
     return towers + 4 * 3 * 2 * rows * (batch + config.albef.queue_size)
+
+
+def _check_bert_source(model, source: str):
+  """The source is a BERT import of the text stack's depth, activation and LayerNorm eps."""
+  try:
+    with paths.open(paths.join(source, 'config.json')) as f:
+      given = json.load(f)['model']
+  except (OSError, KeyError, ValueError) as e:
+    raise ConfigError(f"config key 'init.text_from': {source} is not a vlp import of BERT ({e})") from None
+  if 'image' in given or not given.get('text', {}).get('post_ln'):  # a text encoder alone, in BERT's layout
+    raise ConfigError(f"config key 'init.text_from': {source} is a {given.get('name')!r} model, not a BERT import "
+                      '(vlp import of a transformers BertModel)')
+  ours = {'model.text.depth': model.text.depth, 'model.arch.gelu': model.arch.gelu,
+          'model.arch.ln_eps': model.arch.ln_eps}
+  theirs = {'model.text.depth': given['text']['depth'], 'model.arch.gelu': given['arch']['gelu'],
+            'model.arch.ln_eps': given['arch']['ln_eps']}
+  for key in ours:
+    if ours[key] != theirs[key]:
+      raise ConfigError(f"config key '{key}': {ours[key]!r}, but the BERT of init.text_from ({source}) has "
+                        f'{theirs[key]!r}')
 
 
 RECIPE = Albef()

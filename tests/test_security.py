@@ -1,5 +1,6 @@
 """What vlp never does with untrusted bytes: unpickle them, write tar members anywhere
 (absolute or `..` names are skipped and counted), or execute a workdir's config."""
+import ast
 import io
 import os
 import re
@@ -22,12 +23,21 @@ def _sources():
           yield os.path.relpath(os.path.join(d, n), ROOT), f.read()
 
 
+# the one unpickler in vlp: `vlp import --allow-pickle`'s, whose find_class rebuilds only dicts,
+# tensors and storages (tests/test_torch_pickle.py)
+RESTRICTED_UNPICKLER = ('vlp/interop/torch_pickle.py', 'class _RestrictedUnpickler(pickle.Unpickler')
+
+
 def test_nothing_is_unpickled():
   # np.load is fine: it refuses pickled objects unless allow_pickle=True
-  unsafe = re.compile(r'\bpickle\.loads?\(|\bcloudpickle\.loads?\(|allow_pickle\s*=\s*True|\btorch\.load\(|'
-                      r'\bjoblib\.load\(|\bdill\.loads?\(|\bmarshal\.loads?\(|\bshelve\.open\(')
+  unsafe = re.compile(r'\b_?pickle\.loads?\(|\bcloudpickle\.loads?\(|allow_pickle\s*=\s*True|\btorch\.load\(|'
+                      r'\bjoblib\.load\(|\bdill\.loads?\(|\bmarshal\.loads?\(|\bshelve\.open\(|'
+                      r'\bfrom (?:c|_)?pickle import\b|class \w+\(pickle\.Unpickler|\b(?:pickle\.)?_?Unpickler\b')
   found = [(name, m.group(0)) for name, text in _sources() for m in unsafe.finditer(text)]
-  assert found == []
+  assert found == [RESTRICTED_UNPICKLER]
+  tree = ast.parse(open(os.path.join(ROOT, RESTRICTED_UNPICKLER[0])).read())
+  cls, = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == '_RestrictedUnpickler']
+  assert {'find_class', 'persistent_load'} <= {f.name for f in cls.body if isinstance(f, ast.FunctionDef)}
 
 
 def test_tar_members_with_absolute_or_dotdot_names_are_skipped_and_written_nowhere(tmp_path, monkeypatch):

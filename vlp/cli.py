@@ -69,7 +69,8 @@ def cmd_eval(args, overrides):
 
 def cmd_import(args, overrides):
   from vlp.interop import command
-  print(f'imported: {command.run(args.src, args.out, args.format, args.dtype, args.tokenizer)}')
+  out = command.run(args.src, args.out, args.format, args.dtype, args.tokenizer, args.allow_pickle)
+  print(f'imported: {out}')
 
 
 def _add_process_group(p):
@@ -112,6 +113,9 @@ def _add_import(sub):
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--tokenizer', default='', help="the SentencePiece .model of a source that ships none "
                  "(big_vision's): encode_text then takes strings")
+  p.add_argument('--allow-pickle', '--allow_pickle', action='store_true',
+                 help='read a source whose weights are only a torch pickle (pytorch_model.bin, '
+                      'open_clip_pytorch_model.bin) with a restricted unpickler: tensors and dicts only (warns)')
   p.set_defaults(fn=cmd_import)
 
 

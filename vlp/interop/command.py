@@ -17,9 +17,10 @@ import safetensors.numpy
 from flax import nnx
 
 from vlp import checkpoint, export, paths, recipes, weights_files
-from vlp.interop import big_vision, hf_bert, hf_clip, hf_siglip, hub_tokenizer, open_clip
+from vlp.interop import big_vision, hf_bert, hf_clip, hf_siglip, hub_tokenizer, open_clip, torch_pickle
 
 FORMATS = ('open_clip', 'hf', 'big_vision')
+HF_PICKLE = 'pytorch_model.bin'  # transformers' torch pickle, read only with --allow-pickle
 
 
 def detect(src: str) -> str:
@@ -47,15 +48,15 @@ def _check_against_model(flat: dict, model_cfg, src: str):
 CLIP_NORMALIZATION = {'mean': [0.48145466, 0.4578275, 0.40821073], 'std': [0.26862954, 0.26130258, 0.27577711]}
 
 
-def _read(src: str, fmt: str):
+def _read(src: str, fmt: str, allow_pickle: bool = False):
   """(recipe, vlp model config updates, nested params, pixel normalisation, token ids) of a source."""
   if fmt == 'open_clip':
     updates, normalization = open_clip.model_config(src)
-    params = open_clip.convert(open_clip.read_state(src), updates)
+    params = open_clip.convert(open_clip.read_state(src, allow_pickle), updates)
     vocab = updates['text']['vocab_size']  # CLIP's tokenizer: start and end of text are the last two ids
     return 'align', updates, params, normalization, {'eos_id': vocab - 1, 'bos_id': vocab - 2}
   if fmt == 'hf':
-    return _read_hf(src)
+    return _read_hf(src, allow_pickle)
   if fmt == 'big_vision':  # SigLIP's SentencePiece captions end in EOS (id 1), padded with it; no BOS
     flat = big_vision.read(src)
     updates = big_vision.model_config(flat, src)
@@ -64,16 +65,19 @@ def _read(src: str, fmt: str):
   raise ValueError(f'vlp import: --format={fmt}: not one of {", ".join(FORMATS)}')
 
 
-def _hf_weights(src: str) -> dict:
-  if not paths.exists(paths.join(src, hf_clip.WEIGHTS)):
-    raise ValueError(f'vlp import: {src}: no {hf_clip.WEIGHTS} (torch pickles are not read: nothing is unpickled)')
-  return weights_files.read_file(paths.join(src, hf_clip.WEIGHTS))
+def _hf_weights(src: str, allow_pickle: bool) -> dict:
+  """model.safetensors, else (allow_pickle) pytorch_model.bin through the restricted reader."""
+  if paths.exists(paths.join(src, hf_clip.WEIGHTS)):
+    return weights_files.read_file(paths.join(src, hf_clip.WEIGHTS))
+  if paths.exists(paths.join(src, HF_PICKLE)):
+    return torch_pickle.read_allowed(paths.join(src, HF_PICKLE), allow_pickle, hf_clip.WEIGHTS)
+  raise ValueError(f'vlp import: {src}: no {hf_clip.WEIGHTS}')
 
 
-def _read_hf(src: str):
+def _read_hf(src: str, allow_pickle: bool):
   architectures = set(hf_clip.architectures(src))
   if architectures & set(hf_bert.ARCHITECTURES):  # a text encoder: no pixels; ids from its own tokenizer
-    updates, sd = hf_bert.model_config(src), hf_bert.canonical(_hf_weights(src))
+    updates, sd = hf_bert.model_config(src), hf_bert.canonical(_hf_weights(src, allow_pickle))
     updates.update(hf_bert.heads(sd))
     tokenizer = paths.join(src, hub_tokenizer.FILE)
     tokens = hub_tokenizer.special_ids(tokenizer) if paths.exists(tokenizer) else {'pad_id': 0}
@@ -81,7 +85,7 @@ def _read_hf(src: str):
   siglip = hf_siglip.ARCHITECTURE in architectures
   converter = hf_siglip if siglip else hf_clip
   updates = converter.model_config(src)
-  params = converter.to_vlp(_hf_weights(src), updates)
+  params = converter.to_vlp(_hf_weights(src, allow_pickle), updates)
   with paths.open(paths.join(src, hf_clip.CONFIG)) as f:
     text = json.load(f)['text_config']
   normalization = hf_siglip.SIGLIP_NORMALIZATION if siglip else CLIP_NORMALIZATION
@@ -96,11 +100,13 @@ def _read_hf(src: str):
   return 'align', updates, params, normalization, tokens
 
 
-def run(src: str, out: str, fmt: str | None = None, dtype: str = 'float32', tokenizer: str = '') -> str:
+def run(src: str, out: str, fmt: str | None = None, dtype: str = 'float32', tokenizer: str = '',
+        allow_pickle: bool = False) -> str:
   """Imports src into out; `tokenizer`: a SentencePiece model the source's captions were read
-  with, where the source does not ship one (big_vision: its `tok` model), taken as it is."""
+  with, where the source does not ship one (big_vision: its `tok` model), taken as it is;
+  `allow_pickle`: a source whose weights are only a torch pickle is read by torch_pickle (a warning)."""
   fmt = fmt or detect(src)
-  recipe, updates, params, normalization, tokens = _read(src, fmt)
+  recipe, updates, params, normalization, tokens = _read(src, fmt, allow_pickle)
   model_cfg = recipes.base_config(recipe).model
   for key in ('image', 'text', 'arch'):  # a source's tower options over the defaults, key by key
     if key in updates:

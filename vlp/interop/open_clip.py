@@ -2,12 +2,13 @@
 
 Reads the layout open_clip models are published in on the Hugging Face hub: a
 directory with `open_clip_config.json` ({"model_cfg": ..., "preprocess_cfg": ...})
-and `open_clip_model.safetensors`. Torch pickles (`.bin`, `.pt`) are not read
-(nothing here unpickles). Covered: ViT image towers with a class token, learnt
-position embeddings and `ln_pre`; causal text Transformers pooled at the EOT token
-(the highest id, as open_clip's 'argmax' pooling); projections without bias;
-quick_gelu or exact GELU. Anything else (ResNet towers, LayerScale, attentional
-pooling, transformers text towers) is refused in one line naming the key.
+and `open_clip_model.safetensors`; its torch pickle (`open_clip_pytorch_model.bin`)
+only with --allow-pickle, through vlp.interop.torch_pickle's restricted reader.
+Covered: ViT image towers with a class token, learnt position embeddings and
+`ln_pre`; causal text Transformers pooled at the EOT token (the highest id, as
+open_clip's 'argmax' pooling); projections without bias; quick_gelu or exact GELU.
+Anything else (ResNet towers, LayerScale, attentional pooling, transformers text
+towers) is refused in one line naming the key.
 
 The mapping, from open_clip's names to vlp's:
 - `conv1.weight` [W, 3, p, p] -> `patch_embed.kernel` [(p p 3), W], no bias;
@@ -22,7 +23,7 @@ import json
 
 
 from vlp import paths, weights_files
-from vlp.interop import clip_layout
+from vlp.interop import clip_layout, torch_pickle
 
 CONFIG, WEIGHTS = 'open_clip_config.json', 'open_clip_model.safetensors'
 PICKLES = ('open_clip_pytorch_model.bin', 'pytorch_model.bin')
@@ -76,14 +77,14 @@ def model_config(src: str) -> tuple[dict, dict]:
   return dict(image=image, text=text, embed_dim=cfg['embed_dim'], head='softmax', arch=arch), norm
 
 
-def read_state(src: str) -> dict:
-  """open_clip's state dict as numpy arrays (safetensors only)."""
+def read_state(src: str, allow_pickle: bool = False) -> dict:
+  """open_clip's state dict as numpy arrays: its safetensors, else (allow_pickle) its torch pickle."""
   path = paths.join(src, WEIGHTS)
   if not paths.exists(path):
     pickled = [p for p in PICKLES if paths.exists(paths.join(src, p))]
-    why = (f'{pickled[0]} is a torch pickle, which vlp does not load (unpickling runs code): convert it to '
-           f'{WEIGHTS} with safetensors.torch.save_file' if pickled else f'no {WEIGHTS}')
-    _refuse(f'{src}: {why}')
+    if not pickled:
+      _refuse(f'{src}: no {WEIGHTS}')
+    return torch_pickle.read_allowed(paths.join(src, pickled[0]), allow_pickle, WEIGHTS)
   return weights_files.read_file(path)
 
 

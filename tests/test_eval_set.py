@@ -5,6 +5,7 @@ import data_fixtures as fx
 import numpy as np
 import pytest
 
+from vlp import distributed
 from vlp.data import eval_set, records, synthetic, tokenizer as tokenizer_lib
 from vlp.eval import embed
 
@@ -74,7 +75,7 @@ def _on_hosts(make_source, tok, hosts, num_images):
 
   def run(host):
     out[host] = eval_set.eval_arrays(sources[host], tok, num_images=num_images, context_length=16,
-                                     image_size=16, hosts=hosts, host=host, agree=eval_set.json_agree(gather(host)))
+                                     image_size=16, hosts=hosts, host=host, agree=distributed.json_agree(gather(host)))
 
   sources.extend(make_source() for _ in range(hosts))
   threads = [threading.Thread(target=run, args=(h,)) for h in range(hosts)]

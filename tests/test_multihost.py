@@ -82,3 +82,20 @@ def test_two_processes_train_like_one_survive_sigterm_and_restore_onto_another_m
   assert sorted(both) == list(range(1, n + 3))
   np.testing.assert_allclose([both[s] for s in (n + 1, n + 2)], [one[s] for s in (n + 1, n + 2)],
                              rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_step_that_one_process_cannot_restore_is_resumed_by_none(tmp_path):
+  """2 processes: the input position process 1 saved at step 4 is damaged (a file only that host
+  reads). The relaunch reports step 4 in one line naming process 1, and both processes resume
+  step 2, not one of them step 4 and the other step 2, and train on as one run."""
+  import re
+  workdir = tmp_path / 'two'
+  finish(launch(workdir, 2, 2, {'total_steps': 4, 'checkpoint.every': 2}))
+  (workdir / 'checkpoints' / '4' / 'data' / 'process_1-of-2.json').write_text('{"truncated by a fau')
+  out = finish(launch(workdir, 2, 2, {'total_steps': 6, 'checkpoint.every': 2}))
+  lines = [line for line in out.splitlines() if 'checkpoint step 4' in line]
+  assert len(lines) == 1 and lines[0].endswith('(on process 1); resuming step 2'), out[-3000:]
+  assert re.search(r'^resumed step 2\b', out, re.M), out[-3000:]
+  assert sorted(losses(workdir)) == list(range(1, 7))
+  assert (workdir / 'checkpoints_corrupt' / '4').is_dir()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -212,12 +213,12 @@ def _objects_under(root: str, prefix: str) -> list[str]:
           if prefix in os.path.relpath(os.path.join(d, f), root)]
 
 
-def _launch(workdir, env, log, cache):
+def _launch(workdir, env, log, cache, save_timeout_s=30):
   # no evaluator, and a local compile cache, so the relaunch compiles nothing
   return subprocess.Popen(
       [sys.executable, '-m', 'vlp.cli', 'train', f'--config={ROOT}/tests/tiny.py:noeval', f'--workdir={workdir}',
        '--no_progress', '--config.total_steps=6', '--config.checkpoint.every=2',
-       '--config.checkpoint.save_timeout_s=30', f'--config.compile_cache={cache}'],
+       f'--config.checkpoint.save_timeout_s={save_timeout_s}', f'--config.compile_cache={cache}'],
       env={**os.environ, **env, 'PYTHONPATH': ROOT, 'PYTHONFAULTHANDLER': '1'}, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -262,5 +263,139 @@ def test_bucket_gone_mid_save_is_one_line_and_a_relaunch_resumes_the_previous_ch
     # one trajectory: the relaunch's steps 3-6 follow what the first launch got written (step 2's
     # line, still buffered when the bucket went, is lost with it)
     assert steps[-4:] == [3, 4, 5, 6] and len(steps) == len(set(steps)), steps
+  finally:
+    emu.stop()
+
+
+@pytest.mark.slow
+def test_a_save_through_an_outage_is_made_again_and_counted(tmp_path):
+  """The emulator is killed while step 4's save is being written and comes back 45 s later
+  (past gcsfs's own 30 s of retries): vlp backs off and saves again, within
+  checkpoint.save_timeout_s; the run finishes, counts the retries, and its checkpoints restore."""
+  import threading
+  root = str(tmp_path / 'bucket')
+  emu = gcs_emulator.Emulator(root=root)
+  try:
+    emu.start()
+  except gcs_emulator.Unavailable as e:
+    pytest.skip(f'GCS emulator unavailable: {e}')
+  workdir, log_path = f'gs://{emu.bucket}/run', tmp_path / 'log.txt'
+  try:
+    with open(log_path, 'w') as log:
+      proc = _launch(workdir, emu.env(), log, str(tmp_path / 'xla'), save_timeout_s=300)
+      deadline = time.time() + 600
+      while not _objects_under(root, 'checkpoints/4') and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+      assert proc.poll() is None, log_path.read_text()[-3000:]
+      emu.stop(kill=True)
+      back = threading.Timer(45.0, lambda: emu.start(port=emu.port))
+      back.start()
+      rc = proc.wait(timeout=600)
+      back.join()
+    text = log_path.read_text()
+    assert rc == 0, text[-3000:]
+    retries = [line for line in text.splitlines() if line.startswith('vlp: storage: checkpoint of step')]
+    assert retries and 'retry 1 in' in retries[0], text[-3000:]
+    restore = gcs_emulator.set_env(emu.env())
+    try:
+      times = [r for r in metrics_lib.read_jsonl(workdir) if 'time/checkpoint_save_retries' in r]
+      assert times and times[-1]['time/checkpoint_save_retries'] == len(retries), (times, retries)
+      assert export.restore_params(workdir)[2] == 6  # the last step restores
+    finally:
+      restore()
+  finally:
+    emu.stop()
+
+
+@pytest.mark.slow
+def test_a_storage_call_stuck_on_an_outage_is_told_from_a_slow_one(own_emulator):
+  """vlp.retry.watched: a call that has not returned once the storage went away and has answered
+  again for `stall_after` seconds is Stalled (a save made again, afresh, goes through); a call
+  that is only slow while the storage answers throughout is waited for up to its deadline (Hung)."""
+  import threading
+  from vlp import retry
+  probe = f'gs://{own_emulator.bucket}/run'
+  never = threading.Event()
+  warnings = []
+  threading.Timer(1.0, lambda: own_emulator.stop(kill=True)).start()
+  back = threading.Timer(4.0, lambda: own_emulator.start(port=own_emulator.port))
+  back.start()
+  t0 = time.monotonic()
+  with pytest.raises(retry.Stalled):
+    retry.watched(never.wait, 120, warnings.append, probe, warn_after=3, stall_after=3, poll=0.5)
+  back.join()
+  assert 6 < time.monotonic() - t0 < 60 and warnings  # after the outage and 3 s of answers, not at the deadline
+  assert retry.is_transient(retry.Stalled('x'))
+  t0 = time.monotonic()
+  with pytest.raises(retry.Hung) as e:
+    retry.watched(never.wait, 6, warnings.append, probe, warn_after=100, stall_after=1, poll=0.5)
+  assert not isinstance(e.value, retry.Stalled) and time.monotonic() - t0 >= 6
+  assert retry.watched(lambda: 7, 5, warnings.append, probe) == 7
+  never.set()
+
+
+@pytest.mark.slow
+def test_a_save_stuck_on_an_outage_is_made_again_by_a_fresh_manager(own_emulator, monkeypatch):
+  """A save whose writer hangs on a dead connection (as Orbax's did when the emulator was killed
+  mid-save and came back) is found Stalled once the storage answers again, and made again by a
+  fresh Orbax manager: the step commits, restores, and the retry is counted."""
+  import functools
+  import threading
+
+  import jax.numpy as jnp
+
+  from vlp import checkpoint, retry
+  monkeypatch.setattr(retry, 'watched', functools.partial(retry.watched, stall_after=3, poll=0.5))
+  cfg = tiny_config(**{'checkpoint.save_timeout_s': 120}).checkpoint
+  ckpt = checkpoint.Checkpointer(f'gs://{own_emulator.bucket}/stuck', cfg)
+  stuck = threading.Event()
+  ckpt.manager.save = lambda *args, **kwargs: stuck.wait()  # the first manager's writer never returns
+  threading.Timer(1.0, lambda: own_emulator.stop(kill=True)).start()
+  back = threading.Timer(4.0, lambda: own_emulator.start(port=own_emulator.port))
+  back.start()
+  state = {'w': jnp.arange(6.0)}
+  assert ckpt.save(2, state, force=True)
+  back.join()
+  ckpt.finish(2, state)
+  assert ckpt.save_retries == 1 and ckpt.all_steps() == [2]
+  step, restored = ckpt.newest_restorable({'w': jax.ShapeDtypeStruct((6,), jnp.float32)})
+  assert step == 2 and np.array_equal(restored['w'], np.arange(6.0))
+  ckpt.close()
+  stuck.set()
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_it_saves_to_object_storage_resumes(tmp_path):
+  """`kill -9` of `vlp train` while step 4's save is being written to the bucket: the relaunch
+  resumes the newest step that was committed (2, or 4 if its commit got through), step 4's
+  half-written objects get in nobody's way, and the run ends with one trajectory."""
+  root = str(tmp_path / 'bucket')
+  emu = gcs_emulator.Emulator(root=root)
+  try:
+    emu.start()
+  except gcs_emulator.Unavailable as e:
+    pytest.skip(f'GCS emulator unavailable: {e}')
+  workdir = f'gs://{emu.bucket}/run'
+  try:
+    with open(tmp_path / 'first.txt', 'w') as log:
+      proc = _launch(workdir, emu.env(), log, str(tmp_path / 'xla'))
+      deadline = time.time() + 600
+      while not _objects_under(root, 'checkpoints/4') and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+      assert proc.poll() is None, (tmp_path / 'first.txt').read_text()[-3000:]
+      proc.kill()  # SIGKILL, mid-save
+      proc.wait()
+    with open(tmp_path / 'second.txt', 'w') as log:
+      rc = _launch(workdir, emu.env(), log, str(tmp_path / 'xla')).wait(timeout=600)
+    text = (tmp_path / 'second.txt').read_text()
+    resumed = re.search(r'^resumed step (\d+)', text, re.M)
+    assert rc == 0 and resumed and int(resumed.group(1)) in (2, 4), text[-3000:]
+    restore = gcs_emulator.set_env(emu.env())
+    try:
+      steps = [r['step'] for r in metrics_lib.read_jsonl(workdir) if 'loss' in r]
+      assert steps[-1] == 6 and steps == sorted(set(steps)), steps  # one trajectory
+      assert export.restore_params(workdir)[2] == 6
+    finally:
+      restore()
   finally:
     emu.stop()

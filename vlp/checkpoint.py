@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from vlp import config as config_lib, paths, recipes
+from vlp import config as config_lib, distributed, paths, recipes, retry
 
 # Config keys a resume must keep: the model (shapes and meaning of the params)
 # and everything that defines the data stream the iterator state points into;
@@ -48,7 +48,11 @@ CORRUPT_DIR = 'checkpoints_corrupt'  # beside checkpoints/: where steps that do 
 
 
 class SaveFailed(paths.StorageError):
-  """A checkpoint could not be written (e.g. the bucket went away during an async save)."""
+  """A checkpoint could not be written; `cause`: what the storage raised (None: the save hung)."""
+
+  def __init__(self, msg, cause=None):
+    super().__init__(msg)
+    self.cause = cause
 
 
 def flatten(tree: dict, prefix: str = ''):
@@ -135,21 +139,25 @@ def versions() -> dict:
 class Checkpointer:
 
   def __init__(self, workdir: str, cfg, read_only: bool = False, data_items=('data',)):
-    options = ocp.CheckpointManagerOptions(
+    self._options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, save_interval_steps=cfg.every,
         keep_period=cfg.keep_every or None,
         enable_async_checkpointing=cfg.async_save, read_only=read_only,
-        cleanup_tmp_directories=not read_only)  # the half-written steps of a killed run
+        cleanup_tmp_directories=not read_only)  # the half-written steps of a killed run (or a failed save)
     self.workdir = paths.abspath(workdir)
-    self.read_only = read_only
+    self.read_only, self._data_items = read_only, data_items
     self.save_timeout = cfg.get('save_timeout_s', 900)
-    self._saving = None  # the step of the save in flight
+    self._saving = self._failed_step = None  # the step of the save in flight; of the last one waited for
+    self.save_retries = 0  # saves that failed on a transient storage error and were made again
     self.broken = False  # a save failed: Orbax's threads may be stuck, close() must not wait on them
-    self.manager = ocp.CheckpointManager(
-        paths.join(self.workdir, 'checkpoints'), options=options,
+    self.manager = self._manager()
+
+  def _manager(self):
+    return ocp.CheckpointManager(
+        paths.join(self.workdir, 'checkpoints'), options=self._options,
         # the same files either way; a reader's handler can restore a part of the state
-        item_handlers={'state': ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler(),
-                       **{item: grain.checkpoint.CheckpointHandler() for item in data_items}})
+        item_handlers={'state': ocp.PyTreeCheckpointHandler() if self.read_only else ocp.StandardCheckpointHandler(),
+                       **{item: grain.checkpoint.CheckpointHandler() for item in self._data_items}})
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -202,15 +210,19 @@ class Checkpointer:
     steps = self.all_steps()
     for i in range(len(steps) - 1, -1, -1):
       try:
-        return steps[i], self.restore(steps[i], abstract_state, data_iterators)
+        state, why = self.restore(steps[i], abstract_state, data_iterators), None
       except CorruptCheckpoint as e:
-        verb = 'resuming' if set_aside else 'using'
-        fallback = f'{verb} step {steps[i - 1]}' if i else 'no older checkpoint' + (
-            ': starting afresh' if set_aside else '')
-        if jax.process_index() == 0:
-          print(f'{e}; {fallback}', flush=True)
-        if set_aside:
-          self._set_aside(steps[i])
+        state, why = None, str(e)
+      why = distributed.first_failure(why)  # a step one process cannot restore is taken by none
+      if why is None:
+        return steps[i], state
+      verb = 'resuming' if set_aside else 'using'
+      fallback = f'{verb} step {steps[i - 1]}' if i else 'no older checkpoint' + (
+          ': starting afresh' if set_aside else '')
+      if jax.process_index() == 0:
+        print(f'{why}; {fallback}', flush=True)
+      if set_aside:
+        self._set_aside(steps[i])
     return None, None
 
   def _restore_requested(self, step, abstract_state, data_iterators):
@@ -251,12 +263,35 @@ class Checkpointer:
     for item, it in _by_item(data_iterators).items():
       items[item] = grain.checkpoint.CheckpointSave(it)
     meta = {'versions': versions(), **({'config': json.loads(config.to_json())} if config is not None else {})}
-    self.wait()  # Orbax's save would wait for the previous one itself, silently and without a deadline
+    backoff = retry.Backoff(f'checkpoint of step {step}', self.save_timeout, 'checkpoint.save_timeout_s')
+    try:  # Orbax's save would wait for the previous one itself, silently and without a deadline
+      self.wait()
+    except SaveFailed as e:  # the previous step's commit failed: this step takes its place
+      self._retry(backoff, e, f': step {step}, saved now, takes the place of step {self._failed_step}')
     self._saving = step
-    # its blocking part (directories, the copy off the devices) talks to the storage too
-    saved = self._within_deadline(lambda: self.manager.save(
-        step, args=ocp.args.Composite(**items), force=force, custom_metadata=meta))
-    return saved
+    while True:  # its blocking part (directories, the copy off the devices) talks to the storage too
+      try:
+        return self._within_deadline(lambda: self.manager.save(
+            step, args=ocp.args.Composite(**items), force=force, custom_metadata=meta))
+      except SaveFailed as e:
+        self._retry(backoff, e)
+
+  def finish(self, step: int, state, data_iterators=None, config=None):
+    """Waits for the last save (of `step`, whose `state` this is), saving it again after a transient failure."""
+    backoff = retry.Backoff(f'checkpoint of step {step}', self.save_timeout, 'checkpoint.save_timeout_s')
+    while True:
+      try:
+        return self.wait()
+      except SaveFailed as e:
+        if self._failed_step != step:
+          raise
+        self._retry(backoff, e, ': saving it again')
+        self.save(step, state, data_iterators, force=True, config=config)
+
+  def _retry(self, backoff, e: SaveFailed, then: str = ''):
+    retry.back_off(backoff, e, e.cause, then)  # or raises e: the storage will not come back
+    self.save_retries += 1
+    self.manager, self.broken = self._manager(), False  # a fresh one: the failed one's threads may be stuck
 
   def step_metadata(self, step: int) -> dict:
     """{'versions': {...}, 'config': {...}} written with the checkpoint of `step`."""
@@ -269,10 +304,10 @@ class Checkpointer:
     for item, it in _by_item(data_iterators).items():
       self._check_data_processes(step, item)
       items[item] = grain.checkpoint.CheckpointRestore(it)
-    missing = [p for p in ('', 'state/', *(f'{i}/' for i in items if i != 'state'))
-               if not paths.exists(paths.join(str(self.manager.directory), f'{step}/{p}{COMMIT_MARKER}'))]
-    if missing:
-      raise self._corrupt(step, f'no {missing[0]}{COMMIT_MARKER}: a partial commit')
+    # checked by all before Orbax, whose collectives would wait for a process stopped at its own file
+    why = distributed.first_failure(self._unreadable(step, items))
+    if why is not None:
+      raise self._corrupt(step, why)
     try:  # the state first: the iterators are set in place only once it has restored
       state = self.manager.restore(step, args=ocp.args.Composite(state=items.pop('state')))['state']
       if items:
@@ -286,6 +321,21 @@ class Checkpointer:
         raise paths.StorageError(f'checkpoint step {step} in {self.manager.directory} could not be read '
                                  f'({why}); is the storage reachable? nothing was set aside') from None
       raise self._corrupt(step, why) from None
+
+  def _unreadable(self, step, items) -> str | None:
+    """Why this process cannot restore `step`, seen without Orbax (no commit marker, its input position)."""
+    d = paths.join(str(self.manager.directory), str(step))
+    missing = [p for p in ('', 'state/', *(f'{i}/' for i in items if i != 'state'))
+               if not paths.exists(paths.join(d, f'{p}{COMMIT_MARKER}'))]
+    if missing:
+      return f'no {missing[0]}{COMMIT_MARKER}: a partial commit'
+    for item in (i for i in items if i != 'state'):
+      mine = paths.join(d, item, f'process_{jax.process_index()}-of-{jax.process_count()}.json')
+      try:
+        json.loads(paths.read_text(mine) if paths.exists(mine) else 'null')
+      except (OSError, ValueError) as e:
+        return f'{item}/{paths.basename(mine)}: {type(e).__name__}: {paths.first_line(e)}'
+    return None
 
   def _corrupt(self, step, why) -> CorruptCheckpoint:
     return CorruptCheckpoint(f'checkpoint step {step} in {self.manager.directory} does not restore ({why})')
@@ -305,56 +355,39 @@ class Checkpointer:
     """Until the async save in flight is committed (see _within_deadline)."""
     if self._saving is not None:
       # a failed async save ends its thread quietly; check_for_errors raises what it kept
-      self._within_deadline(lambda: (self.manager.wait_until_finished(), self.manager.check_for_errors()),
-                            warn_after)
-      self._saving = None
+      try:
+        self._within_deadline(lambda: (self.manager.wait_until_finished(), self.manager.check_for_errors()),
+                              warn_after)
+      finally:
+        self._failed_step, self._saving = self._saving, None
 
   def _within_deadline(self, fn, warn_after: float = 60.0):
-    """fn() for the save of step self._saving, saying so every `warn_after` seconds it is not done;
-    a failure, or no return within checkpoint.save_timeout_s, is one line (SaveFailed), and
-    the previous checkpoint stays restorable (a step counts only once committed).
-
-    fn runs in a daemon thread: when the storage went away mid-save, Orbax may never come back
-    (a writer thread died while the others wait for it), and that thread must not keep the
-    process from exiting."""
-    import queue
-    import threading
-    done = queue.Queue()
-
-    def call():
-      try:
-        done.put((fn(), None))
-      except Exception as e:  # noqa: BLE001
-        done.put((None, e))
-    threading.Thread(target=call, daemon=True, name=f'vlp-checkpoint-{self._saving}').start()
-    waited = 0.0
-    while True:
-      try:
-        result, error = done.get(timeout=min(warn_after, self.save_timeout - waited))
-        break
-      except queue.Empty:
-        waited = min(waited + warn_after, self.save_timeout)
-        if waited >= self.save_timeout:
-          result, error = None, TimeoutError(f'not written within checkpoint.save_timeout_s={self.save_timeout:g}')
-          break
-        if jax.process_index() == 0:
-          print(f'checkpoint of step {self._saving} to {self.manager.directory} not written after {waited:.0f} s '
-                f'(is the storage reachable?); still retrying; the previous checkpoint ({self._previous()}) '
-                'stays restorable', flush=True)
-    if error is not None:
+    """fn() for the save of step self._saving (vlp.retry.watched: in a daemon thread, as Orbax
+    may never come back when the storage went away mid-save), saying so every `warn_after`
+    seconds it is not done; a failure, no return within checkpoint.save_timeout_s, or a save
+    that stalled (the storage answers again, Orbax does not) is one line (SaveFailed), and the
+    previous checkpoint stays restorable (a step counts only once committed)."""
+    def warn(waited):
+      if jax.process_index() == 0:
+        print(f'checkpoint of step {self._saving} to {self.manager.directory} not written after {waited:.0f} s '
+              f'(is the storage reachable?); still retrying; the previous checkpoint ({self._previous()}) '
+              'stays restorable', flush=True)
+    try:
+      return retry.watched(fn, self.save_timeout, warn, self.workdir if paths.is_remote(self.workdir) else None,
+                           warn_after, name=f'vlp-checkpoint-{self._saving}', setting='checkpoint.save_timeout_s')
+    except Exception as e:  # noqa: BLE001 - one line; Orbax's threads may be stuck: close() must not wait on them
       self.broken = True
-      raise self._failed(error)
-    return result
+      timed_out = isinstance(e, retry.Hung) and not isinstance(e, retry.Stalled)
+      raise SaveFailed(self._failed_message(e), cause=None if timed_out else e) from None
 
   def _previous(self):
     steps = [s for s in self.all_steps() if s != self._saving]
     return f'step {steps[-1]}' if steps else 'none'
 
-  def _failed(self, e) -> SaveFailed:
-    msg = paths.first_line(e)
-    return SaveFailed(f'checkpoint of step {self._saving} could not be written to '
-                      f'{self.manager.directory} ({type(e).__name__}: {msg}); the previous checkpoint '
-                      f'({self._previous()}) stays restorable')
+  def _failed_message(self, e) -> str:
+    return (f'checkpoint of step {self._saving} could not be written to {self.manager.directory} '
+            f'({type(e).__name__}: {paths.first_line(e)}); the previous checkpoint ({self._previous()}) stays '
+            'restorable')
 
   def close(self):
     if not self.broken:

@@ -18,10 +18,12 @@ Where the process group comes from, first match wins:
 On CPU, cross-process collectives go through gloo.
 """
 import importlib.util
+import json
 import os
 import urllib.request
 
 import jax
+import numpy as np
 
 from vlp.config import ConfigError
 
@@ -96,3 +98,33 @@ def initialize(coordinator=None, num_processes=None, process_id=None, env=None):
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**kwargs)
   return kwargs
+
+
+def json_agree(gather):
+  """agree() from gather(uint8 [k]) -> [hosts, k] (the same k on every host, as
+  multihost_utils.process_allgather wants): agree({int: JSON value}) gives every host's
+  entries merged (eval: {image index: reason}; a checkpoint restore: {process: why})."""
+
+  def agree(bad: dict) -> dict:
+    blob = json.dumps({str(k): v for k, v in bad.items()}).encode()
+    size = int(np.max(gather(np.asarray([len(blob)], np.int32))))
+    rows = gather(np.frombuffer(blob.ljust(size), np.uint8))  # JSON allows trailing spaces
+    out = {}
+    for row in np.asarray(rows).reshape(-1, size):
+      out.update({int(k): v for k, v in json.loads(bytes(row).decode()).items()})
+    return out
+
+  return agree
+
+
+def first_failure(why: str | None) -> str | None:
+  """Every process's verdict on one thing (None: it went well here): None where it went well on
+  every process, else the failure of the first process that failed, naming it; one process
+  gives its own."""
+  if jax.process_count() == 1:
+    return why
+  from jax.experimental import multihost_utils
+  bad = json_agree(multihost_utils.process_allgather)({jax.process_index(): why} if why else {})
+  if len(bad) == jax.process_count() and len(set(bad.values())) == 1:
+    return why  # every process failed alike (e.g. on a verdict they had agreed before)
+  return f'{bad[min(bad)]} (on process {min(bad)})' if bad else None

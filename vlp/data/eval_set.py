@@ -10,7 +10,6 @@ replaced by a later record, so the set is the same for any number of hosts.
 """
 import collections
 import hashlib
-import json
 
 import numpy as np
 
@@ -128,22 +127,6 @@ def _clean(captions):
 
 def _vision(record):
   return record['image'] if 'image' in record else record['video']  # a clip: [T,S,S,3]
-
-
-def json_agree(gather):
-  """agree() from gather(uint8 [k]) -> [hosts, k] (the same k on every host, as
-  multihost_utils.process_allgather wants): every host's {image index: reason}."""
-
-  def agree(bad: dict) -> dict:
-    blob = json.dumps({str(k): v for k, v in bad.items()}).encode()
-    size = int(np.max(gather(np.asarray([len(blob)], np.int32))))
-    rows = gather(np.frombuffer(blob.ljust(size), np.uint8))  # JSON allows trailing spaces
-    out = {}
-    for row in np.asarray(rows).reshape(-1, size):
-      out.update({int(k): v for k, v in json.loads(bytes(row).decode()).items()})
-    return out
-
-  return agree
 
 
 class StreamedImages:

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vlp import paths
+from vlp import distributed, paths
 from vlp.data import eval_set, pipeline, records, synthetic, synthetic_video
 from vlp.eval import embed, imagenet, zeroshot
 
@@ -88,7 +88,7 @@ def retrieval_data(e, config, tokenizer) -> dict:
 def this_host() -> dict:
   """eval_arrays' host arguments for this process: which host it is, and how hosts agree."""
   return {'hosts': jax.process_count(), 'host': jax.process_index(),
-          'agree': eval_set.json_agree(multihost_utils.process_allgather)}
+          'agree': distributed.json_agree(multihost_utils.process_allgather)}
 
 
 def _spread(n: int, limit: int) -> np.ndarray:

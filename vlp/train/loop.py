@@ -271,17 +271,18 @@ def _roll_back(run, at_step, why):
 
 
 def _finish(config, state, start, iterators, ckpt, writer, times, compiles, evaluator, final, done):
-  for it in iterators.values():
-    it.close()  # stops Grain's worker processes / prefetch thread
   t = time.perf_counter()
-  ckpt.wait()
+  ckpt.finish(done, state, iterators, config)  # a last save the storage refused for a while is made again
   ckpt.close()
   times['checkpoint'] += time.perf_counter() - t
+  times['checkpoint_save_retries'] = ckpt.save_retries
+  for it in iterators.values():
+    it.close()  # stops Grain's worker processes / prefetch thread
   times['step_compiles'] = compiles.count
   # input wait and step time of the slowest host (a step waits for every host), and their means
   hosts = metrics_lib.across_hosts({k: times[k] for k in ('data_wait', 'step')})
   times.update({k: v for k, v in hosts.items() if not k.endswith('_host')})
-  counts = ('step_compiles', 'metric_reads')
+  counts = ('step_compiles', 'metric_reads', 'checkpoint_save_retries')
   writer.write(done, {f'time/{k}' if k in counts else f'time/{k}_s': v for k, v in times.items()})
   writer.close()
   if evaluator and not final and start == config.total_steps:  # nothing left to train: evaluate what is there

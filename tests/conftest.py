@@ -98,11 +98,7 @@ def tiny():
 @pytest.fixture(scope='session')
 def _gcs_server():
   import gcs_emulator
-  emu = gcs_emulator.Emulator()
-  try:
-    emu.start()
-  except gcs_emulator.Unavailable as e:
-    pytest.skip(f'GCS emulator unavailable: {e}')
+  emu = gcs_emulator.start_or_skip()
   yield emu
   emu.stop()
 

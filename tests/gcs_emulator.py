@@ -114,3 +114,15 @@ def set_env(env: dict):
       else:
         os.environ[k] = v
   return restore
+
+
+def start_or_skip(root: str | None = None) -> Emulator:
+  """A started emulator (its objects on disk under `root`, else in memory); skips the test where
+  fake-gcs-server is not available."""
+  import pytest
+  emu = Emulator(root=root)
+  try:
+    emu.start()
+  except Unavailable as e:
+    pytest.skip(f'GCS emulator unavailable: {e}')
+  return emu

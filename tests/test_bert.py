@@ -196,3 +196,12 @@ def test_albef_trains_from_a_bert_import_on_the_built_in_data(tmp_path):
   enc = pretrained.load(str(tmp_path / 'exp'))
   np.testing.assert_array_equal(enc.tokenize(TEXTS), ids)
   assert enc.encode_text(TEXTS).shape == (2, config.model.embed_dim)
+
+
+@pytest.mark.parametrize('recipe', ['albef', 'imp'])
+def test_a_model_transformers_has_no_class_for_is_refused_in_one_line(recipe):
+  from vlp.interop import command
+  model_cfg = recipes.base_config(recipe).model
+  params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build_model(model_cfg)), nnx.Param))
+  converter, name, why = command._converter(model_cfg.to_dict(), params, {'eos_id': 3})
+  assert converter is None and len(why) == 1 and why[0].startswith(f"the {recipe} model's params go beyond"), why

@@ -88,6 +88,30 @@ def test_gpu_slurm():
   assert '#SBATCH --gpus-per-node=8' in script and '#SBATCH --gpus-per-task' not in script
 
 
+def test_gpu_bench():
+  root = os.path.dirname(LAUNCH)
+  env = {k: v for k, v in os.environ.items() if k not in ('GPU_VENV', 'BENCH_VENV')}
+  out = subprocess.run(['bash', os.path.join(LAUNCH, 'gpu_bench.sh'), '--dry-run', '--gpu=1', '--steps=5', '--profile'],
+                       check=True, capture_output=True, text=True, env={**env, 'PYTHON': 'python3'}).stdout
+  lines = [shlex.split(line) for line in out.strip().splitlines()]
+  venv, bench = f'{root}/.venv-gpu', f'{root}/.venv-bench-gpu'
+  assert lines[0] == ['python3', '-m', 'venv', venv]
+  assert lines[1] == [f'{venv}/bin/pip', 'install', '-q', '-e', '.[gpu]']  # JAX with CUDA
+  # torch with CUDA (PyPI's x86_64 wheels) and open_clip, apart from a CPU-only .venv-bench
+  assert lines[2] == ['env', f'VENV={bench}', 'PYTHON=python3', 'bash', 'launch/setup_bench_env.sh', '--full']
+  assert lines[3][0] == 'nvidia-smi'
+  assert lines[4][:3] == ['env', 'CUDA_VISIBLE_DEVICES=1', f'{venv}/bin/python'] and 'jax.devices()' in lines[4][-1]
+  assert lines[5][:3] == ['env', 'CUDA_VISIBLE_DEVICES=1', f'{bench}/bin/python']
+  assert 'torch.cuda.is_available()' in lines[5][-1]
+  assert lines[6] == ['env', 'CUDA_VISIBLE_DEVICES=1', 'XLA_PYTHON_CLIENT_PREALLOCATE=false',
+                      f'VLP_BENCH_PYTHON={bench}/bin/python', f'{venv}/bin/python', '-m', 'vlp.cli', 'bench', 'step',
+                      '--config=configs/clip_b16.py:1', '--compare=open_clip', '--steps=5', '--warmup=5', '--profile']
+  assert len(lines) == 7
+  r = subprocess.run(['bash', os.path.join(LAUNCH, 'gpu_bench.sh'), '--dry-run', '--gpus=2'], capture_output=True,
+                     text=True)
+  assert r.returncode == 2 and r.stdout == '' and 'unknown argument --gpus=2' in r.stderr
+
+
 def test_process_group_from_flags_env_slurm_tpu():
   assert distributed.resolve(env={}) is None  # one process
   explicit = {'coordinator_address': 'h:1', 'num_processes': 2, 'process_id': 1}

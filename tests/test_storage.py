@@ -17,7 +17,6 @@ import data_fixtures as fx
 import gcs_emulator
 import vlp
 from vlp import cli, export, paths, workdir_check
-from vlp.config import ConfigError
 from vlp.data import arrayrecord, pipeline, tokenizer as tok, webdataset
 from vlp.train import loop, metrics as metrics_lib
 
@@ -144,11 +143,7 @@ def own_emulator(tmp_path):
   """An emulator of this test's own (on disk, so a restart serves the same objects), to stop and
   start: the session's stays up."""
   import gcsfs
-  emu = gcs_emulator.Emulator(root=str(tmp_path / 'bucket'))
-  try:
-    emu.start()
-  except gcs_emulator.Unavailable as e:
-    pytest.skip(f'GCS emulator unavailable: {e}')
+  emu = gcs_emulator.start_or_skip(str(tmp_path / 'bucket'))
   restore = gcs_emulator.set_env(emu.env())
   gcsfs.GCSFileSystem.clear_instance_cache()
   yield emu
@@ -222,89 +217,83 @@ def _launch(workdir, env, log, cache, save_timeout_s=30):
       env={**os.environ, **env, 'PYTHONPATH': ROOT, 'PYTHONFAULTHANDLER': '1'}, stdout=log, stderr=subprocess.STDOUT)
 
 
+@pytest.fixture
+def disk_emulator(tmp_path):
+  """An emulator of this test's own serving tmp_path/bucket from disk (its objects readable while it
+  is down, and served again when it restarts on the same port); the process environment untouched."""
+  emu = gcs_emulator.start_or_skip(str(tmp_path / 'bucket'))
+  yield emu
+  emu.stop()
+
+
+def _saving(emu, log_path, cache, step=4, **launch):
+  """`vlp train` on the emulator's bucket (gs://BUCKET/run), returned once the first object of
+  `step`'s save is written: the save is under way."""
+  with open(log_path, 'w') as log:
+    proc = _launch(f'gs://{emu.bucket}/run', emu.env(), log, cache, **launch)
+  deadline = time.time() + 600
+  while not _objects_under(emu.root, f'checkpoints/{step}') and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  assert proc.poll() is None, log_path.read_text()[-3000:]
+  return proc
+
+
 @pytest.mark.slow
-def test_bucket_gone_mid_save_is_one_line_and_a_relaunch_resumes_the_previous_checkpoint(tmp_path):
+def test_bucket_gone_mid_save_is_one_line_and_a_relaunch_resumes_the_previous_checkpoint(tmp_path, disk_emulator):
   """The emulator is killed (SIGKILL) while the async save of step 4 is being written: the run
   stops with one line naming the step and the checkpoint that stays (not a hang, not a
   traceback); once the bucket is back, a relaunch resumes step 2 and finishes the run."""
-  root = str(tmp_path / 'bucket')
-  emu = gcs_emulator.Emulator(root=root)
+  emu, log_path = disk_emulator, tmp_path / 'first.txt'
+  workdir = f'gs://{emu.bucket}/run'
+  proc = _saving(emu, log_path, str(tmp_path / 'xla'))
+  emu.stop(kill=True)  # mid-save: the first of step 4's objects is written, the rest are not
+  rc = proc.wait(timeout=300)
+  text = log_path.read_text()
+  errors = [line for line in text.splitlines() if line.startswith('vlp: error:')]
+  assert rc == 2 and len(errors) == 1, text[-3000:]
+  assert 'checkpoint of step 4 could not be written' in errors[0], errors
+  assert 'the previous checkpoint (step 2) stays restorable' in errors[0], errors
+  assert f'{ROOT}/vlp/cli.py' not in text, text[-3000:]  # no traceback out of vlp (the storage
+  # libraries' own threads may log theirs)
+  emu.start(port=emu.port)  # the bucket is back, with what it held
+  with open(tmp_path / 'second.txt', 'w') as log:
+    rc = _launch(workdir, emu.env(), log, str(tmp_path / 'xla')).wait(timeout=600)
+  text = (tmp_path / 'second.txt').read_text()
+  assert rc == 0 and re.search(r'^resumed step 2\b', text, re.M), text[-3000:]
+  restore = gcs_emulator.set_env(emu.env())
   try:
-    emu.start()
-  except gcs_emulator.Unavailable as e:
-    pytest.skip(f'GCS emulator unavailable: {e}')
-  workdir, log_path = f'gs://{emu.bucket}/run', tmp_path / 'first.txt'
-  try:
-    with open(log_path, 'w') as log:
-      proc = _launch(workdir, emu.env(), log, str(tmp_path / 'xla'))
-      deadline = time.time() + 600
-      while not _objects_under(root, 'checkpoints/4') and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-      assert proc.poll() is None, log_path.read_text()[-3000:]
-      emu.stop(kill=True)  # mid-save: the first of step 4's objects is written, the rest are not
-      rc = proc.wait(timeout=300)
-    text = log_path.read_text()
-    errors = [line for line in text.splitlines() if line.startswith('vlp: error:')]
-    assert rc == 2 and len(errors) == 1, text[-3000:]
-    assert 'checkpoint of step 4 could not be written' in errors[0], errors
-    assert 'the previous checkpoint (step 2) stays restorable' in errors[0], errors
-    assert f'{ROOT}/vlp/cli.py' not in text, text[-3000:]  # no traceback out of vlp (the storage
-    # libraries' own threads may log theirs)
-    emu.start(port=emu.port)  # the bucket is back, with what it held
-    with open(tmp_path / 'second.txt', 'w') as log:
-      rc = _launch(workdir, emu.env(), log, str(tmp_path / 'xla')).wait(timeout=600)
-    text = (tmp_path / 'second.txt').read_text()
-    assert rc == 0 and re.search(r'^resumed step 2\b', text, re.M), text[-3000:]
-    restore = gcs_emulator.set_env(emu.env())
-    try:
-      steps = [r['step'] for r in metrics_lib.read_jsonl(workdir) if 'loss' in r]
-    finally:
-      restore()
-    # one trajectory: the relaunch's steps 3-6 follow what the first launch got written (step 2's
-    # line, still buffered when the bucket went, is lost with it)
-    assert steps[-4:] == [3, 4, 5, 6] and len(steps) == len(set(steps)), steps
+    steps = [r['step'] for r in metrics_lib.read_jsonl(workdir) if 'loss' in r]
   finally:
-    emu.stop()
+    restore()
+  # one trajectory: the relaunch's steps 3-6 follow what the first launch got written (step 2's
+  # line, still buffered when the bucket went, is lost with it)
+  assert steps[-4:] == [3, 4, 5, 6] and len(steps) == len(set(steps)), steps
 
 
 @pytest.mark.slow
-def test_a_save_through_an_outage_is_made_again_and_counted(tmp_path):
+def test_a_save_through_an_outage_is_made_again_and_counted(tmp_path, disk_emulator):
   """The emulator is killed while step 4's save is being written and comes back 45 s later
   (past gcsfs's own 30 s of retries): vlp backs off and saves again, within
   checkpoint.save_timeout_s; the run finishes, counts the retries, and its checkpoints restore."""
   import threading
-  root = str(tmp_path / 'bucket')
-  emu = gcs_emulator.Emulator(root=root)
+  emu, log_path = disk_emulator, tmp_path / 'log.txt'
+  proc = _saving(emu, log_path, str(tmp_path / 'xla'), save_timeout_s=300)
+  emu.stop(kill=True)
+  back = threading.Timer(45.0, lambda: emu.start(port=emu.port))
+  back.start()
+  rc = proc.wait(timeout=600)
+  back.join()
+  text = log_path.read_text()
+  assert rc == 0, text[-3000:]
+  retries = [line for line in text.splitlines() if line.startswith('vlp: storage: checkpoint of step')]
+  assert retries and 'retry 1 in' in retries[0], text[-3000:]
+  restore = gcs_emulator.set_env(emu.env())
   try:
-    emu.start()
-  except gcs_emulator.Unavailable as e:
-    pytest.skip(f'GCS emulator unavailable: {e}')
-  workdir, log_path = f'gs://{emu.bucket}/run', tmp_path / 'log.txt'
-  try:
-    with open(log_path, 'w') as log:
-      proc = _launch(workdir, emu.env(), log, str(tmp_path / 'xla'), save_timeout_s=300)
-      deadline = time.time() + 600
-      while not _objects_under(root, 'checkpoints/4') and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-      assert proc.poll() is None, log_path.read_text()[-3000:]
-      emu.stop(kill=True)
-      back = threading.Timer(45.0, lambda: emu.start(port=emu.port))
-      back.start()
-      rc = proc.wait(timeout=600)
-      back.join()
-    text = log_path.read_text()
-    assert rc == 0, text[-3000:]
-    retries = [line for line in text.splitlines() if line.startswith('vlp: storage: checkpoint of step')]
-    assert retries and 'retry 1 in' in retries[0], text[-3000:]
-    restore = gcs_emulator.set_env(emu.env())
-    try:
-      times = [r for r in metrics_lib.read_jsonl(workdir) if 'time/checkpoint_save_retries' in r]
-      assert times and times[-1]['time/checkpoint_save_retries'] == len(retries), (times, retries)
-      assert export.restore_params(workdir)[2] == 6  # the last step restores
-    finally:
-      restore()
+    times = [r for r in metrics_lib.read_jsonl(f'gs://{emu.bucket}/run') if 'time/checkpoint_save_retries' in r]
+    assert times and times[-1]['time/checkpoint_save_retries'] == len(retries), (times, retries)
+    assert export.restore_params(f'gs://{emu.bucket}/run')[2] == 6  # the last step restores
   finally:
-    emu.stop()
+    restore()
 
 
 @pytest.mark.slow
@@ -365,37 +354,23 @@ def test_a_save_stuck_on_an_outage_is_made_again_by_a_fresh_manager(own_emulator
 
 
 @pytest.mark.slow
-def test_a_run_killed_while_it_saves_to_object_storage_resumes(tmp_path):
+def test_a_run_killed_while_it_saves_to_object_storage_resumes(tmp_path, disk_emulator):
   """`kill -9` of `vlp train` while step 4's save is being written to the bucket: the relaunch
   resumes the newest step that was committed (2, or 4 if its commit got through), step 4's
   half-written objects get in nobody's way, and the run ends with one trajectory."""
-  root = str(tmp_path / 'bucket')
-  emu = gcs_emulator.Emulator(root=root)
+  emu, workdir = disk_emulator, f'gs://{disk_emulator.bucket}/run'
+  proc = _saving(emu, tmp_path / 'first.txt', str(tmp_path / 'xla'))
+  proc.kill()  # SIGKILL, mid-save
+  proc.wait()
+  with open(tmp_path / 'second.txt', 'w') as log:
+    rc = _launch(workdir, emu.env(), log, str(tmp_path / 'xla')).wait(timeout=600)
+  text = (tmp_path / 'second.txt').read_text()
+  resumed = re.search(r'^resumed step (\d+)', text, re.M)
+  assert rc == 0 and resumed and int(resumed.group(1)) in (2, 4), text[-3000:]
+  restore = gcs_emulator.set_env(emu.env())
   try:
-    emu.start()
-  except gcs_emulator.Unavailable as e:
-    pytest.skip(f'GCS emulator unavailable: {e}')
-  workdir = f'gs://{emu.bucket}/run'
-  try:
-    with open(tmp_path / 'first.txt', 'w') as log:
-      proc = _launch(workdir, emu.env(), log, str(tmp_path / 'xla'))
-      deadline = time.time() + 600
-      while not _objects_under(root, 'checkpoints/4') and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-      assert proc.poll() is None, (tmp_path / 'first.txt').read_text()[-3000:]
-      proc.kill()  # SIGKILL, mid-save
-      proc.wait()
-    with open(tmp_path / 'second.txt', 'w') as log:
-      rc = _launch(workdir, emu.env(), log, str(tmp_path / 'xla')).wait(timeout=600)
-    text = (tmp_path / 'second.txt').read_text()
-    resumed = re.search(r'^resumed step (\d+)', text, re.M)
-    assert rc == 0 and resumed and int(resumed.group(1)) in (2, 4), text[-3000:]
-    restore = gcs_emulator.set_env(emu.env())
-    try:
-      steps = [r['step'] for r in metrics_lib.read_jsonl(workdir) if 'loss' in r]
-      assert steps[-1] == 6 and steps == sorted(set(steps)), steps  # one trajectory
-      assert export.restore_params(workdir)[2] == 6
-    finally:
-      restore()
+    steps = [r['step'] for r in metrics_lib.read_jsonl(workdir) if 'loss' in r]
+    assert steps[-1] == 6 and steps == sorted(set(steps)), steps  # one trajectory
+    assert export.restore_params(workdir)[2] == 6
   finally:
-    emu.stop()
+    restore()

@@ -213,9 +213,10 @@ class Checkpointer:
         state, why = self.restore(steps[i], abstract_state, data_iterators), None
       except CorruptCheckpoint as e:
         state, why = None, str(e)
-      why = distributed.first_failure(why)  # a step one process cannot restore is taken by none
+      why, process = distributed.first_failure(why)  # a step one process cannot restore is taken by none
       if why is None:
         return steps[i], state
+      why += '' if process is None else f' (on process {process})'
       verb = 'resuming' if set_aside else 'using'
       fallback = f'{verb} step {steps[i - 1]}' if i else 'no older checkpoint' + (
           ': starting afresh' if set_aside else '')
@@ -305,9 +306,9 @@ class Checkpointer:
       self._check_data_processes(step, item)
       items[item] = grain.checkpoint.CheckpointRestore(it)
     # checked by all before Orbax, whose collectives would wait for a process stopped at its own file
-    why = distributed.first_failure(self._unreadable(step, items))
+    why, process = distributed.first_failure(self._unreadable(step, items))
     if why is not None:
-      raise self._corrupt(step, why)
+      raise self._corrupt(step, why if process is None else f'on process {process}: {why}')
     try:  # the state first: the iterators are set in place only once it has restored
       state = self.manager.restore(step, args=ocp.args.Composite(state=items.pop('state')))['state']
       if items:
@@ -362,10 +363,9 @@ class Checkpointer:
         self._failed_step, self._saving = self._saving, None
 
   def _within_deadline(self, fn, warn_after: float = 60.0):
-    """fn() for the save of step self._saving (vlp.retry.watched: in a daemon thread, as Orbax
-    may never come back when the storage went away mid-save), saying so every `warn_after`
-    seconds it is not done; a failure, no return within checkpoint.save_timeout_s, or a save
-    that stalled (the storage answers again, Orbax does not) is one line (SaveFailed), and the
+    """fn() for the save of step self._saving (vlp.retry.watched: in a daemon thread, as Orbax may
+    never come back when the storage went away mid-save), saying so every `warn_after` s; a failure,
+    no return within checkpoint.save_timeout_s, or a stalled save is one line (SaveFailed), and the
     previous checkpoint stays restorable (a step counts only once committed)."""
     def warn(waited):
       if jax.process_index() == 0:

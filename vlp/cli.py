@@ -90,6 +90,10 @@ def _add_bench(sub):
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--compare', default=None, choices=('open_clip', 'dense'),
                    help='open_clip: the same ALIGN model in open_clip; dense: the config without MoE')
+    if what == 'step':
+      p.add_argument('--profile', nargs='?', const='', default=None, metavar='DIR',
+                     help='trace the timed steps into DIR (default: a fresh temp dir) and print their device '
+                          'time by op category (open_clip too, with --compare=open_clip)')
     p.set_defaults(fn=cmd_bench)
   p = bench.add_parser('quality', help='held-out retrieval after training, vlp against open_clip side by side')
   p.add_argument('--config', required=True)
@@ -177,19 +181,47 @@ def cmd_bench(args, overrides):
     from vlp.bench import matmuls
     print(json.dumps(matmuls.run(config)))
     return
-  result = bench_step.run(config, steps=args.steps, warmup=args.warmup)
-  if args.compare == 'dense':  # the same model with dense MLPs: equal active FLOPs under expert choice cf=1
-    if not any(s.moe.num_experts for s in bench_step.moe_sections(config.model)):
-      raise ConfigError("config key 'model': --compare=dense needs a model with MoE blocks (moe.num_experts > 0)")
-    dense = bench_step.run(bench_step.dense_twin(config), steps=args.steps, warmup=args.warmup,
-                           peak_flops=result['peak_tflops'] * 1e12)
-    result['vs_dense'] = bench_step.compare_dense(result, dense)
-  if args.compare == 'open_clip':
+  profile_dir = None
+  if args.profile is not None:
+    from vlp.bench import profile
+    profile_dir = profile.profile_dir(args.profile)
+    print(f'profile: {profile_dir} (TensorBoard: tensorboard --logdir {profile_dir}; or xprof)', flush=True)
+  if args.compare == 'dense' and not any(s.moe.num_experts for s in bench_step.moe_sections(config.model)):
+    raise ConfigError("config key 'model': --compare=dense needs a model with MoE blocks (moe.num_experts > 0)")
+  ref = None
+  if args.compare == 'open_clip':  # first: on a GPU, JAX keeps the memory it used until it exits
     from vlp.bench import compare
-    ref = compare.run_open_clip_reference(config.model, config.batch_size, steps=args.steps, warmup=args.warmup)
+    ref = compare.run_open_clip_reference(config.model, config.batch_size, steps=args.steps, warmup=args.warmup,
+                                          device=compare.reference_device(), profile=profile_dir is not None)
+  result = bench_step.run(config, steps=args.steps, warmup=args.warmup, profile_dir=profile_dir)
+  if args.compare == 'dense':  # the same model with dense MLPs: equal active FLOPs under expert choice cf=1
+    dense = bench_step.run(bench_step.dense_twin(config), steps=args.steps, warmup=args.warmup,
+                           peak_flops=result['peak_tflops'] * 1e12,
+                           profile_dir=profile_dir and os.path.join(profile_dir, 'dense'))
+    result['vs_dense'] = bench_step.compare_dense(result, dense)
+  if ref is not None:
     result['vs_open_clip'] = compare.side_by_side(
         result, ref, result['model_tflops_per_step'] * 1e12, result['peak_tflops'] * 1e12)
+    print(compare.format_side_by_side(result['vs_open_clip']))
+  if profile_dir:
+    _print_profile(result, ref)
   print(json.dumps(result))
+
+
+def _print_profile(result, ref):
+  """The device time per step by op category: vlp's (each task's), and open_clip's beside it."""
+  from vlp.bench import profile
+  columns = {'open_clip': profile.torch_breakdown(ref['profile'])} if ref and ref.get('profile') else {}
+  if columns:
+    result['open_clip_profile'] = columns['open_clip']
+  for name, r in (result['tasks'].items() if 'tasks' in result else [('', result)]):
+    b = r['profile']
+    print(f"device time per step by op category{f' ({name})' if name else ''}: vlp the mean of {b['devices']} "
+          f"device(s) over {b['steps']} traced steps ({b['trace']})"
+          + (f", open_clip {columns['open_clip']['time']} time" if columns else ''))
+    print(profile.format_table({'vlp': b, **columns}))
+    wall = f", open_clip {ref['step_ms']:.2f} ms" if columns else ''
+    print(f"step, median wall time: vlp {r['step_ms']:.2f} ms{wall}")
 
 
 def cmd_bench_quality(args, overrides):

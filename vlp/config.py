@@ -87,6 +87,7 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
   c.compile_cache = 'workdir'  # XLA's persistent cache: 'workdir' = WORKDIR/compile_cache, a path (gs:// too), '' off
   c.nonfinite = dict(guard=True, max_consecutive=5, spike_window=100, spike_zscore=6.0)  # vlp.train.guard
   c.ema_decay = 0.0  # > 0 keeps an exponential moving average of the params (`vlp export --weights=ema`)
+  c.profile = dict(steps=())  # (A, B): trace steps A+1..B into WORKDIR/profile (vlp.train.profile); () off
   c.checkpoint = dict(
       every=500, keep=2, async_save=True,
       keep_every=0,  # > 0: also keep every checkpoint whose step is a multiple of this, forever
@@ -191,8 +192,7 @@ def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """Runs `get_config(arg)` of a config file given by path."""
   if not os.path.isfile(path):
     raise ConfigError(f'config file {path!r} does not exist')
-  spec = importlib.util.spec_from_file_location(
-      f'vlp_config_{os.path.splitext(os.path.basename(path))[0]}', path)
+  spec = importlib.util.spec_from_file_location(f'vlp_config_{os.path.splitext(os.path.basename(path))[0]}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   try:
@@ -245,8 +245,7 @@ def _parse_like(current, raw: str, key: str):
   if isinstance(current, tuple) and isinstance(value, list):
     value = tuple(value)
   if current is not None and not isinstance(value, type(current)):
-    raise ConfigError(
-        f"config key '{key}' expects {type(current).__name__}, got {raw!r}")
+    raise ConfigError(f"config key '{key}' expects {type(current).__name__}, got {raw!r}")
   return value
 
 
@@ -288,6 +287,9 @@ def validate_common(config):
       check(a is None or a in MESH_AXES, f'mesh_rules.{name}', f'{a!r} is not a mesh axis {MESH_AXES}')
   _validate_data(config.data)
   check(0.0 <= config.ema_decay < 1.0, 'ema_decay', 'must be in [0, 1)')
+  s = config.profile.steps
+  check(not s or (len(s) == 2 and all(type(x) is int for x in s) and 0 <= s[0] < s[1]), 'profile.steps',
+        f'must be () (off) or (A, B): ints, 0 <= A < B; got {s!r}')
   _validate_evals(config)
   c = config.checkpoint
   for key, value, low in (('checkpoint.every', c.every, 1), ('checkpoint.keep', c.keep, 1), ('log_every', config.log_every, 1),
@@ -365,8 +367,7 @@ def _validate_evals(config):
       check(k in allowed, f'{key}.{k}', 'unknown key' + (f"; did you mean '{key}.{close[0]}'?" if close else ''))
     for k in allowed:
       check(k in e, f'{key}.{k}', 'missing (build entries with vlp.config.eval_config)')
-    check(e.data in EVAL_DATA[e.kind], f'{key}.data',
-           f'{e.data!r} not in {"/".join(EVAL_DATA[e.kind])}')
+    check(e.data in EVAL_DATA[e.kind], f'{key}.data', f'{e.data!r} not in {"/".join(EVAL_DATA[e.kind])}')
     check(e.data != 'karpathy' or (e.path and e.image_dir), f'{key}.path',
            "data='karpathy' needs path (the Karpathy JSON) and image_dir")
     check(e.data != 'folder' or bool(e.path), f'{key}.path', "data='folder' needs path (one subfolder per class)")
@@ -387,8 +388,7 @@ def mesh_shape(config, num_devices: int) -> dict[str, int]:
   unknown = [a for a in MESH_AXES if config.mesh[a] == -1]
   check(len(unknown) <= 1, 'mesh', f'at most one axis may be -1, got {unknown}')
   for a in MESH_AXES:
-    check(config.mesh[a] == -1 or (isinstance(config.mesh[a], int) and config.mesh[a] >= 1), f'mesh.{a}',
-          'must be -1 or >= 1')
+    check(config.mesh[a] == -1 or (isinstance(config.mesh[a], int) and config.mesh[a] >= 1), f'mesh.{a}', 'must be -1 or >= 1')
   sizes = {a: config.mesh[a] for a in MESH_AXES}
   known = math.prod(v for v in sizes.values() if v != -1)
   if unknown:

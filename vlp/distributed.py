@@ -117,14 +117,14 @@ def json_agree(gather):
   return agree
 
 
-def first_failure(why: str | None) -> str | None:
-  """Every process's verdict on one thing (None: it went well here): None where it went well on
-  every process, else the failure of the first process that failed, naming it; one process
-  gives its own."""
+def first_failure(why: str | None) -> tuple[str | None, int | None]:
+  """Every process's verdict on one thing (why: None where it went well here): (None, None) where
+  it went well everywhere, else (the first failing process's why, its index); the index is None
+  with one process, or where every process failed alike (e.g. on a verdict they had agreed)."""
   if jax.process_count() == 1:
-    return why
+    return why, None
   from jax.experimental import multihost_utils
   bad = json_agree(multihost_utils.process_allgather)({jax.process_index(): why} if why else {})
-  if len(bad) == jax.process_count() and len(set(bad.values())) == 1:
-    return why  # every process failed alike (e.g. on a verdict they had agreed before)
-  return f'{bad[min(bad)]} (on process {min(bad)})' if bad else None
+  if not bad or (len(bad) == jax.process_count() and len(set(bad.values())) == 1):
+    return (bad[min(bad)] if bad else None), None
+  return bad[min(bad)], min(bad)

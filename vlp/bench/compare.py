@@ -61,15 +61,28 @@ def model_cfg_json(model_cfg: Any) -> str:
   return json.dumps(keep, sort_keys=True)
 
 
+def reference_device() -> str:
+  """'cuda' where JAX runs on GPUs, else 'cpu': where the reference runs (one GPU: the
+  first visible). Before JAX starts, it is told not to preallocate most of a GPU's memory
+  (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set): the reference runs first and needs it."""
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  import jax
+  return "cuda" if jax.default_backend() == "gpu" else "cpu"
+
+
 def run_open_clip_reference(model_cfg: Any, batch_size: int, steps: int = 10,
                             warmup: int = 3, python: str | None = None,
                             threads: int | None = None,
                             timeout: float | None = 3600.0,
-                            extra_args: tuple[str, ...] = ()) -> dict:
+                            extra_args: tuple[str, ...] = (),
+                            device: str = "cpu", profile: bool = False) -> dict:
   """Trains open_clip's CLIP with the same architecture in a subprocess.
 
   Returns the reference's JSON dict (examples_per_sec, step_ms,
   torch_matmul_peak_flops, threads, torch_version, open_clip_version, ...).
+  device='cuda': on the GPU, bf16 configs under torch.autocast (peak_memory_gib
+  too); profile: the timed steps under torch.profiler ('profile': per-operator
+  times, vlp.bench.profile.torch_breakdown).
   Raises ReferenceEnvError when the environment is missing or cannot import
   torch / open_clip, RuntimeError for any other failure of the subprocess.
   """
@@ -79,7 +92,9 @@ def run_open_clip_reference(model_cfg: Any, batch_size: int, steps: int = 10,
   cmd = [exe, "-I", str(REF_SCRIPT), "--json", model_cfg_json(model_cfg),
          "--batch", str(batch_size), "--steps", str(steps),
          "--warmup", str(warmup),
-         "--threads", str(threads or os.cpu_count() or 1), *extra_args]
+         "--threads", str(threads or os.cpu_count() or 1), *extra_args,
+         *(["--device", device] if device != "cpu" else []),
+         *(["--profile"] if profile else [])]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                         cwd=str(REPO_ROOT))
   if proc.returncode != 0:
@@ -129,4 +144,19 @@ def side_by_side(vlp: dict, ref: dict, train_flops_per_step: float,
                                   max(jax_peak_flops, torch_peak or 0)),
       threads=ref.get("threads"), torch_version=ref.get("torch_version"),
       open_clip_version=ref.get("open_clip_version"),
+      vlp_peak_memory_gib=vlp.get("peak_memory_gib"),
+      open_clip_peak_memory_gib=ref.get("peak_memory_gib"),
+      open_clip_device=ref.get("device", "cpu"), open_clip_amp=ref.get("amp"),
   )
+
+
+def format_side_by_side(row: dict) -> str:
+  """examples/s, step ms, MFU (against the common peak) and peak memory of both, as a table."""
+  def mem(gib):
+    return f"{gib:.1f}" if gib is not None else "-"
+  lines = [f"{'':<10}{'examples/s':>12}{'step ms':>10}{'MFU':>7}{'peak GiB':>10}"]
+  for who in ("vlp", "open_clip"):
+    lines.append(f"{who:<10}{row[who + '_examples_per_sec']:>12.1f}{row[who + '_step_ms']:>10.1f}"
+                 f"{row[who + '_mfu']:>7.3f}{mem(row[who + '_peak_memory_gib']):>10}")
+  lines.append(f"vlp / open_clip: {row['ratio']:.2f}x (goal {row['goal']}x)")
+  return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""open_clip (torch, CPU) training-throughput reference for `vlp bench`.
+"""open_clip (torch; CPU, or one GPU) training-throughput reference for `vlp bench`.
 
 Runs in a SEPARATE python environment that has torch + open_clip_torch (create
 it with `bash launch/setup_bench_env.sh`); it imports neither jax nor any vlp
@@ -6,7 +6,7 @@ module, so it also runs as a plain file:
 
   .venv-bench/bin/python vlp/bench/open_clip_ref.py \
       --json '{"image": {...}, "text": {...}, "embed_dim": 256}' \
-      --batch 128 --steps 10 --warmup 3 [--threads 2]
+      --batch 128 --steps 10 --warmup 3 [--threads 2] [--device cuda] [--profile]
   # or: .venv-bench/bin/python -m vlp.bench.open_clip_ref ...
 
 Builds `open_clip.model.CLIP(embed_dim, vision_cfg=CLIPVisionCfg(...),
@@ -33,6 +33,16 @@ cheap env: CPU torch from disk, open_clip_torch --no-deps), the unmodified
 `open_clip.model` / `open_clip.transformer` / `open_clip.loss` modules are
 loaded without running the package `__init__`, with a stub for that one
 torchvision symbol; the JSON says which path was used ("open_clip_import").
+
+--device cuda: model, batch and AdamW on the first GPU, the times taken after a
+torch.cuda.synchronize, peak_memory_gib from torch.cuda.max_memory_allocated.
+A config with dtype 'bfloat16' trains under torch.autocast(bfloat16) with fp32
+params (open_clip's --precision amp_bf16), on either device. Attention is
+torch's scaled_dot_product_attention either way: open_clip's default block is
+nn.MultiheadAttention, called with need_weights=False, which takes that path.
+--profile: the timed steps run under torch.profiler; 'profile' lists each
+operator's self CPU and self device time per step, and whether it ran inside
+the optimizer's step or inside scaled_dot_product_attention.
 """
 from __future__ import annotations
 
@@ -149,12 +159,15 @@ def make_optimizer(model, lr: float, wd: float):
       lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def measure_torch_matmul_peak(n: int = 2048, repeats: int = 5, chain: int = 4) -> float:
-  """Best FLOP/s of `chain` chained fp32 (n x n) matmuls (same recipe as vlp.bench.peak)."""
+def measure_torch_matmul_peak(n: int = 2048, repeats: int = 5, chain: int = 4,
+                              device: str = "cpu", dtype=None) -> float:
+  """Best FLOP/s of `chain` chained (n x n) matmuls (same recipe as vlp.bench.peak); fp32 on
+  the CPU unless `dtype`."""
   import torch
   g = torch.Generator().manual_seed(0)
-  a = torch.randn(n, n, generator=g) / n ** 0.5
-  b = torch.randn(n, n, generator=g)
+  a = (torch.randn(n, n, generator=g) / n ** 0.5).to(device, dtype)
+  b = torch.randn(n, n, generator=g).to(device, dtype)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   def run():
     x = b
     for _ in range(chain):
@@ -162,34 +175,95 @@ def measure_torch_matmul_peak(n: int = 2048, repeats: int = 5, chain: int = 4) -
     return x
   with torch.no_grad():
     run()
+    sync()
     best = math.inf
     for _ in range(max(1, repeats)):
       t0 = time.perf_counter()
       run()
+      sync()
       best = min(best, time.perf_counter() - t0)
   return 2.0 * n ** 3 * chain / best
 
 
+def _scope(evt) -> str:
+  """'optimizer' for an operator inside the optimizer's step, 'attention' for one inside
+  scaled_dot_product_attention (forward or backward), '' otherwise."""
+  while evt is not None:
+    if evt.name.startswith("Optimizer.step#"):  # torch's own record_function of every step()
+      return "optimizer"
+    if "scaled_dot_product" in evt.name or "ScaledDotProduct" in evt.name:
+      return "attention"
+    evt = evt.cpu_parent
+  return ""
+
+
+def profile_ops(events, steps: int) -> list:
+  """[[operator, scope, self CPU ms, self device ms], ...] per step, from torch.profiler's
+  events (CPU-side operators; their kernels' time is their self device time)."""
+  from torch.autograd import DeviceType
+  totals = {}
+  for evt in events:
+    if evt.device_type != DeviceType.CPU:
+      continue
+    key = (evt.name, _scope(evt))
+    cpu, dev = totals.get(key, (0.0, 0.0))
+    totals[key] = (cpu + evt.self_cpu_time_total, dev + evt.self_device_time_total)
+  rows = [[n, sc, cpu / 1e3 / steps, dev / 1e3 / steps] for (n, sc), (cpu, dev) in totals.items()]
+  return sorted(rows, key=lambda r: -max(r[2], r[3]))
+
+
+def _timed(step, steps: int, warmup: int, sync, profile: bool, device: str):
+  """(step seconds, losses, per-operator profile or None): `warmup` steps, then `steps`
+  timed one by one (under torch.profiler with `profile`)."""
+  import contextlib
+  import torch
+  losses = [float(step().detach()) for _ in range(warmup)]
+  activities = [torch.profiler.ProfilerActivity.CPU] + (
+      [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+  prof = torch.profiler.profile(activities=activities) if profile else contextlib.nullcontext()
+  times = []
+  with prof:
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      loss = step()
+      sync()
+      times.append(time.perf_counter() - t0)
+      losses.append(float(loss.detach()))
+  ops = dict(steps=steps, device=device, ops=profile_ops(prof.events(), steps)) if profile else None
+  return times, losses, ops
+
+
 def run(cfg: dict, batch: int, steps: int, warmup: int, threads: int,
-        lr: float = 1e-3, wd: float = 0.1, peak: bool = True, seed: int = 0) -> dict:
+        lr: float = 1e-3, wd: float = 0.1, peak: bool = True, seed: int = 0,
+        device: str = "cpu", profile: bool = False) -> dict:
+  """device='cuda': the model, batch and optimizer on the (first) GPU; a bfloat16 config
+  trains under torch.autocast(bf16) with fp32 params, as open_clip's --precision amp_bf16
+  (on the CPU too). profile: the timed steps under torch.profiler."""
+  import contextlib
   import torch
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
   dtype = cfg.get("dtype", "float32")
-  if dtype not in ("float32", "fp32"):
-    raise ValueError(f"open_clip reference runs fp32 only, got dtype={dtype!r}")
+  if dtype not in ("float32", "fp32", "bfloat16"):
+    raise ValueError(f"open_clip reference runs float32 or bfloat16 (amp), got dtype={dtype!r}")
+  amp = dtype == "bfloat16"
   oc = import_open_clip()
-  model = build_model(oc, cfg)
+  model = build_model(oc, cfg).to(device)
   model.train()
   opt = make_optimizer(model, lr, wd)
   loss_fn = oc.ClipLoss()
   im, tx = cfg["image"], cfg["text"]
-  images = torch.randn(batch, 3, im["image_size"], im["image_size"])
-  tokens = torch.randint(0, tx["vocab_size"], (batch, tx["context_length"]))
+  images = torch.randn(batch, 3, im["image_size"], im["image_size"]).to(device)
+  tokens = torch.randint(0, tx["vocab_size"], (batch, tx["context_length"])).to(device)
+  autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
 
   def step():
-    out = model(images, tokens)
-    loss = loss_fn(**out)  # as open_clip's training loop: ClipLoss(**model_out)
+    with autocast():
+      out = model(images, tokens)
+      loss = loss_fn(**out)  # as open_clip's training loop: ClipLoss(**model_out)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -197,22 +271,17 @@ def run(cfg: dict, batch: int, steps: int, warmup: int, threads: int,
       model.logit_scale.clamp_(0, math.log(100))
     return loss
 
-  losses, times = [], []
-  for i in range(warmup + steps):
-    t0 = time.perf_counter()
-    loss = step()
-    dt = time.perf_counter() - t0
-    losses.append(float(loss.detach()))
-    if i >= warmup:
-      times.append(dt)
+  times, losses, ops = _timed(step, steps, warmup, sync, profile, device)
   median, mean = statistics.median(times), sum(times) / len(times)
+  peak_dtype = torch.bfloat16 if amp and device == "cuda" else None
   result = dict(
       examples_per_sec=batch / median,
       step_ms=1e3 * median,
       examples_per_sec_mean=batch / mean,
       step_ms_mean=1e3 * mean,
       step_ms_min=1e3 * min(times),
-      torch_matmul_peak_flops=measure_torch_matmul_peak() if peak else None,
+      torch_matmul_peak_flops=measure_torch_matmul_peak(
+          n=8192 if device == "cuda" else 2048, device=device, dtype=peak_dtype) if peak else None,
       threads=torch.get_num_threads(),
       torch_version=torch.__version__,
       open_clip_version=oc.version,
@@ -222,6 +291,10 @@ def run(cfg: dict, batch: int, steps: int, warmup: int, threads: int,
       loss_first=losses[0], loss_last=losses[-1],
       python=platform.python_version(),
   )
+  if device != "cpu" or amp or profile:  # the CPU fp32 result keeps its keys
+    result.update(device=device, amp="bf16" if amp else None, profile=ops,
+                  peak_memory_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None,
+                  gpu=torch.cuda.get_device_name() if device == "cuda" else None)
   return result
 
 
@@ -236,10 +309,13 @@ def main(argv=None):
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--wd", type=float, default=0.1)
   p.add_argument("--no-peak", action="store_true", help="skip the matmul peak")
+  p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+  p.add_argument("--profile", action="store_true",
+                 help="the timed steps under torch.profiler: per-operator self times in 'profile'")
   a = p.parse_args(argv)
   cfg = json.loads(a.json)
   res = run(cfg, a.batch, a.steps, a.warmup, a.threads, a.lr, a.wd,
-            peak=not a.no_peak)
+            peak=not a.no_peak, device=a.device, profile=a.profile)
   print(json.dumps(res), flush=True)
 
 

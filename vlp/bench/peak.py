@@ -6,7 +6,9 @@ not a datasheet number. This makes MFU meaningful on CPUs (where datasheet
 peaks depend on SIMD width, turbo, and how many cores the process really gets)
 and comparable with the torch reference, which measures its own peak the same
 way (`vlp/bench/open_clip_ref.py:measure_torch_matmul_peak`). Both numbers are
-reported side by side by `vlp/bench/compare.py`.
+reported side by side by `vlp/bench/compare.py`. On a GPU listed in GPU_PEAK_BF16 `vlp bench
+step` takes the datasheet's bf16 dense peak instead (`step_peak`): a GPU's matmul peak depends on
+dtype, size and clocks, and the datasheet is what MFU is quoted against there.
 
     from vlp.bench.peak import measure_matmul_peak
     peak = measure_matmul_peak()          # FLOP/s, fp32, default backend
@@ -18,6 +20,44 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+# bf16 dense tensor-core FLOP/s of one GPU, by a substring of its JAX device_kind (first match
+# wins). NVIDIA's datasheets give the figure with 2:4 structured sparsity; dense is half of it:
+#   "NVIDIA H100 Tensor Core GPU" datasheet: BF16 Tensor Core 1,979 TFLOPS (H100 SXM), 1,671 (H100
+#     NVL), 1,513 (H100 PCIe), with sparsity -> 989, 835, 756 dense;
+#   "NVIDIA H200 Tensor Core GPU" datasheet: BF16 Tensor Core 1,979 TFLOPS (H200 SXM), 1,671 (H200
+#     NVL), with sparsity -> 989, 835 dense (the H100's compute; more and faster memory);
+#   "NVIDIA A100 Tensor Core GPU" datasheet: BF16 Tensor Core 312 TFLOPS dense (624 with sparsity).
+GPU_PEAK_BF16 = (
+    ('H200 NVL', 835e12, 'NVIDIA H200 datasheet (NVL), bf16 dense'),
+    ('H200', 989e12, 'NVIDIA H200 datasheet (SXM), bf16 dense'),
+    ('H100 NVL', 835e12, 'NVIDIA H100 datasheet (NVL), bf16 dense'),
+    ('H100 PCIe', 756e12, 'NVIDIA H100 datasheet (PCIe), bf16 dense'),
+    ('H100', 989e12, 'NVIDIA H100 datasheet (SXM), bf16 dense'),
+    ('A100', 312e12, 'NVIDIA A100 datasheet, bf16 dense'),
+)
+
+
+def datasheet_peak(device_kind: str):
+  """(bf16 dense FLOP/s, source) of a GPU by its device_kind ('NVIDIA H100 80GB HBM3'), or None."""
+  for key, flops, source in GPU_PEAK_BF16:
+    if key.lower() in device_kind.lower():
+      return flops, source
+  return None
+
+
+def step_peak() -> tuple[float, str]:
+  """(peak FLOP/s of all devices together, where it comes from), MFU's denominator for `vlp bench
+  step`: a GPU's datasheet bf16 peak (GPU_PEAK_BF16) times the devices; otherwise the matmul peak
+  measured here (simulated CPU devices share the host's cores: the host's peak is the peak)."""
+  devices = jax.devices()
+  if jax.default_backend() == 'gpu':
+    sheet = datasheet_peak(devices[0].device_kind)
+    if sheet:
+      return sheet[0] * len(devices), f'{sheet[1]} x {len(devices)} ({devices[0].device_kind})'
+  per_host = jax.default_backend() == 'cpu'
+  return measure_matmul_peak() * (1 if per_host else len(devices)), 'measured fp32 matmul peak (vlp.bench.peak)'
+
 
 # Square size per backend: big enough to be compute-bound, small enough to
 # measure in a few seconds on a 2-core CPU.

@@ -2,20 +2,25 @@
 
 The batch is random and already on device, so this measures the step alone
 (the input pipeline has its own benchmark). MFU = analytic model FLOPs per
-second over the fp32 matmul peak measured on the same machine by JAX.
+second over the fp32 matmul peak measured on the same machine by JAX (on a GPU
+of vlp.bench.peak's table, its datasheet bf16 peak). `profile_dir`: the timed
+steps run under `jax.profiler.trace` and the result gains their device time by
+op category (vlp.bench.profile); on a GPU it also has the peak device memory.
 
 A config with several tasks has one step per (task, resolution): each is
 compiled and timed on its own (`tasks` in the result), and the totals weight
 them by their share of the schedule's steps.
 """
 import collections
+import contextlib
+import os
 import time
 
 import jax
 import numpy as np
 
 from vlp import parallel, plan as plan_lib
-from vlp.bench import flops, peak
+from vlp.bench import flops, peak, profile
 from vlp.train import agd, state as state_lib, step as step_lib
 
 
@@ -26,17 +31,26 @@ def random_batch(plan, mesh, variant, seed=0):
   return jax.device_put(batch, parallel.batch_sharding(mesh))
 
 
-def _time_steps(train_step, state, batch, steps, warmup):
+def _time_steps(train_step, state, batch, steps, warmup, trace_dir=None):
   for _ in range(warmup):
     state, _ = train_step(state, batch)
   jax.block_until_ready(state)
   times = []
-  for _ in range(steps):  # timed one by one: the median is robust to a noisy neighbour
-    t = time.perf_counter()
-    state, m = train_step(state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
+  # create_perfetto_trace: a Chrome trace (vlp.bench.profile reads it) whatever the profiler writes besides
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True) if trace_dir else contextlib.nullcontext():
+    for _ in range(steps):  # timed one by one: the median is robust to a noisy neighbour
+      t = time.perf_counter()
+      state, m = train_step(state, batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t)
+    jax.block_until_ready(state)
   return state, float(np.median(times))
+
+
+def peak_memory_gib():
+  """The most memory a device has held (GPU, TPU), in GiB; None where the backend keeps no count."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats['peak_bytes_in_use'] / 2 ** 30 if 'peak_bytes_in_use' in stats else None
 
 
 def schedule_shares(plan, steps: int = 10_000) -> dict[str, float]:
@@ -46,18 +60,20 @@ def schedule_shares(plan, steps: int = 10_000) -> dict[str, float]:
   return {v.name: counts[v.name] / steps for v in plan.variants}
 
 
-def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = None) -> dict:
+def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = None,
+        profile_dir: str | None = None) -> dict:
+  """`profile_dir`: trace the timed steps there (several variants: a folder each) and add
+  'profile', their device time by op category."""
   plan = plan_lib.make(config, jax.device_count(), jax.process_count())
   mesh = parallel.make_mesh(plan.sizes)
   setup = state_lib.make_setup(plan, mesh)
   state = state_lib.init_state(plan, setup)
-  # Simulated CPU devices share the host's cores: the host peak is the peak.
-  per_host = jax.default_backend() == 'cpu'
-  peak_flops = peak_flops or peak.measure_matmul_peak() * (1 if per_host else jax.device_count())
+  peak_flops, peak_source = (peak_flops, 'given') if peak_flops else peak.step_peak()
   per_variant = {}
   for v in plan.variants:
     train_step, compile_s = step_lib.compile_train_step(plan, setup, v)
-    state, step_s = _time_steps(train_step, state, random_batch(plan, mesh, v), steps, warmup)
+    trace_dir = profile_dir and (profile_dir if len(plan.variants) == 1 else os.path.join(profile_dir, v.name))
+    state, step_s = _time_steps(train_step, state, random_batch(plan, mesh, v), steps, warmup, trace_dir)
     model_flops = plan.recipe.train_flops(config, v)
     per_variant[v.name] = {
         'examples_per_sec': v.batch_size / step_s,
@@ -67,7 +83,10 @@ def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = Non
         'model_tflops_per_step': model_flops / 1e12,
         'batch_size': v.batch_size,
     }
-  result = {'devices': jax.device_count(), 'peak_tflops': peak_flops / 1e12}
+    if trace_dir:
+      per_variant[v.name]['profile'] = profile.breakdown(trace_dir, train_step.as_text(), steps)
+  result = {'devices': jax.device_count(), 'peak_tflops': peak_flops / 1e12, 'peak_source': peak_source,
+            'peak_memory_gib': peak_memory_gib()}
   if len(plan.variants) == 1:
     return {**per_variant[plan.variants[0].name], **result}
   # a step of the schedule on average: its variants weighted by their share of steps

@@ -145,23 +145,28 @@ def _token_ids(tok) -> dict:
   return {'eos_id': tok.sep_id, 'bos_id': tok.cls_id}
 
 
-def _converter(model: dict):
-  """(converter module, the transformers class it writes) of a vlp model config."""
+def _converter(model: dict, params: dict, tokens: dict):
+  """(converter module, the transformers class it writes, why the model is not one: empty when it is)."""
   if hf_bert.claims(model):
-    return hf_bert, 'BertForMaskedLM' if model.get('mlm_head') else 'BertModel'
-  if model.get('head') == 'sigmoid':
-    return hf_siglip, hf_siglip.ARCHITECTURE
-  return hf_clip, 'CLIPModel'
+    converter, name = hf_bert, 'BertForMaskedLM' if model.get('mlm_head') else 'BertModel'
+  else:
+    beyond = sorted(set(params) - hf_clip.DUAL_ENCODER - hf_siglip.SIGLIP_PARAMS)
+    if beyond:  # ALBEF's fusion stack and heads, IMP's shared encoder: no transformers class
+      return None, 'model transformers has a class for', [
+          f"the {model.get('name')} model's params go beyond a dual encoder's ({', '.join(beyond)})"]
+    siglip = model.get('head') == 'sigmoid'
+    converter, name = (hf_siglip, hf_siglip.ARCHITECTURE) if siglip else (hf_clip, 'CLIPModel')
+  why = converter.exportable(model, params)
+  if converter is hf_clip and tokens['eos_id'] == 2:  # transformers then pools at the highest token id (CLIP's legacy)
+    why.append('its end-of-caption token has id 2, which transformers reads as the legacy argmax pooling')
+  return converter, name, why
 
 
 def export_hf(src: str, out: str, step=None, weights: str = 'params') -> str:
   """A transformers directory (config.json, model.safetensors) of a vlp model: a CLIPModel, a
   SiglipModel for the sigmoid head, a BertModel or BertForMaskedLM for a BERT import."""
   model, params, tokens = _model_and_params(src, step, weights)
-  converter, name = _converter(model)
-  why = converter.exportable(model, params)
-  if converter is hf_clip and tokens['eos_id'] == 2:  # transformers then pools at the highest token id (CLIP's legacy)
-    why.append('its end-of-caption token has id 2, which transformers reads as the legacy argmax pooling')
+  converter, name, why = _converter(model, params, tokens)
   if why:
     raise ValueError(f'vlp export --format=hf: {src} is not a {name}: ' + '; '.join(why))
   paths.makedirs(out)

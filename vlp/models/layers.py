@@ -82,11 +82,12 @@ class LayerNorm(nnx.Module):
     self.eps, self.dtype = eps, dtype
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-    return y.astype(self.dtype)
+    with jax.named_scope('layer_norm'):  # profiles count it as normalisation (vlp.bench.categories)
+      x32 = x.astype(jnp.float32)
+      mean = x32.mean(-1, keepdims=True)
+      var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+      y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+      return y.astype(self.dtype)
 
 
 def _attend(q, k, v, mask, out, out_bias, dt):
@@ -95,12 +96,13 @@ def _attend(q, k, v, mask, out, out_bias, dt):
   keys for every query) or [B, L, S] (per query, e.g. causal)."""
   # heads split over `tensor`: each device attends with its own heads
   q, k, v = (parallel.constrain(t, ('batch', None, 'heads', None)) for t in (q, k, v))
-  logits = jnp.einsum('bqhk,bshk->bhqs', q, k) * (q.shape[-1] ** -0.5)
-  if mask is not None:
-    mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
-  y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
+  with jax.named_scope('attention'):  # q.k, mask, softmax, weights.v: profiles' 'attention' (vlp.bench.categories)
+    logits = jnp.einsum('bqhk,bshk->bhqs', q, k) * (q.shape[-1] ** -0.5)
+    if mask is not None:
+      mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
+    y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
   return jnp.einsum('bqhk,hkd->bqd', y, out.astype(dt)) + out_bias.astype(dt)
 
 

@@ -15,7 +15,8 @@ import tqdm
 
 from vlp import checkpoint, eval as eval_lib, parallel, plan as plan_lib, tasks, workdir_check
 from vlp.data import records
-from vlp.train import agd, guard, init_from, metrics as metrics_lib, preemption, state as state_lib, step as step_lib
+from vlp.train import agd, guard, init_from, metrics as metrics_lib, preemption, profile, state as state_lib
+from vlp.train import step as step_lib
 
 
 class Evaluators:
@@ -197,8 +198,13 @@ def _train(config, workdir, progress, resume_at, preempt):
   run = types.SimpleNamespace(plan=plan, steps=steps, iterators=iterators, ckpt=ckpt, writer=writer, log=log,
                               times=times, preempt=preempt, evaluator=evaluator, bar=bar,
                               compiles=metrics_lib.CompileCounter(), rollback=_Rollback(plan, setup, ckpt, writer),
-                              batch_sharding=parallel.batch_sharding(mesh))
-  state, final, done = _steps(run, start, state)
+                              batch_sharding=parallel.batch_sharding(mesh),
+                              trace=profile.StepTrace(config.profile.steps, workdir, log=_log))
+  try:
+    state, final, done = _steps(run, start, state)
+    run.trace.stop(state)  # a run that ended inside config.profile.steps: its trace so far
+  finally:
+    run.trace.stop()
   times['metric_reads'] = log.reads  # device -> host transfers of step metrics
   bar.close()
   return _finish(config, state, start, iterators, ckpt, writer, times, run.compiles, evaluator, final, done)
@@ -212,6 +218,7 @@ def _steps(run, start, state):
   final, done, step = {}, start, start
   while step < config.total_steps:
     variant = run.plan.variants[schedule(step)]
+    run.trace.before(step, state)  # config.profile.steps
     t0 = time.perf_counter()
     host_batch = next(run.iterators[variant.data_item])
     log.skipped.update(host_batch.pop('skipped', {}))
@@ -225,6 +232,7 @@ def _steps(run, start, state):
     times['data_wait'] += t1 - t0
     times['step'] += time.perf_counter() - t1
     pending, done, step = (step + 1, variant, device_metrics), step + 1, step + 1
+    run.trace.after(done, state)
     run.bar.update(1)
     if log.tracker.rollback_due():  # seen one step late: the step just dispatched goes too
       pending, (step, state) = None, _roll_back(run, done - 1, f'{log.tracker.longest} non-finite steps in a row')

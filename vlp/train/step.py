@@ -58,16 +58,18 @@ def make_train_step(plan, setup, variant):
     def loss_fn(params, batch):
       # no gradient reaches a frozen param, so XLA drops the backward pass of a frozen tower
       params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-      return recipe.loss(graphdef, params, model_state, batch, state['step'], config, variant)
+      with jax.named_scope('loss'):  # the forward pass and the loss; its gradient: transpose(jvp(loss))
+        return recipe.loss(graphdef, params, model_state, batch, state['step'], config, variant)
 
     # recipes with a model state (ALBEF) keep accum_steps == 1: it moves once per step
     (loss, (aux, model_state)), grads = loss_and_grads(loss_fn, state['params'], batch, variant.accum_steps)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    params = jax.tree.map(lambda new, old, f: old if f else new, params, state['params'], frozen)  # bit for bit
-    # a task's step leaves what it does not touch alone: no Adam drift, no weight decay
-    params = agd.select_touched(params, state['params'], untouched)
-    opt_state = agd.select_touched(opt_state, state['opt_state'], untouched)
+    with jax.named_scope('optimizer'):  # the update's ops, as profiles name them (vlp.bench.categories)
+      updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+      params = optax.apply_updates(state['params'], updates)
+      params = jax.tree.map(lambda new, old, f: old if f else new, params, state['params'], frozen)  # bit for bit
+      # a task's step leaves what it does not touch alone: no Adam drift, no weight decay
+      params = agd.select_touched(params, state['params'], untouched)
+      opt_state = agd.select_touched(opt_state, state['opt_state'], untouched)
     grad_norm = optax.tree.norm(grads)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': lr_schedule(state['step']), **aux}
     new = {'params': params, 'opt_state': opt_state}

@@ -21,6 +21,8 @@ torch's operators (the open_clip reference) fall in the same categories by their
 """
 import re
 
+from vlp.compile import hlo
+
 CATEGORIES = ('matmul', 'attention', 'normalisation', 'elementwise', 'optimizer', 'copy/transpose', 'collective',
               'other')
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute',
@@ -35,7 +37,6 @@ OTHER = ('reduce', 'reduce-window', 'gather', 'scatter', 'sort', 'rng', 'rng-bit
          'after-all', 'partition-id', 'replica-id', 'top-k')
 SCOPES = ('optimizer', 'attention', 'layer_norm')  # the named scopes the classifier reads
 
-_COMP = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+) [(].*[)] -> .*\{\s*$')
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = (?:.+?) ([a-z][a-z0-9\-]*)\(')
 _OP_NAME = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
 _CALLS = re.compile(r'\bcalls=\{?%?([\w.\-]+)')
@@ -59,7 +60,7 @@ def parse_hlo(text: str):
     if m:
       module = m.group(1)
       continue
-    m = _COMP.match(line)
+    m = hlo.COMPUTATION.match(line)
     if m:
       comp = m.group(1)
       comps[comp] = []

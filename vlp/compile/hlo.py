@@ -16,7 +16,7 @@ _ITEMSIZE = {'pred': 1, 's8': 1, 'u8': 1, 's4': 0.5, 'u4': 0.5, 'bf16': 2, 'f16'
              'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8, 'c64': 8, 'c128': 16}
 _SHAPE = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]')
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) (' + '|'.join(COLLECTIVES) + r')(-start|-done)?\(')
-_COMP = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+) [(].*[)] -> .*\{\s*$')
+COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+) [(].*[)] -> .*\{\s*$')  # a computation's header line
 _WHILE = re.compile(r' while\(.*condition=%?([\w.\-]+), body=%?([\w.\-]+)(?:.*?"known_trip_count":\{"n":"(\d+)")?')
 _BOUND = re.compile(r's32\[\][^ ]* constant\((\d+)\)')
 _CALLS = re.compile(r'(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)')
@@ -47,7 +47,7 @@ def collectives(hlo: str) -> dict:
   comp, comps, trips, parents = None, collections.defaultdict(list), {}, collections.defaultdict(set)
   loops, bounds = [], {}
   for line in hlo.splitlines():
-    m = _COMP.match(line)
+    m = COMPUTATION.match(line)
     if m:
       comp = m.group(1)
       continue

@@ -42,6 +42,16 @@ def special_ids(path: str) -> dict:
   return {key: added[name] for key, name in BERT_TOKENS.items() if name in added}
 
 
+def _rows(captions: list, max_len: int, eos_id: int, pad_id: int) -> np.ndarray:
+  """int32 [B, max_len] of captions' ids (each ending in its end token): a longer one cut with the
+  end token kept last (as open_clip and transformers cut), the rest padded with pad_id."""
+  ids = np.full((len(captions), max_len), pad_id, np.int32)
+  for row, tokens in zip(ids, captions):
+    tokens = tokens if len(tokens) <= max_len else tokens[:max_len - 1] + [eos_id]
+    row[:len(tokens)] = tokens
+  return ids
+
+
 class HubTokenizer:
   """Captions -> int32 [B, max_len] as the source model reads them: the file's own layout
   (its post-processor adds the start and end tokens), cut to max_len with the end token kept
@@ -76,13 +86,7 @@ class HubTokenizer:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
   def encode(self, texts, max_len: int) -> np.ndarray:
-    ids = np.full((len(texts), max_len), self.pad_id, np.int32)
-    for row, encoding in zip(ids, self._tok.encode_batch(list(texts))):
-      tokens = encoding.ids
-      if len(tokens) > max_len:
-        tokens = tokens[:max_len - 1] + [self.eos_id]
-      row[:len(tokens)] = tokens
-    return ids
+    return _rows([e.ids for e in self._tok.encode_batch(list(texts))], max_len, self.eos_id, self.pad_id)
 
 
 class BertTokenizer(HubTokenizer):
@@ -135,11 +139,8 @@ class SentencePieceTokenizer:
     return re.sub(r'\s+', ' ', text).strip()
 
   def encode(self, texts, max_len: int) -> np.ndarray:
-    ids = np.full((len(texts), max_len), self.pad_id, np.int32)
-    for row, text in zip(ids, texts):
-      tokens = self._sp.encode(self._text(text))[:max_len - 1] + [self.eos_id]
-      row[:len(tokens)] = tokens
-    return ids
+    return _rows([self._sp.encode(self._text(t)) + [self.eos_id] for t in texts], max_len, self.eos_id,
+                 self.pad_id)
 
 
 def siglip_options(src: str) -> dict:

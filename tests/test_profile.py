@@ -11,7 +11,7 @@ import pytest
 
 from conftest import tiny_config
 from vlp import cli, config as config_lib, plan as plan_lib
-from vlp.bench import categories, compare, peak, profile
+from vlp.bench import categories, compare, op_profile, peak
 from vlp.config import ConfigError
 from vlp.train import profile as train_profile
 
@@ -145,23 +145,23 @@ def test_trace_self_times_and_table(tmp_path):
   events = [_event(1, 7, 0, 100, 'dot_fusion'), _event(1, 7, 100, 50, 'while.1'),
             _event(1, 7, 110, 30, 'gelu_fusion'),  # inside the while loop: taken off its time
             _event(1, 8, 0, 40, 'adam_fusion', device='1'), _event(1, 8, 40, 10, 'unknown.9', device='1')]
-  times, devices = profile.self_times(events)
+  times, devices = op_profile.self_times(events)
   assert times == {'dot_fusion': 100, 'while.1': 20, 'gelu_fusion': 30, 'adam_fusion': 40, 'unknown.9': 10}
   assert devices == 2
   names = [{'ph': 'M', 'pid': 1, 'name': 'process_name', 'args': {'name': '/host:CPU'}},
            {'ph': 'M', 'pid': 2, 'name': 'process_name', 'args': {'name': '/device:GPU:0'}}]
   gpu = _event(2, 1, 0, 5, 'dot_fusion')
-  assert profile.instruction_events({'traceEvents': names + events + [gpu]}) == [gpu]  # the device's, not the host's
+  assert op_profile.instruction_events({'traceEvents': names + events + [gpu]}) == [gpu]  # the device's, not the host's
   run = tmp_path / 'plugins' / 'profile' / 'run1'
   run.mkdir(parents=True)
   with gzip.open(run / 'host.trace.json.gz', 'wt') as f:
     host = {'ph': 'X', 'pid': 1, 'tid': 7, 'ts': 0, 'dur': 500, 'name': 'ThunkExecutor::Execute'}  # not an op
     json.dump({'traceEvents': names[:1] + [host] + events}, f)
-  b = profile.breakdown(str(tmp_path), HLO, steps=2)
+  b = op_profile.breakdown(str(tmp_path), HLO, steps=2)
   assert b['devices'] == 2 and b['unlisted'] == ['unknown.9', 'while.1']
   assert b['ms_per_step'] == pytest.approx({'matmul': 0.025, 'attention': 0, 'normalisation': 0, 'elementwise': 0.0075,
                                             'optimizer': 0.01, 'copy/transpose': 0, 'collective': 0, 'other': 0.0075})
-  table = profile.format_table({'vlp': b, 'open_clip': {'ms_per_step': dict(b['ms_per_step'], matmul=0.1)}})
+  table = op_profile.format_table({'vlp': b, 'open_clip': {'ms_per_step': dict(b['ms_per_step'], matmul=0.1)}})
   lines = table.splitlines()
   assert lines[0].split() == ['category', 'vlp', 'ms', 'share', 'open_clip', 'ms', 'share']
   assert lines[1].split() == ['matmul', '0.03', '50.0%', '0.10', '80.0%']
@@ -187,7 +187,7 @@ def test_a_real_trace_of_a_jitted_step(tmp_path):
     for _ in range(2):
       compiled(w, x).block_until_ready()
   assert glob.glob(str(tmp_path / 'plugins' / 'profile' / '*' / '*.xplane.pb'))  # what TensorBoard reads
-  b = profile.breakdown(str(tmp_path), compiled.as_text(), steps=2)
+  b = op_profile.breakdown(str(tmp_path), compiled.as_text(), steps=2)
   assert b['unlisted'] == [] and b['devices'] == 1
   ms = b['ms_per_step']
   assert ms['attention'] > 0 and ms['normalisation'] > 0 and ms['optimizer'] > 0 and sum(ms.values()) > 0
@@ -239,7 +239,7 @@ def test_open_clip_reference_profile_and_bf16_autocast_on_cpu():
   assert ref['amp'] == 'bf16' and ref['device'] == 'cpu' and ref['peak_memory_gib'] is None
   ops = ref['profile']['ops']
   assert {scope for _, scope, _, _ in ops} == {'', 'optimizer', 'attention'}
-  got = profile.torch_breakdown(ref['profile'])['ms_per_step']
+  got = op_profile.torch_breakdown(ref['profile'])['ms_per_step']
   assert got['matmul'] > 0 and got['optimizer'] > 0 and got['attention'] > 0
 
 

@@ -116,3 +116,26 @@ def test_files_and_functions_are_short(path):
           if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
           and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
   assert not long, f'{path.relative_to(ROOT.parent)}: functions over {MAX_FUNCTION_LINES} lines: {long}'
+
+
+def _script_folders_shadowing_stdlib(root: pathlib.Path) -> list[str]:
+  """Modules named like a standard-library module, in a folder holding a file that runs as a
+  script: Python puts a script's own folder first on sys.path, so `import profile` (cProfile
+  does it, and torch imports cProfile) would load the sibling instead of the library's."""
+  import sys
+  script_dirs = {p.parent for p in root.rglob('*.py') if "__name__ == '__main__'" in p.read_text()
+                 or '__name__ == "__main__"' in p.read_text()}
+  return sorted(str(p.relative_to(root.parent)) for d in script_dirs for p in d.glob('*.py')
+                if p.stem in sys.stdlib_module_names)
+
+
+def test_the_shadow_finder_finds_a_shadow(tmp_path):
+  (tmp_path / 'pkg').mkdir()
+  (tmp_path / 'pkg' / 'run_me.py').write_text("if __name__ == '__main__':\n  pass\n")
+  (tmp_path / 'pkg' / 'profile.py').write_text('')
+  (tmp_path / 'pkg' / 'steps.py').write_text('')
+  assert _script_folders_shadowing_stdlib(tmp_path / 'pkg') == ['pkg/profile.py']
+
+
+def test_no_script_folder_shadows_the_standard_library():
+  assert _script_folders_shadowing_stdlib(ROOT) == []

@@ -183,8 +183,8 @@ def cmd_bench(args, overrides):
     return
   profile_dir = None
   if args.profile is not None:
-    from vlp.bench import profile
-    profile_dir = profile.profile_dir(args.profile)
+    from vlp.bench import op_profile
+    profile_dir = op_profile.profile_dir(args.profile)
     print(f'profile: {profile_dir} (TensorBoard: tensorboard --logdir {profile_dir}; or xprof)', flush=True)
   if args.compare == 'dense' and not any(s.moe.num_experts for s in bench_step.moe_sections(config.model)):
     raise ConfigError("config key 'model': --compare=dense needs a model with MoE blocks (moe.num_experts > 0)")
@@ -210,8 +210,8 @@ def cmd_bench(args, overrides):
 
 def _print_profile(result, ref):
   """The device time per step by op category: vlp's (each task's), and open_clip's beside it."""
-  from vlp.bench import profile
-  columns = {'open_clip': profile.torch_breakdown(ref['profile'])} if ref and ref.get('profile') else {}
+  from vlp.bench import op_profile
+  columns = {'open_clip': op_profile.torch_breakdown(ref['profile'])} if ref and ref.get('profile') else {}
   if columns:
     result['open_clip_profile'] = columns['open_clip']
   for name, r in (result['tasks'].items() if 'tasks' in result else [('', result)]):
@@ -219,7 +219,7 @@ def _print_profile(result, ref):
     print(f"device time per step by op category{f' ({name})' if name else ''}: vlp the mean of {b['devices']} "
           f"device(s) over {b['steps']} traced steps ({b['trace']})"
           + (f", open_clip {columns['open_clip']['time']} time" if columns else ''))
-    print(profile.format_table({'vlp': b, **columns}))
+    print(op_profile.format_table({'vlp': b, **columns}))
     wall = f", open_clip {ref['step_ms']:.2f} ms" if columns else ''
     print(f"step, median wall time: vlp {r['step_ms']:.2f} ms{wall}")
 

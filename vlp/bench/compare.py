@@ -82,7 +82,7 @@ def run_open_clip_reference(model_cfg: Any, batch_size: int, steps: int = 10,
   torch_matmul_peak_flops, threads, torch_version, open_clip_version, ...).
   device='cuda': on the GPU, bf16 configs under torch.autocast (peak_memory_gib
   too); profile: the timed steps under torch.profiler ('profile': per-operator
-  times, vlp.bench.profile.torch_breakdown).
+  times, vlp.bench.op_profile.torch_breakdown).
   Raises ReferenceEnvError when the environment is missing or cannot import
   torch / open_clip, RuntimeError for any other failure of the subprocess.
   """

@@ -5,7 +5,7 @@ The batch is random and already on device, so this measures the step alone
 second over the fp32 matmul peak measured on the same machine by JAX (on a GPU
 of vlp.bench.peak's table, its datasheet bf16 peak). `profile_dir`: the timed
 steps run under `jax.profiler.trace` and the result gains their device time by
-op category (vlp.bench.profile); on a GPU it also has the peak device memory.
+op category (vlp.bench.op_profile); on a GPU it also has the peak device memory.
 
 A config with several tasks has one step per (task, resolution): each is
 compiled and timed on its own (`tasks` in the result), and the totals weight
@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from vlp import parallel, plan as plan_lib
-from vlp.bench import flops, peak, profile
+from vlp.bench import flops, op_profile, peak
 from vlp.train import agd, state as state_lib, step as step_lib
 
 
@@ -36,7 +36,7 @@ def _time_steps(train_step, state, batch, steps, warmup, trace_dir=None):
     state, _ = train_step(state, batch)
   jax.block_until_ready(state)
   times = []
-  # create_perfetto_trace: a Chrome trace (vlp.bench.profile reads it) whatever the profiler writes besides
+  # create_perfetto_trace: a Chrome trace (vlp.bench.op_profile reads it) whatever the profiler writes besides
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True) if trace_dir else contextlib.nullcontext():
     for _ in range(steps):  # timed one by one: the median is robust to a noisy neighbour
       t = time.perf_counter()
@@ -84,7 +84,7 @@ def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = Non
         'batch_size': v.batch_size,
     }
     if trace_dir:
-      per_variant[v.name]['profile'] = profile.breakdown(trace_dir, train_step.as_text(), steps)
+      per_variant[v.name]['profile'] = op_profile.breakdown(trace_dir, train_step.as_text(), steps)
   result = {'devices': jax.device_count(), 'peak_tflops': peak_flops / 1e12, 'peak_source': peak_source,
             'peak_memory_gib': peak_memory_gib()}
   if len(plan.variants) == 1:

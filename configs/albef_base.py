@@ -28,6 +28,7 @@ def get_config(arg=None):
   c.model.fusion_layer = 6
   c.model.embed_dim = 256
   c.model.dtype = 'bfloat16'
+  c.model.scan_layers = True  # each stack's like blocks as one scan: compiled once, not 12 times
   c.albef.update(queue_size=65536, momentum=0.995, alpha=0.4, alpha_warmup_steps=14_000_000 // 512)
   c.evals.retrieval.rerank_k = 256
   c.optim.update(lr=1e-4, end_lr_frac=0.1, warmup_steps=3000, weight_decay=0.02, b2=0.999, eps=1e-8)

@@ -25,6 +25,7 @@ def get_config(arg=None):
   c.model.dtype = 'bfloat16'
   c.model.param_dtype = 'float32'
   c.model.remat = 'full'
+  c.model.scan_layers = True  # each tower's like blocks as one scan: compiled once, not 24 times
   c.loss.update(label_smoothing=0.1, chunk_size=1024)
   c.mesh = dict(data=1, fsdp=-1, tensor=1, expert=1)
   c.optim.update(lr=1e-3, warmup_steps=5_000, weight_decay=0.2)

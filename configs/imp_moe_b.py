@@ -32,6 +32,7 @@ def get_config(arg=None):
   c.model.dtype = 'bfloat16'
   c.model.param_dtype = 'float32'
   c.model.remat = 'full'
+  c.model.scan_layers = True  # the encoder's like dense blocks as one scan (MoE blocks stay unrolled)
   c.tasks.image_text = task_config(data='task', modalities=('image', 'text'), batch_size=16384, label_smoothing=0.1)
   c.tasks.video_text = task_config(data='synthetic_video', modalities=('video', 'text'), batch_size=4096,
                                    drop_token=0.75, label_smoothing=0.1)

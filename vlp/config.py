@@ -44,6 +44,7 @@ def base_config(name: str = 'align', sections: dict | None = None) -> ml_collect
       # master params and optimizer state; 'float32' keeps bf16 training exact in the update
       param_dtype='float32',
       remat='none',  # rematerialise Transformer blocks: 'none', 'full' or 'dots_saveable'
+      scan_layers=False,  # each stack of like blocks as one lax.scan: compiled once whatever the depth
       **sections.pop('model', {}),
   )
   # impl (vlp.losses): 'gather' (each device's rows x the gathered text; chunk_size > 0: in
@@ -349,10 +350,8 @@ def _validate_data(d):
   lo, hi = d.crop_scale
   check(0 < lo <= hi <= 1, 'data.crop_scale', f'{tuple(d.crop_scale)} must be 0 < min <= max <= 1')
   check(d.max_pixels > 0, 'data.max_pixels', 'must be > 0')
-  check(d.cycle_length >= 1 and d.shuffle_window >= 1, 'data.cycle_length',
-         'cycle_length and shuffle_window must be >= 1')
-  check(d.num_workers >= 0 and d.prefetch >= 1, 'data.num_workers',
-         'num_workers must be >= 0 and prefetch >= 1')
+  check(d.cycle_length >= 1 and d.shuffle_window >= 1, 'data.cycle_length', 'cycle_length and shuffle_window must be >= 1')
+  check(d.num_workers >= 0 and d.prefetch >= 1, 'data.num_workers', 'num_workers must be >= 0 and prefetch >= 1')
 
 
 def _validate_evals(config):

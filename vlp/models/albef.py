@@ -31,9 +31,10 @@ class TextStack(nnx.Module):
   part of the position embedding (vlp.interop.hf_bert folds it in)."""
 
   def __init__(self, vocab_size, context_length, width, depth, num_heads, mlp_dim, *,
-               fusion_layer, image_width, rngs, dtype=jnp.float32, remat='none', moe=None, arch=layers.Arch(),
+               fusion_layer, image_width, rngs, dtype=jnp.float32, remat='none', scan=False, moe=None,
+               arch=layers.Arch(),
                post_ln=False):
-    self.dtype, self.remat = dtype, remat
+    self.dtype, self.remat, self.scan = dtype, remat, scan
     self.token_embed = layers.param(rngs, nnx.initializers.normal(0.02), (vocab_size, width),
                                     ('vocab', 'embed'))
     self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.01), (context_length, width),
@@ -60,17 +61,12 @@ class TextStack(nnx.Module):
     x = (jnp.take(self.token_embed[...], tokens, axis=0) + self.pos_embed[...][:length]).astype(self.dtype)
     if self.embed_ln is not None:
       x = self.embed_ln(x)
-    apply = layers.remat_apply(self.remat)
-    for block in self.text_blocks:
-      x = apply(block, x, tokens != PAD_ID)
+    x = layers.run_blocks(self.text_blocks, x, tokens != PAD_ID, remat=self.remat, scan=self.scan)
     return x if self.text_ln is None else self.text_ln(x)
 
   def fuse(self, text_hidden, mask, image_tokens):
     """Fusion encoder: text hidden states [B, L, D] attend to image tokens [B, S, D_img]."""
-    apply = layers.remat_apply(self.remat)
-    x = text_hidden
-    for block in self.fusion_blocks:
-      x = apply(block, x, mask, image_tokens)
+    x = layers.run_blocks(self.fusion_blocks, text_hidden, mask, image_tokens, remat=self.remat, scan=self.scan)
     return x if self.fusion_ln is None else self.fusion_ln(x)
 
 
@@ -92,11 +88,10 @@ class Model(nnx.Module):
 
   def __init__(self, cfg, *, rngs):
     dtype = jnp.dtype(cfg.dtype)
-    remat = cfg.get('remat', 'none')
-    arch = layers.arch_of(cfg)
-    self.image = ViT(**cfg.image, rngs=rngs, dtype=dtype, remat=remat, arch=arch)
+    stack, arch = layers.stacking(cfg), layers.arch_of(cfg)
+    self.image = ViT(**cfg.image, rngs=rngs, dtype=dtype, **stack, arch=arch)
     self.text = TextStack(**cfg.text, fusion_layer=cfg.fusion_layer, image_width=cfg.image.width,
-                          rngs=rngs, dtype=dtype, remat=remat, arch=arch)
+                          rngs=rngs, dtype=dtype, **stack, arch=arch)
     self.image_proj = layers.Dense(cfg.image.width, cfg.embed_dim, ('embed', 'proj'), rngs=rngs, dtype=dtype)
     self.text_proj = layers.Dense(cfg.text.width, cfg.embed_dim, ('embed', 'proj'), rngs=rngs, dtype=dtype)
     self.itm_head = layers.Dense(cfg.text.width, 2, ('embed', None), rngs=rngs, dtype=dtype)

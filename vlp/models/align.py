@@ -23,10 +23,9 @@ class Model(nnx.Module):
 
   def __init__(self, cfg, *, rngs):
     dtype = jnp.dtype(cfg.dtype)
-    remat = cfg.get('remat', 'none')  # exported configs of inference models have no remat
-    arch = layers.arch_of(cfg)
-    self.image = ViT(**cfg.image, rngs=rngs, dtype=dtype, remat=remat, arch=arch)
-    self.text = TextEncoder(**cfg.text, rngs=rngs, dtype=dtype, remat=remat, arch=arch)
+    stack, arch = layers.stacking(cfg), layers.arch_of(cfg)
+    self.image = ViT(**cfg.image, rngs=rngs, dtype=dtype, **stack, arch=arch)
+    self.text = TextEncoder(**cfg.text, rngs=rngs, dtype=dtype, **stack, arch=arch)
     proj = lambda width: layers.Dense(width, cfg.embed_dim, ('embed', 'proj'), rngs=rngs,
                                       use_bias=cfg.get('proj_bias', False), dtype=dtype,
                                       init=arch.kernel('proj', width, 1, None))

@@ -17,7 +17,7 @@ class Model(nnx.Module):
   def __init__(self, cfg, *, rngs):
     dtype, arch, text = jnp.dtype(cfg.dtype), layers.arch_of(cfg), cfg.text
     self.text = TextStack(**text, fusion_layer=text.depth, image_width=text.width, rngs=rngs, dtype=dtype,
-                          remat=cfg.get('remat', 'none'), arch=arch)
+                          **layers.stacking(cfg), arch=arch)
     self.pooler = layers.Dense(text.width, text.width, ('embed', None), rngs=rngs, dtype=dtype) if cfg.pooler else None
     self.mlm_head = MlmHead(text.width, text.vocab_size, rngs=rngs, dtype=dtype, arch=arch) if cfg.mlm_head else None
 

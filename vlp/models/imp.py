@@ -124,7 +124,7 @@ class Model(nnx.Module):
                                   dtype=dtype)
     self.text_embed = TextEmbed(cfg.text.vocab_size, cfg.text.context_length, width, rngs=rngs, dtype=dtype)
     self.encoder = layers.Encoder(width, enc.depth, enc.num_heads, enc.mlp_dim, rngs=rngs, dtype=dtype,
-                                  remat=cfg.get('remat', 'none'), moe=enc.moe, qk_norm=enc.qk_layernorm,
+                                  **layers.stacking(cfg), moe=enc.moe, qk_norm=enc.qk_layernorm,
                                   arch=layers.arch_of(cfg))
     head = lambda: layers.Dense(width, cfg.embed_dim, ('embed', 'proj'), rngs=rngs, use_bias=False, dtype=dtype)
     self.image_head, self.video_head, self.text_head = head(), head(), head()

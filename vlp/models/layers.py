@@ -251,23 +251,67 @@ def moe_kwargs(moe):
 
 class Encoder(nnx.Module):
   """A stack of blocks followed by a final LayerNorm; `remat` names a policy or 'none';
+  `scan` runs consecutive blocks of one structure as one lax.scan (run_blocks);
   `moe` (config model.<tower>.moe) makes some blocks Mixture-of-Experts (moe_blocks);
   `qk_norm` normalises queries and keys in every block."""
 
-  def __init__(self, width, depth, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, remat='none', moe=None,
-               qk_norm=False, arch=Arch()):
+  def __init__(self, width, depth, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, remat='none', scan=False,
+               moe=None, qk_norm=False, arch=Arch()):
     self.blocks = nnx.List([
         Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=moe_kwargs(moe) if is_moe else None,
               qk_norm=qk_norm, arch=arch, depth=depth)
         for is_moe in moe_blocks(depth, moe)])
     self.ln = LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
-    self.remat = remat
+    self.remat, self.scan = remat, scan
 
   def __call__(self, x, mask=None):
-    apply = remat_apply(self.remat)
-    for block in self.blocks:
-      x = apply(block, x, mask)
-    return self.ln(x)
+    return self.ln(run_blocks(self.blocks, x, mask, remat=self.remat, scan=self.scan))
+
+
+def stacking(model_cfg) -> dict:
+  """How a model config runs its block stacks: the towers' `remat` and `scan` keywords
+  (exported configs of inference models have neither key)."""
+  return {'remat': model_cfg.get('remat', 'none'), 'scan': model_cfg.get('scan_layers', False)}
+
+
+def run_blocks(blocks, x, *args, remat: str = 'none', scan: bool = False):
+  """x through the blocks in order, each called as block(x, *args).
+
+  remat: the policy (REMAT_POLICIES) rematerialising each block, or 'none'. scan: each run
+  of consecutive blocks of one structure (an nnx graphdef) becomes one lax.scan over their
+  stacked params, so the compiler sees one block however deep the stack (MaxText's
+  scan_layers): a paper-size model compiles in minutes instead of most of an hour. The
+  math is the same; MoE blocks stay unrolled, as they sow their auxiliary losses."""
+  for run in _runs(blocks) if scan else [[b] for b in blocks]:
+    if len(run) == 1:
+      x = remat_apply(remat)(run[0], x, *args)
+    else:
+      x = _scan_run(run, x, args, remat)
+  return x
+
+
+def _runs(blocks) -> list[list]:
+  runs, kinds = [], []
+  for block in blocks:
+    kind = None if isinstance(getattr(block, 'mlp', None), moe_lib.MoeMlp) else nnx.graphdef(block)
+    if runs and kind is not None and kinds[-1] == kind:
+      runs[-1].append(block)
+    else:
+      runs.append([block])
+      kinds.append(kind)
+  return runs
+
+
+def _scan_run(run, x, args, remat):
+  graphdef = nnx.graphdef(run[0])
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in run])
+
+  def body(h, state):
+    return nnx.merge(graphdef, state)(h, *args), None
+
+  if remat != 'none':
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  return jax.lax.scan(body, x, stacked)[0]
 
 
 def remat_apply(remat):

@@ -22,14 +22,14 @@ class TextEncoder(nnx.Module):
 
   def __init__(self, vocab_size, context_length, width, depth, num_heads, mlp_dim,
                causal=False, pool='cls', padding_mask=True, *, rngs, dtype=jnp.float32, remat='none',
-               moe=None, arch=layers.Arch()):
+               scan=False, moe=None, arch=layers.Arch()):
     self.dtype, self.causal, self.pool, self.padding_mask = dtype, causal, pool, padding_mask
     self.token_embed = layers.param(rngs, nnx.initializers.normal(0.02), (vocab_size, width),
                                     ('vocab', 'embed'))
     self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.01), (context_length, width),
                                   (None, 'embed'))
     self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype, remat=remat,
-                                  moe=moe, arch=arch)
+                                  scan=scan, moe=moe, arch=arch)
 
   def __call__(self, tokens):
     """tokens: int [B, L] -> pooled features [B, width]."""

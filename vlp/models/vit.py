@@ -47,8 +47,8 @@ class MapHead(nnx.Module):
 class ViT(nnx.Module):
 
   def __init__(self, image_size, patch_size, width, depth, num_heads, mlp_dim, pool='cls', ln_pre=False,
-               patch_bias=True, cls_token=True, *, rngs, dtype=jnp.float32, remat='none', moe=None,
-               arch=layers.Arch()):
+               patch_bias=True, cls_token=True, *, rngs, dtype=jnp.float32, remat='none', scan=False,
+               moe=None, arch=layers.Arch()):
     self.patch_size, self.pool, self.dtype = patch_size, pool, dtype
     grid = image_size // patch_size
     self.patch_embed = layers.Dense(3 * patch_size * patch_size, width, ('patch', 'embed'),
@@ -57,8 +57,8 @@ class ViT(nnx.Module):
                                   (None, None, 'embed'))
     self.cls = layers.param(rngs, nnx.initializers.zeros, (width,), ('embed',)) if cls_token else None
     self.ln_pre = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps) if ln_pre else None
-    self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype, remat=remat, moe=moe,
-                                  arch=arch)
+    self.encoder = layers.Encoder(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype, remat=remat, scan=scan,
+                                  moe=moe, arch=arch)
     self.map_head = (MapHead(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, arch=arch) if pool == 'map'
                      else None)
 

@@ -224,19 +224,18 @@ def test_imp_variants_and_video_encoder_compile():
   assert 'eval/encode_video' in names and rec['fits']
 
 
-@pytest.mark.parametrize('remat', ['none', 'full'])
-def test_a_scanned_stack_costs_about_what_the_unrolled_one_does(remat):
+def test_a_scanned_stack_costs_about_what_the_unrolled_one_does():
   """XLA's cost analysis counts a loop body once: with the missed trips added back
   (hlo.loop_trips_cost), a scan over 6 blocks costs what XLA counts for the same 6 blocks
-  unrolled (FLOPs: all but the missed trips' elementwise ones; bytes: the scan's own
-  stacking traffic on top without remat)."""
+  unrolled (FLOPs: all but the missed trips' elementwise ones), blocks rematerialised as in
+  the paper-size configs."""
   from flax import nnx
 
   from vlp.compile import programs
   from vlp.models import layers
 
   def compiled(scan):
-    graphdef, state = nnx.split(layers.Encoder(64, 6, 4, 256, rngs=nnx.Rngs(0), scan=scan, remat=remat))
+    graphdef, state = nnx.split(layers.Encoder(64, 6, 4, 256, rngs=nnx.Rngs(0), scan=scan, remat='full'))
     loss = lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x) ** 2)
     return jax.jit(jax.grad(loss)).lower(state, jnp.ones((8, 16, 64))).compile()
 
@@ -244,4 +243,4 @@ def test_a_scanned_stack_costs_about_what_the_unrolled_one_does(remat):
   want, got = programs.cost(unrolled), programs.cost(scanned)
   assert scanned.cost_analysis()['flops'] < 0.3 * want['flops']  # what the correction is for
   assert 0.85 < got['flops'] / want['flops'] <= 1.0
-  assert 0.9 < got['bytes_accessed'] / want['bytes_accessed'] < (1.2 if remat == 'full' else 1.7)
+  assert 0.9 < got['bytes_accessed'] / want['bytes_accessed'] < 1.2

@@ -108,8 +108,10 @@ def loop_trips_cost(hlo: str) -> dict:
   """{'flops', 'bytes_accessed'} of the loop trips XLA's cost analysis leaves out: it counts a
   while loop's body once, so a scan over 24 layers would show one layer's cost. For every
   computation run k > 1 times (multiplier), k - 1 more of: its matmul FLOPs (2 x output x
-  contracted size of each dot, fused ones included), and for a loop body the bytes its
-  instructions read and write (result and operands, as XLA counts a top-level instruction)."""
+  contracted size of each dot, fused ones included; a TPU program's matmuls are convolutions,
+  left out: vlp.compile.programs floors the compute bound with the model's FLOPs), and for a
+  loop body the bytes its instructions read and write (result and operands, as XLA counts a
+  top-level instruction)."""
   program, flops, nbytes = _Program(hlo), 0.0, 0.0
   for comp, instrs in program.instrs.items():
     extra = program.multiplier(comp) - 1

@@ -64,7 +64,10 @@ def analyse(entry: dict, compiled, chip, num_devices: int, model_flops: float | 
   coll = hlo.collectives(compiled.as_text())
   entry['collectives'] = coll
   entry['collective_bytes_per_device'] = sum(v['bytes'] for v in coll.values())
-  t_compute, t_memory = c['flops'] / chip.peak_flops, c['bytes_accessed'] / chip.hbm_bandwidth
+  # the model's FLOPs split over the devices floor the compute bound: a TPU program's matmuls are
+  # convolutions, which hlo.loop_trips_cost does not count in a scan's missed trips
+  t_compute = max(c['flops'], (model_flops or 0.0) / num_devices) / chip.peak_flops
+  t_memory = c['bytes_accessed'] / chip.hbm_bandwidth
   bound = max(t_compute, t_memory)
   entry['lower_bound_s'] = {'compute': t_compute, 'hbm': t_memory, 'step': bound}
   if model_flops is not None:

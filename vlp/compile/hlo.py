@@ -117,11 +117,11 @@ def loop_trips_cost(hlo: str) -> dict:
     extra = program.multiplier(comp) - 1
     if extra <= 0:
       continue
-    for name, type_, op, rest in instrs:
+    for _, type_, op, rest in instrs:
       if op == 'dot':
         flops += extra * _dot_flops(program, type_, rest)
       if comp in program.trips and comp not in program.fused and op not in _NO_TRAFFIC:
-        nbytes += extra * _traffic(program, name, type_, op, rest)
+        nbytes += extra * _traffic(program, type_, op, rest)
   return {'flops': flops, 'bytes_accessed': nbytes}
 
 
@@ -129,7 +129,7 @@ def _args(rest) -> list[str]:
   return _OPERANDS.findall(_ARGS_END.split(rest, 1)[0])
 
 
-def _traffic(program, name, type_, op, rest) -> int:
+def _traffic(program, type_, op, rest) -> int:
   """Bytes a top-level instruction reads and writes. A loop body slices its layer's params out
   of the stacked ones and writes its activations into stacked buffers in place: a dynamic
   slice reads its slice, an update in place writes its update (in a fusion too), not the
@@ -154,7 +154,7 @@ def _traffic(program, name, type_, op, rest) -> int:
 
 
 def _dot_flops(program, type_, rest) -> float:
-  lhs = _OPERANDS.findall(_ARGS_END.split(rest, 1)[0])[:1]
+  lhs = _args(rest)[:1]
   dims = _SHAPE.findall(program.types.get(lhs[0], '')) if lhs else []
   contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest)
   if not dims or not contracting:

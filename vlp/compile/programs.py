@@ -46,22 +46,23 @@ def memory(compiled) -> dict:
   return mem
 
 
-def cost(compiled) -> dict:
+def cost(compiled, hlo_text: str) -> dict:
   """XLA's FLOPs and bytes accessed per device, with the loop trips its analysis leaves out
-  (a scan's body counts once there: hlo.loop_trips_cost)."""
+  (a scan's body counts once there: hlo.loop_trips_cost of the program's optimized HLO text)."""
   c = compiled.cost_analysis()
   c = c[0] if isinstance(c, (list, tuple)) else c
-  extra = hlo.loop_trips_cost(compiled.as_text())
+  extra = hlo.loop_trips_cost(hlo_text)
   return {'flops': float(c.get('flops', 0.0)) + extra['flops'],
           'bytes_accessed': float(c.get('bytes accessed', 0.0)) + extra['bytes_accessed']}
 
 
 def analyse(entry: dict, compiled, chip, num_devices: int, model_flops: float | None) -> dict:
   """Memory, cost, collectives and the step-time lower bounds of a compiled program."""
-  mem, c = memory(compiled), cost(compiled)
+  text = compiled.as_text()  # read once: its collectives and its loops' missed trips
+  mem, c = memory(compiled), cost(compiled, text)
   entry.update(memory=mem, bytes_per_device=mem['total'], fits=mem['total'] <= chip.hbm_bytes,
                xla_flops_per_device=c['flops'], bytes_accessed_per_device=c['bytes_accessed'])
-  coll = hlo.collectives(compiled.as_text())
+  coll = hlo.collectives(text)
   entry['collectives'] = coll
   entry['collective_bytes_per_device'] = sum(v['bytes'] for v in coll.values())
   # the model's FLOPs split over the devices floor the compute bound: a TPU program's matmuls are

@@ -282,9 +282,10 @@ def run_blocks(blocks, x, *args, remat: str = 'none', scan: bool = False):
   stacked params, so the compiler sees one block however deep the stack (MaxText's
   scan_layers): a paper-size model compiles in minutes instead of most of an hour. The
   math is the same; MoE blocks stay unrolled, as they sow their auxiliary losses."""
+  apply = remat_apply(remat)
   for run in _runs(blocks) if scan else [[b] for b in blocks]:
     if len(run) == 1:
-      x = remat_apply(remat)(run[0], x, *args)
+      x = apply(run[0], x, *args)
     else:
       x = _scan_run(run, x, args, remat)
   return x

@@ -345,7 +345,10 @@ def _exit_now(rc: int):
 
 
 def entry():
-  """The `vlp` command; it exits at once after a checkpoint that could not be written."""
+  """The `vlp` command; it exits at once after a checkpoint that could not be written. A run on
+  the CPU first starts itself again keeping freed memory (vlp.host_memory)."""
+  from vlp import host_memory
+  host_memory.restart_keeping_freed_memory(sys.argv)
   sys.exit(main(as_command=True))
 
 

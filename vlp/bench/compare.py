@@ -147,6 +147,9 @@ def side_by_side(vlp: dict, ref: dict, train_flops_per_step: float,
       vlp_peak_memory_gib=vlp.get("peak_memory_gib"),
       open_clip_peak_memory_gib=ref.get("peak_memory_gib"),
       open_clip_device=ref.get("device", "cpu"), open_clip_amp=ref.get("amp"),
+      vlp_page_faults_per_step=vlp.get("page_faults_per_step"),
+      open_clip_page_faults_per_step=ref.get("page_faults_per_step"),
+      malloc_settings=ref.get("malloc_settings"),  # both sides run under the same (vlp.host_memory)
   )
 
 

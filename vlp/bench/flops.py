@@ -11,6 +11,11 @@ Convention (the one of PaLM/MaxText "model FLOPs"):
     O(tokens * width), < ~2% here);
   * attention is counted dense (S x S) even when causal, because that is what
     the kernels compute;
+  * a tower pooled at one token (the ViT at 'cls', the text tower at any of its
+    pools) runs its last block for that token alone, keys and values excepted
+    (vlp.models.layers.Encoder's keep): only that is counted, the FLOPs the model
+    needs. open_clip and big_vision compute the whole block, more work for the
+    same result;
   * training = 3 x forward (backward = 2 x forward: grads w.r.t. activations
     and w.r.t. weights). No rematerialisation is counted (model FLOPs, not
     hardware FLOPs).
@@ -57,6 +62,17 @@ def block_forward_flops(seq_len: int, width: int, mlp_dim: int) -> float:
   return qkv + scores + values + out + mlp
 
 
+def pooled_block_forward_flops(seq_len: int, width: int, mlp_dim: int) -> float:
+  """A last block whose output is wanted at one token: keys and values of every token, the
+  rest for that token alone."""
+  s, w, m = seq_len, width, mlp_dim
+  keys_values = 2 * matmul_flops(s, w, w)
+  query_out = 2 * matmul_flops(1, w, w)
+  scores_values = matmul_flops(1, s, w) + matmul_flops(1, w, s)
+  mlp = matmul_flops(1, m, w) + matmul_flops(1, w, m)
+  return keys_values + query_out + scores_values + mlp
+
+
 def moe_mlp_forward_flops(seq_len: int, width: int, mlp_dim: int, moe: Any) -> float:
   """An MoE MLP on one sequence (one routing group): router logits, the
   dispatch and combine einsums, and both expert matmuls over every slot
@@ -71,14 +87,17 @@ def moe_mlp_forward_flops(seq_len: int, width: int, mlp_dim: int, moe: Any) -> f
 
 
 def encoder_forward_flops(seq_len: int, width: int, depth: int,
-                          mlp_dim: int, moe: Any = None) -> float:
+                          mlp_dim: int, moe: Any = None, pooled: bool = False) -> float:
   """The stack's blocks; those that `moe` makes Mixture-of-Experts (vlp.models.layers.moe_blocks)
-  count moe_mlp_forward_flops instead of the dense MLP."""
+  count moe_mlp_forward_flops instead of the dense MLP; `pooled`: the output is wanted at one
+  token, so a dense last block counts pooled_block_forward_flops."""
   from vlp.models.layers import moe_blocks
   dense = block_forward_flops(seq_len, width, mlp_dim)
   total = 0.0
-  for is_moe in moe_blocks(depth, moe):
-    total += dense
+  experts = moe_blocks(depth, moe)
+  for i, is_moe in enumerate(experts):
+    last_pooled = pooled and i == depth - 1 and not is_moe
+    total += pooled_block_forward_flops(seq_len, width, mlp_dim) if last_pooled else dense
     if is_moe:
       total += (moe_mlp_forward_flops(seq_len, width, mlp_dim, moe)
                 - 2 * matmul_flops(seq_len, mlp_dim, width))
@@ -91,15 +110,17 @@ def vit_seq_len(image_cfg: Any) -> int:
   return num_patches + (1 if _get(image_cfg, "cls_token", True) else 0)
 
 
-def vit_forward_flops(image_cfg: Any, embed_dim: int, channels: int = 3) -> float:
-  """Forward FLOPs of the image tower for ONE example (incl. projection)."""
+def vit_forward_flops(image_cfg: Any, embed_dim: int, channels: int = 3, tokens_out: bool = False) -> float:
+  """Forward FLOPs of the image tower for ONE example (incl. projection); tokens_out: every
+  token's output is used (ALBEF's fusion), not the pooled feature alone."""
   size, patch = _get(image_cfg, "image_size"), _get(image_cfg, "patch_size")
   width = _get(image_cfg, "width")
   num_patches = (size // patch) ** 2
   patch_embed = matmul_flops(num_patches, width, patch * patch * channels)
   blocks = encoder_forward_flops(vit_seq_len(image_cfg), width,
                                  _get(image_cfg, "depth"),
-                                 _get(image_cfg, "mlp_dim"), _get(image_cfg, "moe"))
+                                 _get(image_cfg, "mlp_dim"), _get(image_cfg, "moe"),
+                                 pooled=not tokens_out and _get(image_cfg, "pool", "cls") == "cls")
   proj = matmul_flops(1, embed_dim, width) if embed_dim else 0.0
   pool = 0.0
   if _get(image_cfg, "pool") == "map":  # the probe's attention to the patches, then its MLP
@@ -109,11 +130,12 @@ def vit_forward_flops(image_cfg: Any, embed_dim: int, channels: int = 3) -> floa
 
 
 def text_forward_flops(text_cfg: Any, embed_dim: int) -> float:
-  """Forward FLOPs of the text tower for ONE example (incl. projection)."""
+  """Forward FLOPs of the text tower for ONE example (incl. projection); every pool of the
+  text tower (vlp.models.text.POOLS) is one token's."""
   seq = _get(text_cfg, "seq_len") or _get(text_cfg, "context_length")
   width = _get(text_cfg, "width")
   blocks = encoder_forward_flops(seq, width, _get(text_cfg, "depth"),
-                                 _get(text_cfg, "mlp_dim"), _get(text_cfg, "moe"))
+                                 _get(text_cfg, "mlp_dim"), _get(text_cfg, "moe"), pooled=True)
   proj = matmul_flops(1, embed_dim, width) if embed_dim else 0.0
   return blocks + proj
 
@@ -173,7 +195,7 @@ def albef_train_flops(model_cfg: Any, batch_size: int, queue_size: int) -> float
   fusion_layers = sum(layer(i) + cross for i in range(fusion, depth))
   mlm_head = matmul_flops(seq, w, w) + matmul_flops(seq, _get(tx, "vocab_size"), w)
   itc = 2 * matmul_flops(batch_size, batch_size + queue_size, e)
-  vit = vit_forward_flops(im, e)
+  vit = vit_forward_flops(im, e, tokens_out=True)
   per_example = vit + text_only + 3 * (fusion_layers + matmul_flops(1, 2, w)) + text_only + fusion_layers + mlm_head
   online = batch_size * per_example + itc
   momentum = batch_size * (vit + 2 * text_only + fusion_layers + mlm_head) + itc

@@ -35,17 +35,23 @@ class Matmul:
     return self.batch * flops_lib.matmul_flops(self.m, self.n, self.k)
 
 
-def _tower(prefix, tokens_per_seq, num_seqs, width, depth, heads, mlp_dim):
-  t, d = tokens_per_seq * num_seqs, width // heads
-  per_layer = [
-      Matmul(f'{prefix}.qkv', t, width, 3 * width),
-      Matmul(f'{prefix}.scores', tokens_per_seq, d, tokens_per_seq, num_seqs * heads),
-      Matmul(f'{prefix}.values', tokens_per_seq, tokens_per_seq, d, num_seqs * heads),
-      Matmul(f'{prefix}.out', t, width, width),
-      Matmul(f'{prefix}.mlp_in', t, width, mlp_dim),
-      Matmul(f'{prefix}.mlp_out', t, mlp_dim, width),
+def _layer(prefix, tokens_per_seq, num_seqs, width, heads, mlp_dim, queries_per_seq):
+  t, q, d = tokens_per_seq * num_seqs, queries_per_seq * num_seqs, width // heads
+  qkv = ([Matmul(f'{prefix}.qkv', t, width, 3 * width)] if q == t else  # else keys and values of every token
+         [Matmul(f'{prefix}.qkv', t, width, 2 * width), Matmul(f'{prefix}.qkv', q, width, width)])
+  return qkv + [
+      Matmul(f'{prefix}.scores', queries_per_seq, d, tokens_per_seq, num_seqs * heads),
+      Matmul(f'{prefix}.values', queries_per_seq, tokens_per_seq, d, num_seqs * heads),
+      Matmul(f'{prefix}.out', q, width, width),
+      Matmul(f'{prefix}.mlp_in', q, width, mlp_dim),
+      Matmul(f'{prefix}.mlp_out', q, mlp_dim, width),
   ]
-  return per_layer * depth
+
+
+def _tower(prefix, tokens_per_seq, num_seqs, width, depth, heads, mlp_dim, pooled):
+  """The tower's layers; `pooled`: its last block runs for the pooled token alone (vlp.bench.flops)."""
+  layer = lambda queries: _layer(prefix, tokens_per_seq, num_seqs, width, heads, mlp_dim, queries)
+  return [] if depth == 0 else layer(tokens_per_seq) * (depth - 1) + layer(1 if pooled else tokens_per_seq)
 
 
 def step_matmuls(model_cfg, batch_size: int) -> list[Matmul]:
@@ -53,8 +59,9 @@ def step_matmuls(model_cfg, batch_size: int) -> list[Matmul]:
   im, tx, e, b = model_cfg.image, model_cfg.text, model_cfg.embed_dim, batch_size
   patches = (im.image_size // im.patch_size) ** 2
   out = [Matmul('image.patch_embed', b * patches, im.patch_size ** 2 * 3, im.width, input_grad=False)]
-  out += _tower('image', flops_lib.vit_seq_len(im), b, im.width, im.depth, im.num_heads, im.mlp_dim)
-  out += _tower('text', tx.context_length, b, tx.width, tx.depth, tx.num_heads, tx.mlp_dim)
+  out += _tower('image', flops_lib.vit_seq_len(im), b, im.width, im.depth, im.num_heads, im.mlp_dim,
+                pooled=im.get('pool', 'cls') == 'cls')
+  out += _tower('text', tx.context_length, b, tx.width, tx.depth, tx.num_heads, tx.mlp_dim, pooled=True)
   out += [Matmul('image.proj', b, im.width, e), Matmul('text.proj', b, tx.width, e),
           Matmul('logits', b, e, b)]
   return out

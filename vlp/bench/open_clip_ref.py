@@ -52,6 +52,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -221,7 +222,7 @@ def _timed(step, steps: int, warmup: int, sync, profile: bool, device: str):
   activities = [torch.profiler.ProfilerActivity.CPU] + (
       [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
   prof = torch.profiler.profile(activities=activities) if profile else contextlib.nullcontext()
-  times = []
+  times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   with prof:
     for _ in range(steps):
       t0 = time.perf_counter()
@@ -229,8 +230,9 @@ def _timed(step, steps: int, warmup: int, sync, profile: bool, device: str):
       sync()
       times.append(time.perf_counter() - t0)
       losses.append(float(loss.detach()))
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
   ops = dict(steps=steps, device=device, ops=profile_ops(prof.events(), steps)) if profile else None
-  return times, losses, ops
+  return times, losses, ops, faults
 
 
 def run(cfg: dict, batch: int, steps: int, warmup: int, threads: int,
@@ -271,7 +273,7 @@ def run(cfg: dict, batch: int, steps: int, warmup: int, threads: int,
       model.logit_scale.clamp_(0, math.log(100))
     return loss
 
-  times, losses, ops = _timed(step, steps, warmup, sync, profile, device)
+  times, losses, ops, faults = _timed(step, steps, warmup, sync, profile, device)
   median, mean = statistics.median(times), sum(times) / len(times)
   peak_dtype = torch.bfloat16 if amp and device == "cuda" else None
   result = dict(
@@ -280,6 +282,8 @@ def run(cfg: dict, batch: int, steps: int, warmup: int, threads: int,
       examples_per_sec_mean=batch / mean,
       step_ms_mean=1e3 * mean,
       step_ms_min=1e3 * min(times),
+      page_faults_per_step=faults,  # host memory mapped in again each step (vlp.host_memory)
+      malloc_settings={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
       torch_matmul_peak_flops=measure_torch_matmul_peak(
           n=8192 if device == "cuda" else 2048, device=device, dtype=peak_dtype) if peak else None,
       threads=torch.get_num_threads(),

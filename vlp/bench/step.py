@@ -14,6 +14,7 @@ them by their share of the schedule's steps.
 import collections
 import contextlib
 import os
+import resource
 import time
 
 import jax
@@ -31,11 +32,17 @@ def random_batch(plan, mesh, variant, seed=0):
   return jax.device_put(batch, parallel.batch_sharding(mesh))
 
 
+def _page_faults() -> int:
+  """Minor page faults of this process so far: memory the kernel had to map in and zero."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _time_steps(train_step, state, batch, steps, warmup, trace_dir=None):
+  """(state, median seconds a step, page faults a step) over `steps` steps after `warmup`."""
   for _ in range(warmup):
     state, _ = train_step(state, batch)
   jax.block_until_ready(state)
-  times = []
+  times, faults = [], _page_faults()
   # create_perfetto_trace: a Chrome trace (vlp.bench.op_profile reads it) whatever the profiler writes besides
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True) if trace_dir else contextlib.nullcontext():
     for _ in range(steps):  # timed one by one: the median is robust to a noisy neighbour
@@ -44,7 +51,7 @@ def _time_steps(train_step, state, batch, steps, warmup, trace_dir=None):
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t)
     jax.block_until_ready(state)
-  return state, float(np.median(times))
+  return state, float(np.median(times)), (_page_faults() - faults) / steps
 
 
 def peak_memory_gib():
@@ -73,7 +80,7 @@ def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = Non
   for v in plan.variants:
     train_step, compile_s = step_lib.compile_train_step(plan, setup, v)
     trace_dir = profile_dir and (profile_dir if len(plan.variants) == 1 else os.path.join(profile_dir, v.name))
-    state, step_s = _time_steps(train_step, state, random_batch(plan, mesh, v), steps, warmup, trace_dir)
+    state, step_s, faults = _time_steps(train_step, state, random_batch(plan, mesh, v), steps, warmup, trace_dir)
     model_flops = plan.recipe.train_flops(config, v)
     per_variant[v.name] = {
         'examples_per_sec': v.batch_size / step_s,
@@ -82,6 +89,8 @@ def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = Non
         'compile_s': compile_s,
         'model_tflops_per_step': model_flops / 1e12,
         'batch_size': v.batch_size,
+        # on the CPU, pages of the step's temporaries mapped in again each step (vlp.host_memory)
+        'page_faults_per_step': faults,
     }
     if trace_dir:
       per_variant[v.name]['profile'] = op_profile.breakdown(trace_dir, train_step.as_text(), steps)
@@ -95,6 +104,7 @@ def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = Non
   mean = lambda k: sum(shares[n] * r[k] for n, r in per_variant.items())
   return {
       'examples_per_sec': mean('batch_size') / step_s,
+      'page_faults_per_step': mean('page_faults_per_step'),
       'step_ms': 1e3 * step_s,
       'mfu': mean('model_tflops_per_step') * 1e12 / step_s / peak_flops,
       'compile_s': sum(r['compile_s'] for r in per_variant.values()),

@@ -128,11 +128,18 @@ class SelfAttention(nnx.Module):
     self.q_norm, self.k_norm = (norm(), norm()) if qk_norm else (None, None)
     self.dtype = dtype
 
-  def __call__(self, x, mask=None):
-    """x: [B, L, D]; mask: [B, L] or [B, L, L] bool, True where a key may be attended to."""
+  def __call__(self, x, mask=None, keep=None):
+    """x: [B, L, D]; mask: [B, L] or [B, L, L] bool, True where a key may be attended to;
+    keep: None, or int [B], one position per example whose output alone is computed: [B, 1, D]
+    (every token is still a key and a value)."""
     dt = self.dtype
-    qkv = jnp.einsum('bld,dthk->tblhk', x.astype(dt), self.qkv[...].astype(dt))
-    q, k, v = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+    kernel, bias = self.qkv[...].astype(dt), self.qkv_bias[...].astype(dt)
+    if keep is None:
+      q, k, v = jnp.einsum('bld,dthk->tblhk', x.astype(dt), kernel) + bias[:, None, None]
+    else:
+      k, v = jnp.einsum('bld,dthk->tblhk', x.astype(dt), kernel[:, 1:]) + bias[1:, None, None]
+      q = jnp.einsum('bld,dhk->blhk', pick(x, keep).astype(dt), kernel[:, 0]) + bias[0]
+      mask = pick(mask, keep) if mask is not None and mask.ndim == 3 else mask
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     return _attend(q, k, v, mask, self.out[...], self.out_bias[...], dt)
@@ -184,9 +191,18 @@ def _mlp(width, mlp_dim, rngs, dtype, moe, arch=Arch(), depth=1):
   return Mlp(width, mlp_dim, rngs=rngs, dtype=dtype, arch=arch, depth=depth)
 
 
-def residual(x, layer, norm, post_ln: bool):
-  """x + layer(norm(x)) (pre-LN, as ViT and CLIP), or norm(x + layer(x)) (post-LN, as BERT)."""
-  return norm(x + layer(x)) if post_ln else x + layer(norm(x))
+def pick(x, keep):
+  """x [B, L, ...] at one position per example, keep int [B] -> [B, 1, ...]."""
+  return jnp.take_along_axis(x, keep.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)
+
+
+def residual(x, layer, norm, post_ln: bool, keep=None):
+  """x + layer(norm(x)) (pre-LN, as ViT and CLIP), or norm(x + layer(x)) (post-LN, as BERT);
+  with keep (int [B]), only those positions' outputs [B, 1, D], `layer` taking keep too."""
+  if keep is None:
+    return norm(x + layer(x)) if post_ln else x + layer(norm(x))
+  kept = pick(x, keep)
+  return norm(kept + layer(x, keep)) if post_ln else kept + layer(norm(x), keep)
 
 
 class Block(nnx.Module):
@@ -202,9 +218,13 @@ class Block(nnx.Module):
     self.mlp = _mlp(width, mlp_dim, rngs, dtype, moe, arch, depth)
     self.post_ln = post_ln
 
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, keep=None):
+    """x [B, L, D] -> [B, L, D]; with keep (int [B]), the output at those positions alone, [B, 1, D]."""
     x = parallel.constrain(x, ('batch', None, None))
-    x = residual(x, lambda h: self.attn(h, mask), self.ln1, self.post_ln)
+    if keep is None:
+      x = residual(x, lambda h: self.attn(h, mask), self.ln1, self.post_ln)
+    else:
+      x = residual(x, lambda h, keep: self.attn(h, mask, keep), self.ln1, self.post_ln, keep)
     return residual(x, self.mlp, self.ln2, self.post_ln)
 
 
@@ -264,8 +284,20 @@ class Encoder(nnx.Module):
     self.ln = LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
     self.remat, self.scan = remat, scan
 
-  def __call__(self, x, mask=None):
-    return self.ln(run_blocks(self.blocks, x, mask, remat=self.remat, scan=self.scan))
+  def __call__(self, x, mask=None, keep=None):
+    """x [B, L, D] -> [B, L, D]. keep: None, or the one position per example whose output alone
+    is wanted (an int, or int [B]) -> [B, D]. A tower pooled at one token needs no other output
+    of its last block, so that block computes the other tokens' keys and values only: the same
+    pooled feature and gradients at 1/depth less of the tower's work (open_clip and big_vision
+    compute the whole block). MoE blocks route over all tokens, so a last MoE block runs whole."""
+    if keep is None:
+      return self.ln(run_blocks(self.blocks, x, mask, remat=self.remat, scan=self.scan))
+    keep = jnp.broadcast_to(jnp.asarray(keep, jnp.int32) % x.shape[1], x.shape[:1])
+    *body, last = self.blocks
+    if isinstance(getattr(last, 'mlp', None), moe_lib.MoeMlp):
+      return pick(self(x, mask), keep)[:, 0]
+    x = run_blocks(body, x, mask, remat=self.remat, scan=self.scan)
+    return self.ln(remat_apply(self.remat)(last, x, mask, keep))[:, 0]
 
 
 def stacking(model_cfg) -> dict:

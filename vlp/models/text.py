@@ -42,10 +42,8 @@ class TextEncoder(nnx.Module):
     if self.causal:  # query i sees keys j <= i (that are not padding, with padding_mask)
       causal = jnp.tril(jnp.ones((length, length), bool))[None]
       mask = causal if mask is None else mask[:, None, :] & causal
-    x = self.encoder(x.astype(self.dtype), mask=mask)
-    if self.pool == 'cls':
-      return x[:, 0]
-    if self.pool == 'last':
-      return x[:, -1]
-    last = jnp.maximum(jnp.sum(real, axis=1) - 1, 0)  # [SEP]: captions are PAD-padded at the end
-    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    if self.pool == 'eos':  # [SEP]: captions are PAD-padded at the end
+      keep = jnp.maximum(jnp.sum(real, axis=1) - 1, 0)
+    else:
+      keep = 0 if self.pool == 'cls' else -1
+    return self.encoder(x.astype(self.dtype), mask=mask, keep=keep)  # the pooled token's output alone

@@ -67,6 +67,8 @@ class ViT(nnx.Module):
 
   def __call__(self, images):
     """images: float [B, H, W, 3] -> pooled features [B, width]."""
+    if self.pool == 'cls':  # the CLS token's output alone (vlp.models.layers.Encoder's keep)
+      return self.tokens(images, keep=0)
     return self.pool_tokens(self.tokens(images))
 
   def pool_tokens(self, x):
@@ -75,9 +77,10 @@ class ViT(nnx.Module):
     patches = x if self.cls is None else x[:, 1:]
     return patches.mean(axis=1) if self.pool == 'gap' else self.map_head(patches)
 
-  def tokens(self, images):
+  def tokens(self, images, keep=None):
     """images: float [B, H, W, 3] in [-1, 1], or uint8 pixels (normalised here) -> encoded tokens
-    [B, 1 + patches, width], CLS first (without a CLS token: [B, patches, width])."""
+    [B, 1 + patches, width], CLS first (without a CLS token: [B, patches, width]); with keep (a
+    position), that token's alone, [B, width]."""
     images = transforms.model_input(images)  # uint8 would otherwise be read as 0..255
     p = self.patch_size
     if images.shape[1] % p or images.shape[2] % p:
@@ -87,4 +90,4 @@ class ViT(nnx.Module):
     if self.cls is not None:
       cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)
-    return self.encoder(x if self.ln_pre is None else self.ln_pre(x))
+    return self.encoder(x if self.ln_pre is None else self.ln_pre(x), keep=keep)

@@ -38,9 +38,14 @@ MASKS = {
 }
 
 
-@pytest.mark.parametrize('mask,stack', [('none', {}), ('keys', {}), ('causal', {}), ('causal', dict(scan=True)),
-                                        ('causal', dict(remat='full')), ('keys', dict(qk_norm=True)),
-                                        ('keys', dict(depth=1)), ('keys', dict(moe=dict(MOE, last=1)))])
+SLOW = pytest.mark.slow  # the quick part keeps the plain stack under both masks
+
+
+@pytest.mark.parametrize('mask,stack', [
+    ('keys', {}), ('causal', {}), pytest.param('none', {}, marks=SLOW),
+    pytest.param('causal', dict(scan=True), marks=SLOW), pytest.param('causal', dict(remat='full'), marks=SLOW),
+    pytest.param('keys', dict(qk_norm=True), marks=SLOW), pytest.param('keys', dict(depth=1), marks=SLOW),
+    pytest.param('keys', dict(moe=dict(MOE, last=1)), marks=SLOW)])
 def test_keep_computes_the_whole_stack_at_those_positions(mask, stack):
   stack = dict(stack)
   depth = stack.pop('depth', 3)

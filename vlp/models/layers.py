@@ -288,8 +288,8 @@ class Encoder(nnx.Module):
     """x [B, L, D] -> [B, L, D]. keep: None, or the one position per example whose output alone
     is wanted (an int, or int [B]) -> [B, D]. A tower pooled at one token needs no other output
     of its last block, so that block computes the other tokens' keys and values only: the same
-    pooled feature and gradients at 1/depth less of the tower's work (open_clip and big_vision
-    compute the whole block). MoE blocks route over all tokens, so a last MoE block runs whole."""
+    pooled feature and gradients for most of a block less work (open_clip and big_vision compute
+    the whole block). MoE blocks route over all tokens, so a last MoE block runs whole."""
     if keep is None:
       return self.ln(run_blocks(self.blocks, x, mask, remat=self.remat, scan=self.scan))
     keep = jnp.broadcast_to(jnp.asarray(keep, jnp.int32) % x.shape[1], x.shape[:1])

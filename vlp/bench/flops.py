@@ -110,6 +110,12 @@ def vit_seq_len(image_cfg: Any) -> int:
   return num_patches + (1 if _get(image_cfg, "cls_token", True) else 0)
 
 
+def vit_pools_one_token(image_cfg: Any) -> bool:
+  """Whether the ViT's pooled feature is one token's ('cls'), so its last block runs for that
+  token alone (vlp.models.vit.ViT); the text tower's pools all are."""
+  return _get(image_cfg, "pool", "cls") == "cls"
+
+
 def vit_forward_flops(image_cfg: Any, embed_dim: int, channels: int = 3, tokens_out: bool = False) -> float:
   """Forward FLOPs of the image tower for ONE example (incl. projection); tokens_out: every
   token's output is used (ALBEF's fusion), not the pooled feature alone."""
@@ -120,7 +126,7 @@ def vit_forward_flops(image_cfg: Any, embed_dim: int, channels: int = 3, tokens_
   blocks = encoder_forward_flops(vit_seq_len(image_cfg), width,
                                  _get(image_cfg, "depth"),
                                  _get(image_cfg, "mlp_dim"), _get(image_cfg, "moe"),
-                                 pooled=not tokens_out and _get(image_cfg, "pool", "cls") == "cls")
+                                 pooled=not tokens_out and vit_pools_one_token(image_cfg))
   proj = matmul_flops(1, embed_dim, width) if embed_dim else 0.0
   pool = 0.0
   if _get(image_cfg, "pool") == "map":  # the probe's attention to the patches, then its MLP

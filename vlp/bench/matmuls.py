@@ -60,7 +60,7 @@ def step_matmuls(model_cfg, batch_size: int) -> list[Matmul]:
   patches = (im.image_size // im.patch_size) ** 2
   out = [Matmul('image.patch_embed', b * patches, im.patch_size ** 2 * 3, im.width, input_grad=False)]
   out += _tower('image', flops_lib.vit_seq_len(im), b, im.width, im.depth, im.num_heads, im.mlp_dim,
-                pooled=im.get('pool', 'cls') == 'cls')
+                pooled=flops_lib.vit_pools_one_token(im))
   out += _tower('text', tx.context_length, b, tx.width, tx.depth, tx.num_heads, tx.mlp_dim, pooled=True)
   out += [Matmul('image.proj', b, im.width, e), Matmul('text.proj', b, tx.width, e),
           Matmul('logits', b, e, b)]

@@ -221,10 +221,7 @@ class Block(nnx.Module):
   def __call__(self, x, mask=None, keep=None):
     """x [B, L, D] -> [B, L, D]; with keep (int [B]), the output at those positions alone, [B, 1, D]."""
     x = parallel.constrain(x, ('batch', None, None))
-    if keep is None:
-      x = residual(x, lambda h: self.attn(h, mask), self.ln1, self.post_ln)
-    else:
-      x = residual(x, lambda h, keep: self.attn(h, mask, keep), self.ln1, self.post_ln, keep)
+    x = residual(x, lambda h, keep=None: self.attn(h, mask, keep), self.ln1, self.post_ln, keep)
     return residual(x, self.mlp, self.ln2, self.post_ln)
 
 

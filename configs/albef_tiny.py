@@ -1,7 +1,7 @@
 """ALBEF, tiny, on the built-in synthetic dataset (the towers of align_tiny).
 
 About 20 minutes on a 2-core CPU (a step costs 3.4x align_tiny's: 400 steps
-take the time of align_tiny at 1368 steps, the README's comparison):
+take the time of align_tiny at 1368 steps, the comparison in docs/results.md):
   vlp train --config=configs/albef_tiny.py --workdir=workdirs/albef_tiny
 The held-out eval reports ITC retrieval (`retrieval/...`) and the same after
 re-ranking the top evals.retrieval.rerank_k candidates by ITM (`retrieval/itm/...`, as

@@ -4,7 +4,7 @@ About five minutes on a 2-core CPU:
   vlp train --config=configs/align_tiny.py --workdir=workdirs/align_tiny
 Overrides use dotted keys, e.g. `--config.total_steps=100 --config.model.head=sigmoid`.
 """
-from vlp.config import eval_config
+from vlp.core.config import eval_config
 from vlp.recipes import base_config
 
 

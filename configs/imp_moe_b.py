@@ -16,7 +16,7 @@ rematerialised, weights (experts included) and optimizer state sharded over
 all chips (FSDP). The MoE blocks are the last half of the stack, as in the
 paper's MoE models; set data.tokenizer to a real SentencePiece model for training.
 """
-from vlp.config import task_config
+from vlp.core.config import task_config
 from vlp.recipes import base_config
 
 

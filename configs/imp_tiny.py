@@ -11,7 +11,7 @@ descent over four tasks (a few minutes on a 2-core CPU):
   video_class  colour + motion of the first object (32 class names)
 `:weighted` samples tasks by weight instead of the interval rotation.
 """
-from vlp.config import eval_config, task_config
+from vlp.core.config import eval_config, task_config
 from vlp.recipes import base_config
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Creates <repo root>/.venv-bench: torch (CPU) + open_clip_torch 3.3 for the
 # open_clip reference of `vlp bench step --compare=open_clip`
-# (vlp/bench/open_clip_ref.py), and webdataset + Pillow + sentencepiece for the
+# (benchmarks/open_clip_ref.py), and webdataset + Pillow + sentencepiece for the
 # input-pipeline reference of `vlp bench data --compare=webdataset`
-# (vlp/bench/data_ref.py), and transformers for the CLIPModel parity tests of
+# (benchmarks/data_ref.py), and transformers for the CLIPModel parity tests of
 # `vlp import` / `vlp export --format=hf` (tests/hf_clip_ref.py, tests/hf_bert_ref.py; protobuf for
 # SiglipTokenizer). Idempotent:
 # re-running checks and returns.
@@ -18,7 +18,7 @@
 # transforms), and open_clip/utils.py imports one torchvision symbol used only
 # for ResNet batch norms. The reference loads the unmodified open_clip.model /
 # open_clip.loss modules without the package __init__ when torchvision is
-# absent (see vlp/bench/open_clip_ref.py). PyPI's torchvision does not import
+# absent (see benchmarks/open_clip_ref.py). PyPI's torchvision does not import
 # beside the torch 2.13.0 CPU wheel ('operator torchvision::nms does not exist'),
 # so the cheap path installs none.
 set -euo pipefail
@@ -32,7 +32,7 @@ TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-5.24.0}"
 
 check() {
   (cd "$ROOT" && "$VENV/bin/python" -c "
-import sys; sys.path.insert(0, 'vlp/bench')
+import sys; sys.path.insert(0, 'benchmarks')
 import open_clip_ref as r, torch, webdataset, PIL, sentencepiece, google.protobuf
 oc = r.import_open_clip()
 print('bench env ok:', sys.executable, 'torch', torch.__version__, 'open_clip', oc.version, '|', oc.how)

@@ -11,13 +11,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(out, coordinator=None, num_processes=None, process_id=None):
-  from vlp import distributed
+  from vlp.core import distributed
   if coordinator:
     distributed.initialize(coordinator, int(num_processes), int(process_id))
   import jax
   import numpy as np
   from tiny import get_config
-  from vlp import eval as eval_lib, parallel, plan as plan_lib, tasks
+  from vlp import eval as eval_lib, plan as plan_lib
+  from vlp.core import parallel
+  from vlp.data import tokenizer as tokenizer_lib
   from vlp.train import loop, state as state_lib
   config = get_config()
   config.mesh.update(data=2, fsdp=2, tensor=2)
@@ -26,7 +28,7 @@ def main(out, coordinator=None, num_processes=None, process_id=None):
   plan = plan_lib.make(config, jax.device_count(), jax.process_count())
   setup = state_lib.make_setup(plan, parallel.make_mesh(plan.sizes))
   params = loop.fresh_state(plan, setup)['params']
-  [(_, _, evaluator)] = eval_lib.make(config, plan.recipe.predict_fns(setup.graphdef), tasks.tokenizer_for(config))
+  [(_, _, evaluator)] = eval_lib.make(config, plan.recipe.predict_fns(setup.graphdef), tokenizer_lib.for_config(config))
   image_emb, text_emb = evaluator.embed(params)
   metrics = dict(evaluator.run(params))
   if jax.process_index() == 0:

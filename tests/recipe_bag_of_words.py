@@ -1,6 +1,6 @@
 """A model family that lives outside vlp/: a bag of patches against a bag of words.
 
-The recipe of README's "Adding a model": its config section, its model, its
+The recipe of docs/models.md's "Adding a model": its config section, its model, its
 loss. Everything else (plan, input pipeline, compiled step, checkpoints,
 evaluators) is vlp's, through the protocol's defaults.
 """

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vlp import config as config_lib, plan as plan_lib, parallel
-from vlp.config import ConfigError, task_config
+from vlp import plan as plan_lib
+from vlp.core import parallel, config_files
+from vlp.core.config import ConfigError, task_config
 from vlp.recipes import imp as imp_recipe
 from vlp.train import agd, loop, metrics as metrics_lib, state as state_lib, step as step_lib
+from vlp.workdir import metrics as workdir_metrics
 from conftest import compile_of, init_of, plan_of, random_batch_of, setup_of, variants_of
 
 IMP = imp_recipe.RECIPE
@@ -19,8 +21,8 @@ TINY_IMP = os.path.join(os.path.dirname(__file__), 'tiny_imp.py')
 
 
 def imp_config(arg=None, **overrides):
-  c = config_lib.load(TINY_IMP, arg)
-  return config_lib.apply_overrides(c, [f'{k}={v}' for k, v in overrides.items()])
+  c = config_files.load(TINY_IMP, arg)
+  return config_files.apply_overrides(c, [f'{k}={v}' for k, v in overrides.items()])
 
 
 def _tasks(intervals=None, weights=None):
@@ -170,7 +172,7 @@ def test_compile_counter_counts_compilations():
 def _per_step(workdir):
   """step -> (variant, loss) from metrics.jsonl (log_every=1: one variant's metrics per step)."""
   out = {}
-  for r in metrics_lib.read_jsonl(str(workdir)):
+  for r in workdir_metrics.read_jsonl(str(workdir)):
     losses = {k[:-len('/loss')]: v for k, v in r.items() if k.endswith('/loss')}
     if losses:
       [(name, loss)] = losses.items()

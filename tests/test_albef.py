@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 from conftest import plan_of, setup_of, tiny_config, train_losses
 
-from vlp import config as config_lib, plan as plan_lib, parallel
+from vlp import plan as plan_lib
+from vlp.core import config as config_lib, parallel, config_files
 from vlp.data import pipeline, synthetic, tokenizer as tok
-from vlp.data.transforms import IGNORE_INDEX
 from vlp.recipes import albef
 from vlp.recipes.albef import losses as losses_albef
+from vlp.recipes.albef import masking
+from vlp.recipes.albef.masking import IGNORE_INDEX
+from vlp.workdir import identity, metrics as metrics_lib
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 
@@ -132,7 +135,8 @@ def test_alpha_ramps_linearly():
 
 def test_pipeline_masking_never_touches_pad_or_cls():
   tokenizer = tok.builtin_tokenizer()
-  prep = pipeline.Preprocess(tokenizer, 16, 16, mlm_prob=0.5)
+  transform = masking.MlmMasking(0.5, tokenizer.vocab_size, tokenizer.mask_id, tokenizer.special_ids)
+  prep = pipeline.Preprocess(tokenizer, 16, 16, transform=transform)
   source = synthetic.SyntheticScenes(split='train', num_examples=40, image_size=16, seed=0)
   rng = np.random.default_rng(0)
   examples = [prep(source[i], rng) for i in range(40)]
@@ -179,7 +183,7 @@ def test_moe_towers_train_over_the_expert_axis_like_on_one_device():
   parts = lambda m: float(m['loss']) - sum(float(m[k]) for k in ('loss_itc', 'loss_itm', 'loss_mlm'))
   logged = sum(float(v) for k, v in metrics.items() if k.endswith('router_z'))
   assert 0.001 * logged * 0.99 < parts(metrics) < 0.001 * logged * 2.01
-  _, _, without, _ = train_losses(config_lib.apply_overrides(config, ['loss.moe_router_z=0.0']), one, steps=2)
+  _, _, without, _ = train_losses(config_files.apply_overrides(config, ['loss.moe_router_z=0.0']), one, steps=2)
   assert parts(without) == pytest.approx(0.0, abs=1e-5)
   w1 = state['params']['text']['fusion_blocks'][0]['mlp']['w1']
   assert w1.sharding.spec[0] == 'expert'
@@ -241,7 +245,7 @@ def test_itm_rerank_with_every_candidate_is_the_full_itm_ranking():
 def test_resume_continues_the_exact_trajectory(tmp_path):
   """Momentum params, queues and their pointer are in the checkpoint: a resumed run
   continues exactly (losses that lost them would differ from step 4 on)."""
-  from vlp.train import loop, metrics as metrics_lib
+  from vlp.train import loop
   overrides = {'model.image.depth': 1, 'model.text.depth': 2, 'model.fusion_layer': 1, 'batch_size': 8,
                'albef.queue_size': 16}
   run = lambda wd, steps: loop.train(_albef(total_steps=steps, **overrides), str(wd), progress=False)
@@ -263,7 +267,7 @@ def test_albef_base_lowers_with_abstract_shapes_only():
   """The paper's sizes: the whole train step is traced and lowered for 8 devices
   (FSDP over 8) without allocating a parameter."""
   from vlp.train import state as state_lib, step as step_lib
-  config = config_lib.load(os.path.join(CONFIGS, 'albef_base.py'))
+  config = config_files.load(os.path.join(CONFIGS, 'albef_base.py'))
   config.mesh.update(data=1, fsdp=8)
   sizes = plan_lib.validate(config, num_devices=8)
   setup = setup_of(config, parallel.make_mesh(sizes))
@@ -289,6 +293,6 @@ def test_workdir_of_an_older_run_still_resumes(tmp_path):
   del saved['albef']['queue_size'], saved['model']['fusion_layer']
   (tmp_path / 'checkpoints').mkdir()
   (tmp_path / 'config.json').write_text(json.dumps(saved))
-  checkpoint.check_workdir(tiny_config('albef'), str(tmp_path))
+  identity.check_workdir(tiny_config('albef'), str(tmp_path))
   with pytest.raises(checkpoint.WorkdirMismatch, match='albef.queue_size'):
-    checkpoint.check_workdir(tiny_config('albef', **{'albef.queue_size': 1024}), str(tmp_path))
+    identity.check_workdir(tiny_config('albef', **{'albef.queue_size': 1024}), str(tmp_path))

@@ -4,18 +4,20 @@ import os
 
 import pytest
 
-from vlp import cli, config as config_lib
-from vlp.bench import flops, matmuls
+from vlp import cli
+from vlp.bench import matmuls
+from vlp.core import config_files
+from vlp.recipes.align import flops as align_flops
 from conftest import tiny_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 
 
-@pytest.mark.parametrize('cfg', [tiny_config(), config_lib.load(os.path.join(CONFIGS, 'bench_tiny.py'))])
+@pytest.mark.parametrize('cfg', [tiny_config(), config_files.load(os.path.join(CONFIGS, 'bench_tiny.py'))])
 def test_listed_matmuls_are_the_analytic_model_flops(cfg):
   mms = matmuls.step_matmuls(cfg.model, cfg.batch_size)
   assert 3 * sum(m.forward_flops for m in mms) == pytest.approx(
-      flops.align_train_flops(cfg.model, cfg.batch_size), rel=1e-12)
+      align_flops.train_flops(cfg.model, cfg.batch_size), rel=1e-12)
   # each tower layer has its six matmuls
   assert sum(m.name == 'image.mlp_in' for m in mms) == cfg.model.image.depth
   assert sum(m.name == 'text.scores' for m in mms) == cfg.model.text.depth

@@ -14,8 +14,9 @@ import pytest
 from conftest import build_model, tiny_config, transformers_python
 from flax import nnx
 
-from vlp import checkpoint, cli, export, pretrained, recipes, weights_files
-from vlp.config import ConfigError
+from vlp import cli, export, pretrained, recipes
+from vlp.core import trees, weights_files
+from vlp.core.config import ConfigError
 from vlp.models import layers
 
 REF = os.path.join(os.path.dirname(__file__), 'hf_bert_ref.py')
@@ -148,7 +149,7 @@ def test_albefs_text_stack_started_from_bert_computes_berts_hidden_states(tmp_pa
   diff = np.abs(np.asarray(model.text.encode(tokens)) - want['hidden'][2]).max()
   print(f'ALBEF text encoder against BERT hidden_states[2]: {diff:.2e}')
   assert diff <= 1e-4
-  flat, imported = dict(checkpoint.flatten(params)), weights_files.read(str(tmp_path / 'vlp'))
+  flat, imported = dict(trees.flatten(params)), weights_files.read(str(tmp_path / 'vlp'))
   np.testing.assert_array_equal(flat['text.fusion_blocks.0.attn.qkv'], imported['text.text_blocks.2.attn.qkv'])
   np.testing.assert_array_equal(flat['mlm_head.dense.kernel'], imported['mlm_head.dense.kernel'])
   assert not np.array_equal(flat['text.fusion_blocks.0.cross.q'], 0)  # fresh, not taken
@@ -179,14 +180,14 @@ def test_albef_trains_from_a_bert_import_on_the_built_in_data(tmp_path):
   assert cli.main(['import', str(src), f'--out={tmp_path / "vlp"}']) == 0
   config = _albef_from_bert(tmp_path, total_steps=4, **{'model.text.context_length': 12})  # BERT's first 12 positions
   del config.evals['retrieval']
-  from vlp import tasks
-  tokenizer = tasks.tokenizer_for(config)
+  from vlp.data import tokenizer as tokenizer_lib
+  tokenizer = tokenizer_lib.for_config(config)
   assert (tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, tokenizer.special_ids) == (2, 3, 4, (0, 1, 2, 3, 4))
-  from vlp.data import transforms
+  from vlp.recipes.albef import masking
   ids = tokenizer.encode(TEXTS, 12)
-  masked, labels = transforms.mlm_mask(ids, np.random.default_rng(0), vocab_size=tokenizer.vocab_size,
-                                       mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids, prob=0.9)
-  assert (labels[np.isin(ids, tokenizer.special_ids)] == transforms.IGNORE_INDEX).all() and (masked == 4).any()
+  masked, labels = masking.mlm_mask(ids, np.random.default_rng(0), vocab_size=tokenizer.vocab_size,
+                                    mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids, prob=0.9)
+  assert (labels[np.isin(ids, tokenizer.special_ids)] == masking.IGNORE_INDEX).all() and (masked == 4).any()
   from vlp.train import loop
   loop.train(config, str(tmp_path / 'wd'), progress=False)
   lines = [json.loads(line) for line in (tmp_path / 'wd' / 'metrics.jsonl').read_text().splitlines()]

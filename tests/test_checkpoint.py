@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from conftest import init_of, setup_of, tiny_config
 
-from vlp import checkpoint, parallel
-from vlp.train import loop, metrics as metrics_lib, state as state_lib
+from vlp.core import parallel
+from vlp.train import loop, state as state_lib
+from vlp.workdir import checkpoints, metrics as metrics_lib
 
 
 def _losses(workdir):
@@ -19,7 +20,7 @@ def _losses(workdir):
 def test_keep_every_metadata_and_resuming_a_chosen_step(tmp_path):
   ck = {'checkpoint.every': 1, 'checkpoint.keep': 2, 'checkpoint.keep_every': 3}
   loop.train(tiny_config(total_steps=8, **ck), str(tmp_path), progress=False)
-  manager = checkpoint.Checkpointer(str(tmp_path), tiny_config(**ck).checkpoint, read_only=True)
+  manager = checkpoints.manager(str(tmp_path), tiny_config(**ck).checkpoint, read_only=True)
   assert manager.all_steps() == [3, 6, 7, 8]  # multiples of 3 kept, and the last 2
   meta = manager.step_metadata(8)
   assert meta['versions']['jax'] == jax.__version__
@@ -31,14 +32,14 @@ def test_keep_every_metadata_and_resuming_a_chosen_step(tmp_path):
   loop.train(tiny_config(total_steps=8, **ck), str(tmp_path), progress=False, step=3)
   assert _losses(tmp_path) == straight
   with pytest.raises(FileNotFoundError, match=r"--step: no checkpoint of step 5 .*saved: \[3, 6, 7, 8\]"):
-    checkpoint.Checkpointer(str(tmp_path), tiny_config(**ck).checkpoint).resume_step(5)
+    checkpoints.manager(str(tmp_path), tiny_config(**ck).checkpoint).resume_step(5)
 
 
 def test_restore_onto_another_mesh_and_fewer_devices(tmp_path):
   config = tiny_config()
   eight = setup_of(config, parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}))
   state = init_of(config, eight)
-  saver = checkpoint.Checkpointer(str(tmp_path), config.checkpoint)
+  saver = checkpoints.manager(str(tmp_path), config.checkpoint)
   saver.save(3, state, force=True)
   saver.wait()
   expected = jax.device_get(state)

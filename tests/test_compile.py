@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vlp import chips
 from vlp.compile import command, hlo, report, target
+from vlp.core import chips
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 requires_libtpu = pytest.mark.skipif(not target.have_libtpu(),
@@ -27,8 +27,8 @@ SMALL = ('model.dtype=bfloat16', 'model.image.depth=1', 'model.text.depth=1', 'm
 
 
 def _config(path, *overrides):
-  from vlp import config as config_lib
-  return config_lib.apply_overrides(config_lib.load(os.path.join(ROOT, path)), list(overrides))
+  from vlp.core import config_files
+  return config_files.apply_overrides(config_files.load(os.path.join(ROOT, path)), list(overrides))
 
 
 # --- names, the chip table, the HLO ----------------------------------------------------------------
@@ -78,11 +78,12 @@ def test_collectives_parsed_from_hlo():
       '  ROOT %cp = (f32[8,128], f32[8,128]) collective-permute(%a, %b), source_target_pairs={{0,1}}',
       '}'])
   c = hlo.collectives(text)
-  assert c['all-gather'] == {'count': 1, 'bytes': 32 * 128 * 4}  # the -done, once
-  assert c['reduce-scatter'] == {'count': 1, 'bytes': 2 * 128 * 2}
-  assert c['all-reduce'] == {'count': 4, 'bytes': 4 * 8 * 128 * 4}  # in a loop of 4 trips
-  assert c['collective-permute'] == {'count': 1, 'bytes': 2 * 8 * 128 * 4}
-  assert c['all-to-all'] == {'count': 0, 'bytes': 0}
+  # a module without num_partitions is one device: nothing crosses a link but the permute's buffers
+  assert c['all-gather'] == {'count': 1, 'bytes': 32 * 128 * 4, 'link_bytes': 0}  # start and done, once
+  assert c['reduce-scatter'] == {'count': 1, 'bytes': 2 * 128 * 2, 'link_bytes': 0}
+  assert c['all-reduce'] == {'count': 4, 'bytes': 4 * 8 * 128 * 4, 'link_bytes': 0}  # in a loop of 4 trips
+  assert c['collective-permute'] == {'count': 1, 'bytes': 2 * 8 * 128 * 4, 'link_bytes': 2 * 8 * 128 * 4}
+  assert c['all-to-all'] == {'count': 0, 'bytes': 0, 'link_bytes': 0}
 
 
 def test_compile_without_libtpu_is_one_line(monkeypatch, capsys):
@@ -116,6 +117,13 @@ def test_small_config_compiles_for_v5e_2x2(small_v5e):
   assert on_disk['bytes_accessed_per_device'] > 0
   assert set(on_disk['collectives']) == set(hlo.COLLECTIVES)
   assert on_disk['collectives']['all-reduce']['count'] > 0  # data parallel: gradients are all-reduced
+  # all-reduces over the 4 devices of data=4: twice 3/4 of what they reduce goes over the links
+  ar = on_disk['collectives']['all-reduce']
+  assert ar['link_bytes'] == pytest.approx(2 * 3 / 4 * ar['bytes'])
+  links = sum(c['link_bytes'] for c in on_disk['collectives'].values())
+  assert on_disk['link_bytes_per_device'] == pytest.approx(links)
+  assert on_disk['ideal_fsdp_bytes_per_device'] == 0 and on_disk['link_to_ideal_fsdp'] is None  # no fsdp axis
+  assert on_disk['loops_unread'] == []
   assert 0 < on_disk['mfu_ceiling'] <= 1
   assert [p['name'] for p in on_disk['programs']] == ['train', 'eval/encode_image', 'eval/encode_text']
   train = on_disk['programs'][0]
@@ -123,6 +131,7 @@ def test_small_config_compiles_for_v5e_2x2(small_v5e):
   m = train['memory']
   assert m['total'] == m['argument'] + m['output'] - m['alias'] + m['temp'] + m['generated_code']
   assert 'MFU ceiling' in text and 'memory table printed at training start (an estimate)' in text
+  assert 'link bytes per device per step' in text and 'no fsdp axis' in text
   assert text.strip().splitlines()[-1].startswith('fits: yes')
 
 
@@ -158,7 +167,7 @@ def test_two_slices_put_data_over_dcn_and_a_smaller_hbm_fails_them():
 
 @requires_libtpu
 def test_unknown_variant_is_refused_before_anything_compiles():
-  from vlp.config import ConfigError
+  from vlp.core.config import ConfigError
   with pytest.raises(ConfigError, match=r"--variants: \['nope'\] not among \['default'\]"):
     command.run(_config('tests/tiny.py'), 'v5e:2x2', variants='nope', out=open(os.devnull, 'w'))
 
@@ -227,8 +236,9 @@ def test_imp_variants_and_video_encoder_compile():
 def test_a_scanned_stack_costs_about_what_the_unrolled_one_does():
   """XLA's cost analysis counts a loop body once: with the missed trips added back
   (hlo.loop_trips_cost), a scan over 6 blocks costs what XLA counts for the same 6 blocks
-  unrolled (FLOPs: all but the missed trips' elementwise ones), blocks rematerialised as in
-  the paper-size configs."""
+  unrolled (FLOPs: all but the missed trips' elementwise ones; bytes within 10%), blocks
+  rematerialised as in the paper-size configs. On the CPU: no collectives, no tiles
+  (tests/test_compile_fsdp.py compiles an FSDP stack for TPU)."""
   from flax import nnx
 
   from vlp.compile import programs
@@ -243,4 +253,4 @@ def test_a_scanned_stack_costs_about_what_the_unrolled_one_does():
   want, got = (programs.cost(c, c.as_text()) for c in (unrolled, scanned))
   assert scanned.cost_analysis()['flops'] < 0.3 * want['flops']  # what the correction is for
   assert 0.85 < got['flops'] / want['flops'] <= 1.0
-  assert 0.9 < got['bytes_accessed'] / want['bytes_accessed'] < 1.2
+  assert 0.9 < got['bytes_accessed'] / want['bytes_accessed'] < 1.1

@@ -3,8 +3,9 @@ import os
 
 import pytest
 
-from vlp import config as config_lib, plan as plan_lib, recipes
-from vlp.config import ConfigError
+from vlp import plan as plan_lib, recipes
+from vlp.core import config as config_lib, config_files
+from vlp.core.config import ConfigError
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 
@@ -12,13 +13,13 @@ CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 @pytest.mark.parametrize('name', ['align_tiny.py', 'bench_tiny.py', 'albef_tiny.py', 'albef_base.py', 'imp_tiny.py',
                                   'imp_moe_tiny.py', 'lit_tiny.py'])
 def test_shipped_configs_validate(name):
-  c = config_lib.load(os.path.join(CONFIGS, name))
+  c = config_files.load(os.path.join(CONFIGS, name))
   assert plan_lib.validate(c, num_devices=8) == {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}
 
 
 @pytest.mark.parametrize('arg', ['arrayrecord', 'webdataset'])
 def test_web_config_needs_its_data_paths(arg):
-  c = config_lib.load(os.path.join(CONFIGS, 'align_web.py'), arg)
+  c = config_files.load(os.path.join(CONFIGS, 'align_web.py'), arg)
   with pytest.raises(ConfigError, match="'data.train'"):
     plan_lib.validate(c, num_devices=8)
   c.data.train = 'laion/{00000..00009}.tar'
@@ -26,18 +27,19 @@ def test_web_config_needs_its_data_paths(arg):
 
 
 def test_bench_tiny_is_the_issue_architecture():
-  c = config_lib.load(os.path.join(CONFIGS, 'bench_tiny.py'))
+  c = config_files.load(os.path.join(CONFIGS, 'bench_tiny.py'))
   dense = lambda tower: {k: v for k, v in tower.items() if k != 'moe'} if tower.moe.num_experts == 0 else None
   assert dense(c.model.image) == dict(image_size=64, patch_size=8, width=256, depth=4, num_heads=4,
                                       mlp_dim=1024, pool='cls', ln_pre=False, patch_bias=True, cls_token=True)
   assert dense(c.model.text) == dict(vocab_size=1024, context_length=32, width=256, depth=4,
-                                     num_heads=4, mlp_dim=1024, causal=True, pool='eos', padding_mask=True)
+                                     num_heads=4, mlp_dim=1024, causal=True, pool='eos', padding_mask=True,
+                                     pad_id=0, eos_id=-1)
   assert (c.model.embed_dim, c.batch_size, c.model.dtype, c.optim.name) == (256, 128, 'float32', 'adamw')
 
 
 def test_overrides_parse_with_the_type_of_the_default():
   c = recipes.base_config()
-  config_lib.apply_overrides(c, ['optim.lr=3e-4', 'total_steps=7', 'model.head=sigmoid',
+  config_files.apply_overrides(c, ['optim.lr=3e-4', 'total_steps=7', 'model.head=sigmoid',
                                  'checkpoint.async_save=False', 'optim.end_lr_frac=0',
                                  "data.languages=('en','de')"])
   assert (c.optim.lr, c.total_steps, c.model.head, c.checkpoint.async_save) == (3e-4, 7, 'sigmoid', False)
@@ -53,7 +55,7 @@ def test_overrides_parse_with_the_type_of_the_default():
 ])
 def test_bad_overrides(override, message):
   with pytest.raises(ConfigError) as e:
-    config_lib.apply_overrides(recipes.base_config(), [override])
+    config_files.apply_overrides(recipes.base_config(), [override])
   assert message in str(e.value)
 
 
@@ -83,9 +85,24 @@ def test_bad_overrides(override, message):
     ("optim.no_decay=(1,)", 'optim.no_decay'),
 ])
 def test_validation_names_the_key(override, key):
-  c = config_lib.apply_overrides(recipes.base_config(), [override])
+  c = config_files.apply_overrides(recipes.base_config(), [override])
   with pytest.raises(ConfigError, match=f"config key '{key}'"):
     plan_lib.validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize('override,key', [
+    ('nonfinite.max_consecutive=0', 'nonfinite.max_consecutive'),
+    ('nonfinite.spike_zscore=0.0', 'nonfinite.spike_zscore'),
+    ('loss.impl=allgather', 'loss.impl'),
+    ('evals.retrieval.data=karpathy', 'evals.retrieval.path'),
+    ('data.name=webdataset', 'data.train'),
+])
+def test_the_one_validation_pass_covers_every_section(override, key):
+  """The guard, the loss and the data sources are checked by the pass every command runs (the plan:
+  `vlp compile` too, which never ran the guard's checks before)."""
+  c = config_files.apply_overrides(recipes.base_config(), [override])
+  with pytest.raises(ConfigError, match=f"config key '{key}'"):
+    plan_lib.make(c, num_devices=8)
 
 
 def test_config_file_typo_is_an_error(tmp_path):
@@ -93,7 +110,7 @@ def test_config_file_typo_is_an_error(tmp_path):
   path.write_text('from vlp.recipes import base_config\n'
                   'def get_config(arg=None):\n  c = base_config()\n  c.modle = 1\n  return c\n')
   with pytest.raises(ConfigError, match='modle'):
-    config_lib.load(str(path))
+    config_files.load(str(path))
 
 
 def test_a_recipe_updates_common_sections_key_by_key():

@@ -18,7 +18,7 @@ ENV = {**os.environ, 'PYTHONPATH': ROOT}
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 import conftest  # noqa: E402,F401 - the 8 simulated devices, in this process and (ENV) the launches
 
-from vlp.train import metrics as metrics_lib  # noqa: E402
+from vlp.workdir import metrics as metrics_lib  # noqa: E402
 
 EVERY = 2  # a save every 2 steps, an eval every 8: a kill lands in either often
 

@@ -10,8 +10,9 @@ from conftest import tiny_config
 from PIL import Image
 
 import data_fixtures as fx
-from vlp import config as config_lib, plan as plan_lib, tasks as tasks_lib
-from vlp.data import synthetic, tokenizer as tok
+from vlp import plan as plan_lib
+from vlp.core import config as config_lib
+from vlp.data import karpathy, synthetic, tokenizer as tok
 from vlp.eval import datasets
 
 
@@ -36,7 +37,7 @@ def _karpathy(tmp_path):
 
 def test_karpathy_json_reads_the_test_split_with_every_caption(tmp_path):
   path, image_dir = _karpathy(tmp_path)
-  source = datasets.KarpathySource(path, image_dir, 'test')
+  source = karpathy.KarpathySource(path, image_dir, 'test')
   assert len(source) == 4 and source.file(0).endswith('val2014/COCO_val2014_000000000001.jpg')
   assert source.captions(1) == [('', f'Image 3, caption {j}.') for j in range(3)]
   c = tiny_config()
@@ -50,7 +51,7 @@ def test_karpathy_json_reads_the_test_split_with_every_caption(tmp_path):
                                          for j in range(n)], 16)
   np.testing.assert_array_equal(data['text'], want)
   with pytest.raises(ValueError, match="no image of split 'testing'; splits there: .*'restval'"):
-    datasets.KarpathySource(path, image_dir, 'testing')
+    karpathy.KarpathySource(path, image_dir, 'testing')
 
 
 def test_builtin_labels_are_the_first_named_object():
@@ -168,7 +169,7 @@ def test_wordnet_ids_read_as_clips_names_with_its_80_templates(tmp_path):
   c = tiny_config()
   c.evals = {'imagenet': config_lib.eval_config('zeroshot', data='folder', path=str(root))}
   fns = {'image': lambda p, x: x.reshape(x.shape[0], -1)[:, :4], 'text': lambda p, t: t[:, :4].astype(float)}
-  tokenizer = tasks_lib.tokenizer_for(c)
+  tokenizer = tok.for_config(c)
   [(_, _, ev)] = eval_lib.make(c, fns, tokenizer)
   assert ev.data['class_names'] == ['tench', 'Chihuahua', 'airplane wing']  # CLIP's names, folders sorted
   want = tokenizer.encode([t.format(n) for n in ('tench', 'Chihuahua', 'airplane wing') for t in data['templates']],

@@ -5,7 +5,7 @@ import data_fixtures as fx
 import numpy as np
 import pytest
 
-from vlp import distributed
+from vlp.core import distributed
 from vlp.data import eval_set, records, synthetic, tokenizer as tokenizer_lib
 from vlp.eval import embed
 

@@ -5,8 +5,10 @@ import os
 import pytest
 from conftest import tiny_config
 
-from vlp import cli, config as config_lib
-from vlp.train import loop, metrics as metrics_lib
+from vlp import cli
+from vlp.core import config as config_lib
+from vlp.train import loop
+from vlp.workdir import metrics as metrics_lib
 
 
 @pytest.mark.slow
@@ -60,8 +62,8 @@ def test_the_sharded_embedder_equals_one_device_on_a_tensor_mesh_with_padding():
   import numpy as np
   from conftest import build_model, plan_of, setup_of
   from flax import nnx
-  from vlp import parallel
-  from vlp.data import transforms
+  from vlp.core import parallel
+  from vlp.core.pixels import normalize_image
   from vlp.eval import embed
   from vlp.train import loop
   config = tiny_config(**{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
@@ -76,7 +78,7 @@ def test_the_sharded_embedder_equals_one_device_on_a_tensor_mesh_with_padding():
   images = rng.integers(0, 256, (19, 16, 16, 3), dtype=np.uint8)  # batches of 6 (rounded up to 8): padded
   tokens = rng.integers(5, 1024, (11, 16), dtype=np.int32)
   on_one = jax.device_get(params)  # numpy: the one-device path
-  want_images = np.asarray(fns['image'](on_one, transforms.normalize_image(images)))
+  want_images = np.asarray(fns['image'](on_one, normalize_image(images)))
   want_text = np.asarray(fns['text'](on_one, tokens))
   got_images = embed.Encoder(fns['image'])(params, images, batch_size=6)
   got_text = embed.Encoder(fns['text'])(params, tokens, batch_size=6)
@@ -123,8 +125,9 @@ def test_streamed_eval_images_give_the_held_ones_metrics():
   """hold_images=False (decoded batch by batch at each eval) against the held uint8 sets, retrieval
   and zero-shot, on 8 devices: the same metrics."""
   from conftest import plan_of, setup_of
-  from vlp import eval as eval_lib, parallel, tasks
-  from vlp.data import eval_set
+  from vlp import eval as eval_lib
+  from vlp.core import parallel
+  from vlp.data import tokenizer as tokenizer_lib, eval_set
   mesh = parallel.make_mesh({'data': 8})
   results = []
   for hold in (True, False):
@@ -134,7 +137,7 @@ def test_streamed_eval_images_give_the_held_ones_metrics():
     config.evals.zs = config_lib.eval_config('zeroshot', data='synthetic', num_images=12, batch_size=8,
                                              hold_images=hold)
     plan, setup = plan_of(config, mesh), setup_of(config, mesh)
-    evaluators = eval_lib.make(config, plan.recipe.predict_fns(setup.graphdef), tasks.tokenizer_for(config))
+    evaluators = eval_lib.make(config, plan.recipe.predict_fns(setup.graphdef), tokenizer_lib.for_config(config))
     assert all(isinstance(ev.data['image'], eval_set.StreamedImages) != hold for _, _, ev in evaluators)
     results.append(eval_lib.run(evaluators, loop.fresh_state(plan, setup)['params']))
   assert {'retrieval/rsum', 'zs/acc1'} <= set(results[0])

@@ -10,8 +10,11 @@ import pytest
 from conftest import init_of, plan_of, setup_of, tiny_config
 
 import vlp
-from vlp import cli, export, parallel, tasks
+from vlp import cli
+from vlp.core import parallel
+from vlp.data import tokenizer as tokenizer_lib
 from vlp.train import loop, state as state_lib
+from vlp.workdir import checkpoints
 
 DECAY = 0.5
 pytestmark = pytest.mark.slow  # a short training run first (about a minute on 2 shared cores)
@@ -23,10 +26,10 @@ def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp('export')
   config = tiny_config(total_steps=2, ema_decay=DECAY, **{'checkpoint.every': 1})
   loop.train(config, str(root / 'wd'), progress=False)
-  _, params, _ = export.restore_params(str(root / 'wd'))
+  _, params, _ = checkpoints.restore_params(str(root / 'wd'))
   mesh = parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
   [(_, _, evaluator)] = loop.Evaluators(plan_of(config), setup_of(config, mesh),
-                                            tasks.tokenizer_for(config)).evaluators
+                                            tokenizer_lib.for_config(config)).evaluators
   image_emb, text_emb = evaluator.embed(params)
   return {'root': root, 'wd': str(root / 'wd'), 'config': config, 'image': evaluator.data['image'][:8],
           'text': evaluator.data['text'][:8], 'image_emb': image_emb[:8], 'text_emb': text_emb[:8]}
@@ -53,7 +56,7 @@ def test_exported_encoders_give_the_training_embeddings(trained, dtype, atol):
   # strings are tokenized as in training
   captions = ['a small red circle', 'ein großes blaues Quadrat']
   np.testing.assert_array_equal(enc.tokenize(captions),
-                                tasks.tokenizer_for(trained['config']).encode(captions, 16))
+                                tokenizer_lib.for_config(trained['config']).encode(captions, 16))
   with open(os.path.join(path, 'config.json')) as f:
     meta = json.load(f)
   assert meta['dtype'] == ('bfloat16' if dtype == 'bf16' else dtype) and meta['step'] == 2
@@ -63,6 +66,7 @@ _FRESH = '''
 import sys
 import numpy as np
 import vlp
+from vlp.workdir import checkpoints
 enc = vlp.load_pretrained(sys.argv[1])
 np.save(sys.argv[2] + '/image.npy', enc.encode_image(np.load(sys.argv[2] + '/in_image.npy')))
 np.save(sys.argv[2] + '/text.npy', enc.encode_text(np.load(sys.argv[2] + '/in_text.npy')))
@@ -88,9 +92,9 @@ def test_ema_is_the_moving_average_of_the_params(trained):
   config = trained['config']
   setup = setup_of(config, parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1}))
   p0 = init_of(config, setup)['params']
-  _, p1, _ = export.restore_params(trained['wd'], step=1)
-  _, p2, _ = export.restore_params(trained['wd'], step=2)
-  _, ema, _ = export.restore_params(trained['wd'], step=2, weights='ema')
+  _, p1, _ = checkpoints.restore_params(trained['wd'], step=1)
+  _, p2, _ = checkpoints.restore_params(trained['wd'], step=2)
+  _, ema, _ = checkpoints.restore_params(trained['wd'], step=2, weights='ema')
   # ema_1 = d p0 + (1 - d) p1; ema_2 = d ema_1 + (1 - d) p2
   want = jax.tree.map(lambda a, b, c: DECAY * (DECAY * a + (1 - DECAY) * b) + (1 - DECAY) * c, p0, p1, p2)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), ema, want)

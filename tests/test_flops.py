@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from vlp.bench import flops as F
+from vlp.bench import step as bench_step
+from vlp.models import flops as F
+from vlp.recipes.align import flops as align_flops
 
 
 def _xla_flops(fn, *args):
@@ -175,7 +177,7 @@ def test_train_step_matches_xla_cost_analysis():
   grad = jax.grad(lambda vp, tp: _align_forward(images, tokens, vp, tp, cfg),
                   argnums=(0, 1))
   ref = _xla_flops(grad, vparams, tparams)
-  got = F.align_train_flops(cfg, b)
+  got = align_flops.train_flops(cfg, b)
   # XLA also counts the elementwise work (measured ~2 % here).
   assert got == pytest.approx(ref, rel=0.05)
 
@@ -199,8 +201,8 @@ def test_closed_forms():
   # train = 3 x forward; per-example part linear in B, logits quadratic.
   per_ex = F.vit_forward_flops(img, 8) + F.text_forward_flops(txt, 8)
   for b in (1, 7, 128):
-    assert F.align_train_flops(cfg, b) == 3 * (b * per_ex + 2 * b * b * 8)
-  assert F.mfu(100.0, 2.0, 100.0) == 0.5
+    assert align_flops.train_flops(cfg, b) == 3 * (b * per_ex + 2 * b * b * 8)
+  assert bench_step.mfu(100.0, 2.0, 100.0) == 0.5
 
 
 def test_bench_tiny_number():
@@ -217,7 +219,7 @@ def test_bench_tiny_number():
   vit = 2 * 64 * 192 * w + 3 * blk(s_i) + last(s_i) + 2 * w * e
   text = 3 * blk(s_t) + last(s_t) + 2 * w * e
   want = 3 * (b * (vit + text) + 2 * b * b * e)
-  got = F.align_train_flops(dict(image=img, text=txt, embed_dim=e), b)
+  got = align_flops.train_flops(dict(image=img, text=txt, embed_dim=e), b)
   assert got == want
   assert got == pytest.approx(195.3e9, rel=0.01)  # 245.2e9 with every token through the last blocks
 

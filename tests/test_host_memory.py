@@ -1,4 +1,4 @@
-"""vlp.host_memory: a CPU run of the `vlp` command keeps the memory XLA frees, so its steps stop
+"""vlp.core.host_memory: a CPU run of the `vlp` command keeps the memory XLA frees, so its steps stop
 mapping their temporaries in again (counted as page faults, not timed)."""
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vlp import host_memory
+from vlp.core import host_memory
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 GLIBC_LINUX = sys.platform == 'linux' and host_memory.platform.libc_ver()[0] == 'glibc'

@@ -7,10 +7,12 @@ from flax import nnx
 from conftest import build_model, plan_of, tiny_config, train_losses, variants_of
 from test_agd import imp_config
 
-from vlp import losses, parallel, recipes
-from vlp.data import transforms
+from vlp import losses, recipes
+from vlp.core import parallel
+from vlp.core.pixels import normalize_image
 from vlp.models import imp
 from vlp.train import agd
+from vlp.workdir import checkpoints
 
 IMP = recipes.get('imp')
 
@@ -74,9 +76,8 @@ def test_classification_loss_is_cross_entropy_over_prompted_class_embeddings():
   batch = {'image': rng.normal(size=(16, 16, 16, 3)).astype(np.float32), 'label': rng.integers(0, 48, 16)}
   loss, (metrics, _) = IMP.loss(graphdef, params, {}, batch, jnp.int32(0), c, v)
   # naive: embed every prompt, average per class over templates, normalise, softmax CE with smoothing
-  from vlp import tasks
-  from vlp.data import synthetic
-  tok = tasks.tokenizer_for(c)
+  from vlp.data import synthetic, tokenizer as tokenizer_lib
+  tok = tokenizer_lib.for_config(c)
   names = synthetic.CLASS_NAMES
   prompts = [t.format(n) for n in names for t in ('a {}', 'a picture of a {}')]
   text = np.asarray(model.encode_text(tok.encode(prompts, 16))).reshape(48, 2, -1).mean(1)
@@ -133,14 +134,14 @@ def test_moe_imp_over_the_expert_axis_matches_one_device():
 @pytest.mark.slow  # trains 2 steps, then exports for three platforms
 def test_export_has_image_video_and_text_encoders(tmp_path):
   import vlp
-  from vlp import cli, export
+  from vlp import cli
   from vlp.train import loop
   c = imp_config(total_steps=2)
   c.tasks = {'video_text': c.tasks.video_text}
   loop.train(c, str(tmp_path / 'wd'), progress=False)
   assert cli.main(['export', f'--workdir={tmp_path / "wd"}', f'--out={tmp_path / "out"}']) == 0
   enc = vlp.load_pretrained(str(tmp_path / 'out'))
-  config, params, _ = export.restore_params(str(tmp_path / 'wd'))
+  config, params, _ = checkpoints.restore_params(str(tmp_path / 'wd'))
   graphdef, _ = nnx.split(build_model(config.model), nnx.Param)
   model = nnx.merge(graphdef, params)
   rng = np.random.default_rng(0)
@@ -152,14 +153,14 @@ def test_export_has_image_video_and_text_encoders(tmp_path):
 
 
 def test_every_task_reads_its_own_data_at_its_resolution():
-  from vlp import tasks
-  from vlp.data import synthetic_video
+  from vlp.data import synthetic_video, tokenizer as tokenizer_lib
+  from vlp.train import input as input_lib
   c = imp_config()
-  tok = tasks.tokenizer_for(c)
+  tok = tokenizer_lib.for_config(c)
   shapes = {}
   plan = plan_of(c)
   for v in plan.variants:
-    it = tasks.train_iterator(plan, tok, v)
+    it = input_lib.train_iterator(plan, tok, v)
     batch = next(it)
     it.close()
     shapes[v.name] = {k: x.shape for k, x in batch.items() if k != 'skipped'}
@@ -171,7 +172,7 @@ def test_every_task_reads_its_own_data_at_its_resolution():
                     'video_text': {'video': (16, 4, 16, 16, 3), 'text': (16, 16)}}
   # a caption is its clip's own: decode the first one and find the clip in the source
   v = plan.variant('video_text')
-  it = tasks.train_iterator(plan, tok, v)
+  it = input_lib.train_iterator(plan, tok, v)
   batch = next(it)
   it.close()
   source = synthetic_video.SyntheticVideos('train', 2000, 16, 4, seed=0)
@@ -182,8 +183,10 @@ def test_every_task_reads_its_own_data_at_its_resolution():
 
 
 def test_video_evaluators_use_the_video_encoder():
-  from vlp import config as config_lib, plan as plan_lib, eval as eval_lib, tasks
-  from vlp.config import eval_config
+  from vlp import eval as eval_lib, plan as plan_lib
+  from vlp.core import config as config_lib
+  from vlp.core.config import eval_config
+  from vlp.data import tokenizer as tokenizer_lib
   from vlp.eval import retrieval
   c = imp_config()
   c.evals.video_retrieval = eval_config('retrieval', data='synthetic_video', num_images=12)
@@ -192,12 +195,12 @@ def test_video_evaluators_use_the_video_encoder():
   model = build_model(c.model)
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
-  evaluators = eval_lib.make(c, IMP.predict_fns(graphdef), tasks.tokenizer_for(c))
+  evaluators = eval_lib.make(c, IMP.predict_fns(graphdef), tokenizer_lib.for_config(c))
   metrics = eval_lib.run(evaluators, params)
   by_name = {name: ev for name, _, ev in evaluators}
   data = by_name['video_retrieval'].data
   assert data['image'].shape == (12, 4, 16, 16, 3)  # clips, under the evaluators' 'image' key
-  clips = transforms.normalize_image(data['image'])  # uint8: the evaluators normalise on the device
+  clips = normalize_image(data['image'])  # uint8: the evaluators normalise on the device
   want = retrieval.recall_at_k(np.asarray(model.encode_video(clips)), np.asarray(model.encode_text(data['text'])),
                                data['text_to_image'])
   assert {k: metrics[f'video_retrieval/{k}'] for k in want} == pytest.approx(want)

@@ -11,8 +11,11 @@ import jax
 import pytest
 from conftest import tiny_config
 
-from vlp import checkpoint, cli, parallel, plan as plan_lib, tasks
-from vlp.train import loop, metrics as metrics_lib, state as state_lib
+from vlp import checkpoint, cli, plan as plan_lib
+from vlp.core import parallel
+from vlp.data import tokenizer as tokenizer_lib
+from vlp.train import input as input_lib, loop, state as state_lib
+from vlp.workdir import checkpoints, layout, metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {'total_steps': 6, 'checkpoint.every': 2, 'checkpoint.keep': 3}
@@ -37,9 +40,9 @@ def _resume(workdir):
   config = tiny_config(**OVERRIDES)
   plan = plan_lib.make(config, jax.device_count())
   setup = state_lib.make_setup(plan, parallel.make_mesh(plan.sizes))
-  it = tasks.train_iterator(plan, tasks.tokenizer_for(config), plan.variants[0])
+  it = input_lib.train_iterator(plan, tokenizer_lib.for_config(config), plan.variants[0])
   try:
-    return checkpoint.Checkpointer(workdir, config.checkpoint).resume(None, setup.abstract, {'data': it})
+    return checkpoints.manager(workdir, config.checkpoint).resume(None, setup.abstract, {'data': it})
   finally:
     it.close()
 
@@ -80,7 +83,7 @@ def test_a_damaged_latest_step_is_reported_and_the_newest_intact_one_resumed(tra
   assert lines[0].endswith('; resuming step 4')
   assert re.search(WHY[how], lines[0]), lines[0]
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
-  assert os.listdir(os.path.join(workdir, checkpoint.CORRUPT_DIR)) == ['6']  # set aside, not deleted
+  assert os.listdir(os.path.join(workdir, layout.CORRUPT)) == ['6']  # set aside, not deleted
 
 
 @pytest.mark.slow
@@ -92,9 +95,9 @@ def test_every_damaged_step_is_skipped_and_the_run_goes_on_saving(trained, tmp_p
   out = capsys.readouterr().out
   assert 'checkpoint step 6' in out and 'resuming step 4' in out
   assert 'checkpoint step 4' in out and 'resuming step 2' in out and 'resumed step 2' in out
-  ckpt = checkpoint.Checkpointer(workdir, tiny_config().checkpoint, read_only=True)
+  ckpt = checkpoints.manager(workdir, tiny_config().checkpoint, read_only=True)
   assert ckpt.all_steps() == [2, 4, 6]  # steps 4 and 6 saved again, over the ones set aside
-  assert sorted(os.listdir(os.path.join(workdir, checkpoint.CORRUPT_DIR))) == ['4', '6']
+  assert sorted(os.listdir(os.path.join(workdir, layout.CORRUPT))) == ['4', '6']
 
 
 @pytest.mark.slow
@@ -133,7 +136,7 @@ def test_eval_and_export_read_the_newest_intact_step_and_move_nothing(trained, t
   assert cli.main(['export', f'--workdir={workdir}', f'--out={tmp_path / "export"}']) == 0
   assert json.loads((tmp_path / 'export' / 'config.json').read_text())['step'] == 4
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4', '6']  # a reader moves nothing
-  assert not os.path.exists(os.path.join(workdir, checkpoint.CORRUPT_DIR))
+  assert not os.path.exists(os.path.join(workdir, layout.CORRUPT))
 
 
 def _bytes_read():
@@ -155,13 +158,13 @@ def test_a_reader_of_the_params_leaves_the_optimizer_state_unread(tmp_path):
   state['opt_state'] = jax.tree.map(
       lambda x: jax.random.normal(next(keys), x.shape, x.dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
       else x, state['opt_state'])
-  saver = checkpoint.Checkpointer(str(tmp_path), config.checkpoint)
+  saver = checkpoints.manager(str(tmp_path), config.checkpoint)
   saver.save(1, state, force=True)
   saver.wait()
   saver.close()
   read, restored = {}, {}
   for name, part in [('whole', setup.abstract), ('params', {'params': setup.abstract['params']})] * 2:  # 2nd: warm
-    ckpt = checkpoint.Checkpointer(str(tmp_path), config.checkpoint, read_only=True)
+    ckpt = checkpoints.manager(str(tmp_path), config.checkpoint, read_only=True)
     before = _bytes_read()
     restored[name] = ckpt.restore(1, part)
     read[name] = _bytes_read() - before

@@ -11,9 +11,11 @@ import pytest
 import safetensors.numpy
 from conftest import tiny_config, transformers_python
 
-from vlp import checkpoint, cli, export, pretrained, weights_files
+from vlp import cli, pretrained
 from vlp.bench import compare
+from vlp.core import trees, weights_files
 from vlp.models import layers
+from vlp.workdir import checkpoints
 
 REF = os.path.join(os.path.dirname(__file__), 'open_clip_model_ref.py')
 VOCAB, CONTEXT = 1000, 16
@@ -110,8 +112,8 @@ def test_lit_on_an_imported_image_tower_keeps_it_bit_for_bit(tmp_path):
   c.model.image.update(model['image'])
   c.model.arch.update(model['arch'])
   loop.train(c, str(tmp_path / 'lit'), progress=False)
-  _, params, _ = export.restore_params(str(tmp_path / 'lit'))
-  got = {k: np.asarray(v) for k, v in checkpoint.flatten(params)}
+  _, params, _ = checkpoints.restore_params(str(tmp_path / 'lit'))
+  got = {k: np.asarray(v) for k, v in trees.flatten(params)}
   src_flat = safetensors.numpy.load_file(str(imported / 'model.safetensors'))
   image = [k for k in got if k.startswith(('image.', 'image_proj.'))]
   assert image and all(np.array_equal(got[k], src_flat[k]) for k in image)
@@ -214,7 +216,7 @@ def test_a_model_trained_in_siglips_layout_exports_to_transformers(tmp_path):
   out = tmp_path / 'hf'
   assert cli.main(['export', f'--workdir={tmp_path / "wd"}', '--format=hf', f'--out={out}']) == 0
   images, tokens = _hf(tmp_path, 'embed', '--out', str(out), '--model=siglip')
-  config, params, _ = export.restore_params(str(tmp_path / 'wd'))
+  config, params, _ = checkpoints.restore_params(str(tmp_path / 'wd'))
   model = build_model(config.model)
   nnx.update(model, params)
   got = dict(np.load(out / 'embeddings.npz'))

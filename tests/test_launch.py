@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from vlp import distributed
-from vlp.config import ConfigError
+from vlp.core import distributed
+from vlp.core.config import ConfigError
 
 LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'launch')
 TRAIN = ['--config=configs/align_tiny.py', '--workdir=/tmp/run', '--config.total_steps=5']

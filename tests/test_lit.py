@@ -5,13 +5,15 @@ import numpy as np
 import pytest
 from conftest import plan_of, setup_of, tiny_config
 
-from vlp import checkpoint, export, parallel
-from vlp.config import ConfigError
+from vlp import export
+from vlp.core import parallel, trees
+from vlp.core.config import ConfigError
 from vlp.train import loop, state as state_lib
+from vlp.workdir import checkpoints
 
 
 def _flat(params):
-  return {k: np.asarray(jax.device_get(v)) for k, v in checkpoint.flatten(params)}
+  return {k: np.asarray(jax.device_get(v)) for k, v in trees.flatten(params)}
 
 
 def _fresh(plan, setup):
@@ -29,12 +31,12 @@ def source(tmp_path_factory):
 
 @pytest.mark.slow
 def test_lit_keeps_the_locked_tower_bit_for_bit_and_drops_its_optimizer_state(source, tmp_path, capsys):
-  _, src, _ = export.restore_params(str(source / 'src'))
+  _, src, _ = checkpoints.restore_params(str(source / 'src'))
   src = _flat(src)
   lit = tiny_config(total_steps=4, **{'init.from': str(source / 'src'), 'optim.frozen': ('image/.*',)})
   loop.train(lit, str(tmp_path / 'lit'), progress=False)
   assert 'init.from' in capsys.readouterr().out
-  _, got, step = export.restore_params(str(tmp_path / 'lit'))
+  _, got, step = checkpoints.restore_params(str(tmp_path / 'lit'))
   got = _flat(got)
   assert step == 4
   image = [k for k in got if k.startswith('image.')]
@@ -71,7 +73,7 @@ def test_init_from_an_export_matches_by_name_and_lists_what_differs(source, caps
   state = _fresh(plan, setup)
   out = capsys.readouterr().out
   assert 'kept at their init (not taken from the source): bias' in out, out
-  _, src, _ = export.restore_params(str(source / 'src'))
+  _, src, _ = checkpoints.restore_params(str(source / 'src'))
   src, got = _flat(src), _flat(state['params'])
   assert all(np.array_equal(got[k], src[k]) for k in src)
   assert float(got['bias']) == -10.0  # the sigmoid head's own start

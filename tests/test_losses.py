@@ -137,7 +137,7 @@ _MESHES = [{'data': 8}, {'data': 2, 'fsdp': 2, 'tensor': 2}]  # the batch over o
 @pytest.mark.parametrize('name', sorted(_SHARDED))
 def test_losses_on_the_batch_devices_equal_the_formula_with_gradients(name, sizes):
   import jax
-  from vlp import parallel
+  from vlp.core import parallel
   head, loss = _SHARDED[name]
   mesh = parallel.make_mesh(sizes)
   rng = np.random.default_rng(len(name))
@@ -164,7 +164,7 @@ def test_losses_on_the_batch_devices_equal_the_formula_with_gradients(name, size
 def _compiled_shapes(loss, mesh, n=64, d=8):
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from vlp import parallel
+  from vlp.core import parallel
   rows = jax.ShapeDtypeStruct((n, d), np.float32, sharding=NamedSharding(mesh, P(parallel.BATCH_AXES)))
   scalar = jax.ShapeDtypeStruct((), np.float32, sharding=NamedSharding(mesh, P()))
   grad = jax.jit(jax.grad(lambda x, y, s, b: loss(x, y, s, b, 0.1, mesh), argnums=(0, 1, 2, 3)))
@@ -175,7 +175,7 @@ def _compiled_shapes(loss, mesh, n=64, d=8):
 def test_each_device_holds_its_rows_of_the_logits_or_a_ring_block(name):
   """8 devices, 64 rows: the per-device program has [8, 64] logits (gather) or [8, 8]
   blocks and no gathered text (ring), never [64, 64]."""
-  from vlp import parallel
+  from vlp.core import parallel
   hlo = _compiled_shapes(_SHARDED[name][1], parallel.make_mesh({'data': 8}))
   assert 'f32[64,64]' not in hlo
   if name.endswith('ring'):

@@ -124,7 +124,8 @@ def test_siglips_text_attends_to_padding_and_pools_the_last_position():
 
 
 def test_siglips_layout_is_checked_before_compiling():
-  from vlp import config as config_lib, plan as plan_lib
+  from vlp import plan as plan_lib
+  from vlp.core import config as config_lib
   check = lambda **kw: plan_lib.validate(tiny_config(**kw), num_devices=1)
   with pytest.raises(config_lib.ConfigError, match="'model.image_proj'.*image.width == embed_dim"):
     check(**{**SIGLIP, 'model.embed_dim': 48})

@@ -7,8 +7,9 @@ import pytest
 from conftest import compile_of, init_of, random_batch_of, setup_of, tiny_config
 from flax import nnx
 
-from vlp import config as config_lib, plan as plan_lib, parallel
-from vlp.config import ConfigError
+from vlp import plan as plan_lib
+from vlp.core import parallel
+from vlp.core.config import ConfigError
 from vlp.models import layers, moe
 from vlp.train import state as state_lib, step as step_lib
 
@@ -182,7 +183,7 @@ def test_bad_moe_config_names_the_key(key, value, match):
 
 @pytest.mark.parametrize('router,k', [('expert_choice', 1), ('top_k', 2)])
 def test_analytic_flops_of_an_moe_tower_match_xla(router, k):
-  from vlp.bench import flops
+  from vlp.models import flops
   from vlp.models.vit import ViT
   cfg = dict(image_size=32, patch_size=4, width=64, depth=2, num_heads=2, mlp_dim=256,
              moe=dict(num_experts=4, every=1, last=0, router=router, k=k, capacity_factor=1.0,

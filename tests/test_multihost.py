@@ -13,8 +13,8 @@ import portpicker
 import pytest
 from conftest import tiny_config
 
-from vlp import checkpoint
-from vlp.train import loop, metrics as metrics_lib
+from vlp.train import loop
+from vlp.workdir import checkpoints, metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'tiny.py')
@@ -55,7 +55,7 @@ def test_two_processes_train_like_one_survive_sigterm_and_restore_onto_another_m
   proc.send_signal(signal.SIGTERM)  # the launcher passes it on to both processes
   out = finish(proc)
   assert out.count('per-device memory') == 1  # process 0 alone prints
-  stopped = checkpoint.Checkpointer(str(two), tiny_config().checkpoint, read_only=True).latest_step()
+  stopped = checkpoints.manager(str(two), tiny_config().checkpoint, read_only=True).latest_step()
   assert 2 <= stopped < n and f'preempted: saved step {stopped}' in out
   # every process saved its input position
   assert sorted(os.listdir(two / 'checkpoints' / str(stopped) / 'data')) == [

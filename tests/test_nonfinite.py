@@ -9,16 +9,18 @@ import pytest
 from conftest import compile_of, init_of, random_batch_of, setup_of, tiny_config
 
 import grain
-from vlp import checkpoint, parallel, recipes, tasks
-from vlp.data import transforms
-from vlp.train import guard, loop, metrics as metrics_lib
+from vlp import recipes
+from vlp.core import parallel
+from vlp.core.pixels import normalize_image
+from vlp.train import input as input_lib, guard, loop
+from vlp.workdir import checkpoints, metrics as metrics_lib
 
 MESH = {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}
 
 
 @pytest.fixture
 def float_images(monkeypatch):
-  """Steps compiled for float32 images (transforms.model_input passes floats through), as a source
+  """Steps compiled for float32 images (model_input passes floats through), as a source
   of normalised float pixels would give them: uint8 pixels cannot be NaN, these can."""
   cls = type(recipes.get('align'))
   real = cls.batch_spec
@@ -91,7 +93,7 @@ class _Poisoned(grain.DatasetIterator):
     batch = next(self.it)
     self.n += 1
     image = batch['image']
-    image = transforms.normalize_image(image) if image.dtype == np.uint8 else image  # wrapped twice: once
+    image = normalize_image(image) if image.dtype == np.uint8 else image  # wrapped twice: once
     return dict(batch, image=np.full_like(image, np.nan) if self.bad(self.n) else image)
 
   def get_state(self):
@@ -108,8 +110,8 @@ class _Poisoned(grain.DatasetIterator):
 
 
 def _poison(monkeypatch, bad):
-  real = tasks.train_iterator
-  monkeypatch.setattr(tasks, 'train_iterator', lambda *a: _Poisoned(real(*a), bad))
+  real = input_lib.train_iterator
+  monkeypatch.setattr(input_lib, 'train_iterator', lambda *a: _Poisoned(real(*a), bad))
 
 
 @pytest.mark.slow
@@ -126,7 +128,7 @@ def test_skips_then_a_rollback_then_a_divergence_stops(tmp_path, monkeypatch, ca
   assert [r['rollback/to_step'] for r in log if 'rollback/to_step' in r] == [6]
   assert [r for r in log if 'skipped_nonfinite' in r][-1]['skipped_nonfinite'] == 5
   assert all(np.isfinite(r['loss']) for r in log if r['step'] > 10 and 'loss' in r)  # batches 12- are fine
-  ckpt = checkpoint.Checkpointer(str(tmp_path / 'a'), tiny_config().checkpoint, read_only=True)
+  ckpt = checkpoints.manager(str(tmp_path / 'a'), tiny_config().checkpoint, read_only=True)
   assert ckpt.all_steps() == [6, 9, 12]  # 9 saved after the rollback (keep 3)
 
   _poison(monkeypatch, lambda n: n >= 4)  # diverged for good: the rollback does not help

@@ -8,7 +8,8 @@ from conftest import build_model, init_of, plan_of, random_batch_of, setup_of, t
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from vlp import config as config_lib, plan as plan_lib, parallel, recipes
+from vlp import plan as plan_lib, recipes
+from vlp.core import config as config_lib, parallel
 from vlp.train import state as state_lib, step as step_lib
 
 ALIGN = recipes.get('align')

@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 
 import vlp
-from vlp.data import pipeline
-from vlp.data import synthetic
-from vlp.data import tokenizer as tokenizer_lib
-from vlp.data import transforms
+from vlp.core.pixels import model_input, normalize_image
+from vlp.data import pipeline, synthetic, tokenizer as tokenizer_lib
 
 # The configuration of the resumption test, also run in a new process.
 CONFIG = dict(num_examples=40, image_size=16, batch_size=4, context_length=32,
@@ -71,11 +69,11 @@ def tok():
 def test_normalize_image_on_the_host_and_in_a_compiled_function():
   import jax
   pixels = np.array([[[0, 127, 255]]], np.uint8)
-  for out in (transforms.normalize_image(pixels), jax.jit(transforms.model_input)(pixels)):
+  for out in (normalize_image(pixels), jax.jit(model_input)(pixels)):
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, [[[-1, -0.5 / 127.5, 1]]], rtol=1e-6)
   tokens = np.array([[2, 7, 3]], np.int32)  # anything but pixels passes through
-  np.testing.assert_array_equal(jax.jit(transforms.model_input)(tokens), tokens)
+  np.testing.assert_array_equal(jax.jit(model_input)(tokens), tokens)
 
 
 def test_batch_shapes_and_content(tok):

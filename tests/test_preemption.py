@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from conftest import init_of, setup_of, tiny_config
 
-from vlp import checkpoint, config as config_lib, parallel
-from vlp.train import loop, metrics as metrics_lib, state as state_lib
+from vlp.core import config as config_lib, parallel
+from vlp.train import loop, state as state_lib
+from vlp.workdir import checkpoints, metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'PYTHONPATH': ROOT}  # the same XLA flags (8 devices) as this process
@@ -46,7 +47,7 @@ def test_sigterm_saves_and_the_relaunch_continues_bit_for_bit(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, out[-2000:]
-  stopped = checkpoint.Checkpointer(workdir, tiny_config().checkpoint, read_only=True).latest_step()
+  stopped = checkpoints.manager(workdir, tiny_config().checkpoint, read_only=True).latest_step()
   assert 2 <= stopped < n and f'preempted: saved step {stopped}' in out
   before = _losses(workdir)
   assert sorted(before) == list(range(1, stopped + 1))  # logged up to the saved step
@@ -61,15 +62,17 @@ import os, signal, sys
 import jax
 sys.path.insert(0, {tests!r})
 from tiny import get_config
-from vlp import checkpoint, parallel, plan as plan_lib
+from vlp import plan as plan_lib
+from vlp.core import parallel
 from vlp.train import state as state_lib
+from vlp.workdir import checkpoints
 config = get_config()
 config.model.text.vocab_size = 65536  # a 64 MiB state: the async write takes a while
 mesh = parallel.make_mesh({{'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}})
 plan = plan_lib.make(config, 8)
 setup = state_lib.make_setup(plan, mesh)
 state = state_lib.init_state(plan, setup)
-ckpt = checkpoint.Checkpointer({workdir!r}, config.checkpoint)
+ckpt = checkpoints.manager({workdir!r}, config.checkpoint)
 ckpt.save(1, state, force=True)
 ckpt.wait()
 ckpt.save(2, jax.tree.map(lambda x: x + 1, state), force=True)  # returns while the write goes on
@@ -89,7 +92,7 @@ def test_sigkill_during_an_async_save_leaves_the_previous_checkpoint(tmp_path):
   config = tiny_config(**{'model.text.vocab_size': 65536})
   mesh = parallel.make_mesh(config_lib.mesh_shape(config, jax.device_count()))
   setup = setup_of(config, mesh)
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+  ckpt = checkpoints.manager(workdir, config.checkpoint)
   assert ckpt.latest_step() == 1
   restored = ckpt.restore(1, setup.abstract)
   jax.tree.map(np.testing.assert_array_equal, restored, init_of(config, setup))

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import tiny_config
-from vlp import cli, config as config_lib, plan as plan_lib
+from vlp import cli, plan as plan_lib
 from vlp.bench import categories, compare, op_profile, peak
-from vlp.config import ConfigError
+from vlp.core import config_files
+from vlp.core.config import ConfigError
 from vlp.train import profile as train_profile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -291,7 +292,7 @@ def test_bad_profile_steps_name_the_key(steps):
 
 
 def test_profile_steps_override():
-  c = config_lib.apply_overrides(tiny_config(), ['profile.steps=(1, 3)'])
+  c = config_files.apply_overrides(tiny_config(), ['profile.steps=(1, 3)'])
   assert c.profile.steps == (1, 3) and plan_lib.validate(c, num_devices=8)
   assert tiny_config().profile.steps == ()
 
@@ -314,7 +315,7 @@ def test_train_writes_a_trace_of_the_profiled_steps(tmp_path, capsys):
 
 
 def test_clip_b16_config_is_clip_vit_b16_and_validates():
-  c = config_lib.load(os.path.join(ROOT, 'configs', 'clip_b16.py'))
+  c = config_files.load(os.path.join(ROOT, 'configs', 'clip_b16.py'))
   plan = plan_lib.make(c, 1)
   assert plan.sizes == {'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1}
   im, tx = c.model.image, c.model.text
@@ -323,6 +324,6 @@ def test_clip_b16_config_is_clip_vit_b16_and_validates():
   assert (tx.vocab_size, tx.context_length, tx.width, tx.depth, tx.num_heads, tx.mlp_dim, tx.causal, tx.pool) == (
       49408, 77, 512, 12, 8, 2048, True, 'eos')
   assert (c.model.embed_dim, c.model.dtype, c.model.param_dtype, c.batch_size) == (512, 'bfloat16', 'float32', 256)
-  eight = config_lib.load(os.path.join(ROOT, 'configs', 'clip_b16.py'), '8')
+  eight = config_files.load(os.path.join(ROOT, 'configs', 'clip_b16.py'), '8')
   assert eight.batch_size == 2048 and plan_lib.make(eight, 8).variants[0].batch_size == 2048
   json.loads(compare.model_cfg_json(c.model))  # what the open_clip reference is given

@@ -13,6 +13,7 @@ from conftest import plan_of, tiny_config
 
 from vlp.bench import compare, quality
 from vlp.recipes import align
+from vlp.workdir import metrics as metrics_lib
 
 
 def test_health_metrics_against_numpy():
@@ -39,7 +40,7 @@ def test_health_metrics_against_numpy():
 
 
 def test_training_logs_health_metrics(tmp_path):
-  from vlp.train import loop, metrics as metrics_lib
+  from vlp.train import loop
   c = tiny_config(**{'total_steps': 2, 'log_every': 1, 'eval_every': 0})
   loop.train(c, str(tmp_path), progress=False)
   row = metrics_lib.read_jsonl(str(tmp_path))[0]
@@ -65,8 +66,8 @@ def test_examples_are_the_trainers_batches_as_exact_uint8():
   plan = plan_of(c, jax.sharding.Mesh(np.array(jax.devices()[:1]), ('x',)))
   data, tokenizer = quality.examples(plan)
   assert data['train_image'].dtype == np.uint8 and data['train_image'].shape[0] == 16
-  from vlp import tasks
-  first = next(tasks.train_iterator(plan, tokenizer, plan.variants[0]))
+  from vlp.train import input as input_lib
+  first = next(input_lib.train_iterator(plan, tokenizer, plan.variants[0]))
   np.testing.assert_array_equal(data['train_image'][:8], first['image'])
   np.testing.assert_array_equal(data['train_text'][:8], first['text'])
   assert len(data['text_to_image']) == len(data['eval_text']) and data['eval_image'].shape[0] == 10

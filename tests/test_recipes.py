@@ -7,8 +7,10 @@ import pytest
 from conftest import tiny_config
 
 import recipe_bag_of_words
-from vlp import config as config_lib, plan as plan_lib, recipes
-from vlp.train import loop, metrics as metrics_lib
+from vlp import plan as plan_lib, recipes
+from vlp.core import config as config_lib
+from vlp.train import loop
+from vlp.workdir import metrics as metrics_lib
 
 
 def test_a_recipe_registered_outside_vlp_trains_and_evaluates(tmp_path):

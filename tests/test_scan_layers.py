@@ -9,8 +9,9 @@ import pytest
 from conftest import train_losses, tiny_config
 from flax import nnx
 
-from vlp import config as config_lib, parallel, recipes
-from vlp.models import layers, moe as moe_lib
+from vlp import recipes
+from vlp.core import config as config_lib, parallel, config_files, trees
+from vlp.models import layers, moe as moe_lib, stacks
 
 MOE = dict(num_experts=4, every=1, router='expert_choice', k=1, capacity_factor=1.0, batch_priority=False)
 
@@ -48,8 +49,17 @@ def test_a_scanned_encoder_computes_the_unrolled_one(remat):
   (la, ga), (lb, gb) = (nnx.jit(nnx.value_and_grad(loss))(m, x) for m in (unrolled, scanned))
   np.testing.assert_allclose(lb, la, rtol=1e-5)  # float32 sums fused in another order
   # gradients of order 0.1-1: a few float32 ulps apart (a misordered or shared block is off by ~0.1)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=5e-6), nnx.state(ga), nnx.state(gb))
+  a, b = (_per_block(g) for g in (ga, gb))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=5e-6, err_msg=k)
   assert _scans(scanned, x, mask) == 1 and _scans(unrolled, x, mask) == 0
+
+
+def _per_block(module) -> dict:
+  """{'/'-joined per-block name: array} of a module's params, stored stacked or not."""
+  flat = {k.replace('.', '/'): np.asarray(v) for k, v in trees.flatten(nnx.to_pure_dict(nnx.state(module, nnx.Param)))}
+  return stacks.per_block(flat)
 
 
 @pytest.mark.parametrize('recipe', ['align', 'albef', 'imp', 'bert'])
@@ -64,7 +74,7 @@ def test_every_recipe_hands_scan_layers_to_its_stacks(recipe):
     config.model.text.update(vocab_size=64, context_length=8, width=16, depth=2, num_heads=2, mlp_dim=32)
   else:
     config = tiny_config(recipe)
-  config = config_lib.apply_overrides(config, ['model.scan_layers=True'])
+  config = config_files.apply_overrides(config, ['model.scan_layers=True'])
   model = recipes.get(recipe).build(config.model, 0)
   stacks = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module) and hasattr(m, 'scan')]
   assert stacks and all(m.scan is True for m in stacks)
@@ -76,10 +86,10 @@ def test_an_albef_run_trains_the_same_with_scanned_layers():
   IMP's stack is the Encoder of the MoE test above."""
   config = tiny_config('albef', **{'model.text.depth': 4, 'model.fusion_layer': 2, 'albef.queue_size': 32})
   plain, *_ = train_losses(config, _one_device(), steps=2)
-  scanned, *_ = train_losses(config_lib.apply_overrides(config, ['model.scan_layers=True']), _one_device(), steps=2)
+  scanned, *_ = train_losses(config_files.apply_overrides(config, ['model.scan_layers=True']), _one_device(), steps=2)
   np.testing.assert_allclose(scanned, plain, rtol=1e-5)
 
 
 def test_scan_layers_takes_a_bool():
   with pytest.raises(config_lib.ConfigError, match="'model.scan_layers'"):
-    config_lib.apply_overrides(tiny_config(), ['model.scan_layers=yes'])
+    config_files.apply_overrides(tiny_config(), ['model.scan_layers=yes'])

@@ -9,8 +9,9 @@ import tarfile
 import pytest
 from data_fixtures import jpeg
 
-from vlp import checkpoint, paths
+from vlp.core import paths
 from vlp.data import records, webdataset
+from vlp.workdir import identity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +67,7 @@ def test_a_workdir_config_is_json_and_never_executed(tmp_path):
   marker = tmp_path / 'executed'
   (tmp_path / 'config.json').write_text(f"__import__('pathlib').Path({str(marker)!r}).touch()\n")
   with pytest.raises(ValueError):  # json.JSONDecodeError: not JSON, not run
-    checkpoint.load_workdir_config(str(tmp_path))
+    identity.load_config(str(tmp_path))
   assert not marker.exists()
   assert paths.exists(str(tmp_path / 'config.json'))
 

@@ -16,9 +16,11 @@ from conftest import tiny_config
 import data_fixtures as fx
 import gcs_emulator
 import vlp
-from vlp import cli, export, paths, workdir_check
+from vlp import cli, export
+from vlp.core import paths
 from vlp.data import arrayrecord, pipeline, tokenizer as tok, webdataset
-from vlp.train import loop, metrics as metrics_lib
+from vlp.train import loop
+from vlp.workdir import checkpoints, hosts as workdir_check, metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -291,18 +293,18 @@ def test_a_save_through_an_outage_is_made_again_and_counted(tmp_path, disk_emula
   try:
     times = [r for r in metrics_lib.read_jsonl(f'gs://{emu.bucket}/run') if 'time/checkpoint_save_retries' in r]
     assert times and times[-1]['time/checkpoint_save_retries'] == len(retries), (times, retries)
-    assert export.restore_params(f'gs://{emu.bucket}/run')[2] == 6  # the last step restores
+    assert checkpoints.restore_params(f'gs://{emu.bucket}/run')[2] == 6  # the last step restores
   finally:
     restore()
 
 
 @pytest.mark.slow
 def test_a_storage_call_stuck_on_an_outage_is_told_from_a_slow_one(own_emulator):
-  """vlp.retry.watched: a call that has not returned once the storage went away and has answered
+  """vlp.core.retry.watched: a call that has not returned once the storage went away and has answered
   again for `stall_after` seconds is Stalled (a save made again, afresh, goes through); a call
   that is only slow while the storage answers throughout is waited for up to its deadline (Hung)."""
   import threading
-  from vlp import retry
+  from vlp.core import retry
   probe = f'gs://{own_emulator.bucket}/run'
   never = threading.Event()
   warnings = []
@@ -333,10 +335,10 @@ def test_a_save_stuck_on_an_outage_is_made_again_by_a_fresh_manager(own_emulator
 
   import jax.numpy as jnp
 
-  from vlp import checkpoint, retry
+  from vlp.core import retry
   monkeypatch.setattr(retry, 'watched', functools.partial(retry.watched, stall_after=3, poll=0.5))
   cfg = tiny_config(**{'checkpoint.save_timeout_s': 120}).checkpoint
-  ckpt = checkpoint.Checkpointer(f'gs://{own_emulator.bucket}/stuck', cfg)
+  ckpt = checkpoints.manager(f'gs://{own_emulator.bucket}/stuck', cfg)
   stuck = threading.Event()
   ckpt.manager.save = lambda *args, **kwargs: stuck.wait()  # the first manager's writer never returns
   threading.Timer(1.0, lambda: own_emulator.stop(kill=True)).start()
@@ -371,6 +373,6 @@ def test_a_run_killed_while_it_saves_to_object_storage_resumes(tmp_path, disk_em
   try:
     steps = [r['step'] for r in metrics_lib.read_jsonl(workdir) if 'loss' in r]
     assert steps[-1] == 6 and steps == sorted(set(steps)), steps  # one trajectory
-    assert export.restore_params(workdir)[2] == 6
+    assert checkpoints.restore_params(workdir)[2] == 6
   finally:
     restore()

@@ -11,8 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from vlp.data import synthetic
-from vlp.data import synthetic_video as sv
+from vlp.data import synthetic, synthetic_video as sv
 
 SHAPES = ['circle', 'square', 'triangle', 'star', 'cross', 'diamond']
 # Phrase -> unit motion in image coordinates (y grows downwards).

@@ -8,8 +8,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from vlp.data import records
-from vlp.data import tfds_source
+from vlp.data import records, tfds_source
 
 NAME = 'vlp_tiny_captions'
 CAPTIONS = ['a dog on a red sofa', 'ein Hund auf einem roten Sofa',

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from vlp.data import synthetic
-from vlp.data import tokenizer as tokenizer_lib
+from vlp.data import synthetic, tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope='module')

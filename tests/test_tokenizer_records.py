@@ -3,8 +3,7 @@ from array_record.python import array_record_module
 import pytest
 import sentencepiece as spm
 
-from vlp.data import arrayrecord, records
-from vlp.data import tokenizer as tokenizer_lib
+from vlp.data import arrayrecord, records, tokenizer as tokenizer_lib
 
 # Short captions in six scripts (and a few languages of some), as WIT has.
 CAPTIONS = {

@@ -7,9 +7,11 @@ import pytest
 from conftest import plan_of, setup_of, tiny_config, train_losses
 from jax.sharding import PartitionSpec as P
 
-from vlp import cli, export, parallel
-from vlp.data import transforms
-from vlp.train import loop, metrics as metrics_lib, state as state_lib
+from vlp import cli, export
+from vlp.core import parallel
+from vlp.core.pixels import normalize_image
+from vlp.train import loop, state as state_lib
+from vlp.workdir import checkpoints, metrics as metrics_lib
 
 
 def _losses(config, mesh, steps=3):
@@ -61,12 +63,12 @@ def test_export_gives_the_training_embeddings(tmp_path):
   assert sorted(os.listdir(tmp_path / 'export')) == ['config.json', 'image_encoder.jax_exported', 'model.safetensors',
                                                      'text_encoder.jax_exported', 'tokenizer.model']
   model, tokenizer = export.load(str(tmp_path / 'export'))
-  config, params, step = export.restore_params(str(tmp_path / 'wd'))
+  config, params, step = checkpoints.restore_params(str(tmp_path / 'wd'))
   assert step == 3
   mesh = parallel.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
   [(_, _, evaluator)] = loop.Evaluators(plan_of(config), setup_of(config, mesh), tokenizer).evaluators
   image_emb, text_emb = evaluator.embed(params)
-  pixels = transforms.normalize_image(evaluator.data['image'][:8])  # the evaluator's are uint8, as the trainer's
+  pixels = normalize_image(evaluator.data['image'][:8])  # the evaluator's are uint8, as the trainer's
   np.testing.assert_allclose(model.encode_image(pixels), image_emb[:8], atol=1e-5)
   np.testing.assert_allclose(model.encode_text(evaluator.data['text'][:8]), text_emb[:8], atol=1e-5)
   # bf16 weights: half the bytes, embeddings within bf16 rounding

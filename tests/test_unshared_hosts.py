@@ -12,7 +12,7 @@ import time
 import portpicker
 import pytest
 
-from vlp.train import metrics as metrics_lib
+from vlp.workdir import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'tiny.py')

@@ -69,14 +69,14 @@ def test_evaluator_end_to_end_with_table_encoders():
 
 def test_image_folder_classes_labels_and_spread(tmp_path):
   import data_fixtures as fx
-  from vlp.eval import datasets
+  from vlp.data import folder
   for c, name in enumerate(['golden_retriever', 'tabby_cat', 'zebra']):
     (tmp_path / name).mkdir()
     for i in range(4):
       (tmp_path / name / f'{i}.jpg').write_bytes(fx.jpeg(10 * c + i))
   (tmp_path / 'zebra' / 'notes.txt').write_text('not an image')
-  files, labels, names = datasets.image_folder(str(tmp_path))
+  files, labels, names = folder.image_folder(str(tmp_path))
   assert names == ['golden retriever', 'tabby cat', 'zebra']
   assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and len(files) == 12
-  _, labels, _ = datasets.image_folder(str(tmp_path), limit=6)
+  _, labels, _ = folder.image_folder(str(tmp_path), limit=6)
   assert sorted(set(labels.tolist())) == [0, 1, 2]  # a subset keeps every class

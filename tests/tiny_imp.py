@@ -2,7 +2,7 @@
 launch it as `vlp train --config=tests/tiny_imp.py`."""
 import os
 
-from vlp.config import task_config
+from vlp.core.config import task_config
 from vlp.recipes import base_config
 
 

@@ -11,8 +11,13 @@ input positions restore only onto the same process count; with
 input pipeline afresh. Each step carries metadata: the config and the
 versions of jax, flax, orbax and vlp (`step_metadata`).
 
-The workdir also keeps `config.json`; a workdir whose checkpoints belong to a
-model of another shape is refused before anything is compiled.
+A state whose block stacks were saved in the other layout (stacked under model.scan_layers,
+per block without: vlp.models.stacks) restores into either: the saved layout is read from the
+checkpoint's tree metadata, restored as it is and converted, so a run may switch scan_layers
+and resume.
+
+Where the checkpoints lie in a workdir, and what a resume must keep of the config, is
+vlp.workdir's; this module is Orbax alone: save, restore, integrity, retries.
 """
 import importlib.metadata
 import json
@@ -20,21 +25,16 @@ import re
 
 import grain
 import jax
-import ml_collections
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vlp import config as config_lib, distributed, paths, recipes, retry
-
-# Config keys a resume must keep: the model (shapes and meaning of the params)
-# and everything that defines the data stream the iterator state points into;
-# plus the recipe's own (recipe.identity_keys).
-_IDENTITY_KEYS = ('model', 'ema_decay', 'seed', 'batch_size', 'data.name', 'data.train', 'data.tfds.name',
-                  'data.tfds.train_split', 'data.languages', 'data.tokenizer', 'data.num_workers',
-                  'data.crop_scale', 'data.flip', 'data.cycle_length', 'data.shuffle_window', 'tasks', 'agd')
+from vlp.core import distributed, paths, retry
+from vlp.models import stacks
 
 
 class WorkdirMismatch(ValueError):
-  """The workdir holds a checkpoint of another model or data stream."""
+  """The workdir holds a checkpoint of another model, data stream or process count."""
 
 
 class CorruptCheckpoint(FileNotFoundError):
@@ -44,7 +44,6 @@ class CorruptCheckpoint(FileNotFoundError):
 COMMIT_MARKER = 'commit_success.txt'  # Orbax writes it last, into the step and each item
 # a storage that did not answer, not a damaged checkpoint: the run stops instead of setting the step aside
 _UNREACHABLE = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'Connection refused', 'Connection reset', 'timed out')
-CORRUPT_DIR = 'checkpoints_corrupt'  # beside checkpoints/: where steps that do not restore are set aside
 
 
 class SaveFailed(paths.StorageError):
@@ -55,96 +54,21 @@ class SaveFailed(paths.StorageError):
     self.cause = cause
 
 
-def flatten(tree: dict, prefix: str = ''):
-  """Yields (dotted key, leaf) of a nested dict: 'a.b.0.c'."""
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from flatten(v, f'{prefix}{k}.')
-    else:
-      yield f'{prefix}{k}', v
-
-
-def unflatten(flat: dict) -> dict:
-  """The nested dict of flatten's (dotted key, leaf) pairs; digit keys become ints (list indices)."""
-  tree = {}
-  for key, v in flat.items():
-    node = tree
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node.setdefault(int(p) if p.isdigit() else p, {})
-    node[int(leaf) if leaf.isdigit() else leaf] = v
-  return tree
-
-
-def check_workdir(config, workdir: str):
-  """Writes config.json on the first run; on a resume, refuses another model."""
-  path = paths.join(workdir, 'config.json')
-  current = json.loads(config.to_json())
-  if paths.exists(path) and paths.isdir(paths.join(workdir, 'checkpoints')):
-    with paths.open(path) as f:
-      saved = json.load(f)
-    # a key the saved config lacks was added to vlp since: that run had its default
-    defaults = json.loads(_defaults(saved).to_json())
-    old, new = {**dict(flatten(defaults)), **dict(flatten(saved))}, dict(flatten(current))
-    identity = _IDENTITY_KEYS + recipes.get(config.model.name).identity_keys
-    for k in sorted(set(old) | set(new), key=lambda k: (not k.startswith('model.'), k)):  # model first
-      if k.startswith(identity) and _norm(old.get(k)) != _norm(new.get(k)):
-        what = 'of another model' if k.startswith(('model.', 'ema_decay')) else 'of another data stream'
-        raise WorkdirMismatch(
-            f'workdir {workdir} holds a checkpoint {what} ({k} is {old.get(k)!r} there, '
-            f'{new.get(k)!r} here); use a new --workdir or the same config')
-  paths.makedirs(workdir)
-  if jax.process_index() == 0:  # one writer on a shared file system
-    # atomically: the other processes may be reading the previous run's file right now
-    paths.write_atomic(path, json.dumps(current, indent=2))
-
-
-def _norm(v):
-  return list(v) if isinstance(v, (list, tuple)) else v
-
-
-def _defaults(saved: dict) -> ml_collections.ConfigDict:
-  """The base config of the saved run's recipe (ALIGN for workdirs from before recipes)."""
-  return recipes.base_config(saved.get('model', {}).get('name', 'align'))
-
-
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  path = paths.join(workdir, 'config.json')
-  if not paths.exists(path):
-    raise FileNotFoundError(f'{workdir} has no config.json: is it a vlp workdir?')
-  with paths.open(path) as f:
-    saved = json.load(f)
-  # On top of today's defaults, so a workdir written before a key existed (e.g. the
-  # expert mesh axis, param_dtype) still loads; JSON lists go back to tuples.
-  config = _defaults(saved)
-  for name, entry in saved.get('evals', {}).items():  # evaluators the config added: their defaults first
-    if name not in config.evals and entry.get('kind') in config_lib.EVAL_DEFAULTS:
-      config.evals[name] = config_lib.eval_config(entry['kind'])
-  for name in saved.get('tasks', {}):  # likewise tasks
-    config.tasks[name] = config_lib.task_config()
-  for key, value in flatten(saved):
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
-    if isinstance(node, ml_collections.ConfigDict) and leaf in node:
-      node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
-  return config
-
-
 def versions() -> dict:
   return {p: importlib.metadata.version(p) for p in ('jax', 'jaxlib', 'flax', 'orbax-checkpoint', 'grain', 'vlp')}
 
 
 class Checkpointer:
+  """The checkpoints in `directory` (config.checkpoint's cfg); steps that do not restore are set
+  aside into `set_aside_to` (vlp.workdir.checkpoints makes one for a workdir)."""
 
-  def __init__(self, workdir: str, cfg, read_only: bool = False, data_items=('data',)):
+  def __init__(self, directory: str, cfg, read_only: bool = False, data_items=('data',), set_aside_to: str = ''):
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, save_interval_steps=cfg.every,
         keep_period=cfg.keep_every or None,
         enable_async_checkpointing=cfg.async_save, read_only=read_only,
         cleanup_tmp_directories=not read_only)  # the half-written steps of a killed run (or a failed save)
-    self.workdir = paths.abspath(workdir)
+    self.directory, self.set_aside_to = paths.abspath(directory), set_aside_to
     self.read_only, self._data_items = read_only, data_items
     self.save_timeout = cfg.get('save_timeout_s', 900)
     self._saving = self._failed_step = None  # the step of the save in flight; of the last one waited for
@@ -154,7 +78,7 @@ class Checkpointer:
 
   def _manager(self):
     return ocp.CheckpointManager(
-        paths.join(self.workdir, 'checkpoints'), options=self._options,
+        self.directory, options=self._options,
         # the same files either way; a reader's handler can restore a part of the state
         item_handlers={'state': ocp.PyTreeCheckpointHandler() if self.read_only else ocp.StandardCheckpointHandler(),
                        **{item: grain.checkpoint.CheckpointHandler() for item in self._data_items}})
@@ -249,7 +173,7 @@ class Checkpointer:
   def _set_aside(self, step):
     """Moves a step that does not restore out of Orbax's way, kept for a post-mortem."""
     if jax.process_index() == 0:
-      dest = paths.join(self.workdir, CORRUPT_DIR)
+      dest = self.set_aside_to
       paths.makedirs(dest)
       name = str(step)
       while paths.exists(paths.join(dest, name)):
@@ -300,8 +224,12 @@ class Checkpointer:
 
   def restore(self, step, abstract_state, data_iterators=None):
     """Restores state (onto the shardings of `abstract_state`) and, if given, the iterators in place
-    (data_iterators as for save). A step that does not restore raises CorruptCheckpoint naming it."""
-    items = {'state': self._state_restore(abstract_state)}
+    (data_iterators as for save). A step that does not restore raises CorruptCheckpoint naming it.
+    A state saved with its block stacks in the other layout (model.scan_layers switched between
+    runs: vlp.models.stacks) is restored as saved and converted."""
+    saved = self._other_layout(step, abstract_state)
+    restore_as = stacks.relayout(abstract_state, saved, _abstract_block, _abstract_stack) if saved else abstract_state
+    items = {'state': self._state_restore(restore_as)}
     for item, it in _by_item(data_iterators).items():
       self._check_data_processes(step, item)
       items[item] = grain.checkpoint.CheckpointRestore(it)
@@ -313,7 +241,7 @@ class Checkpointer:
       state = self.manager.restore(step, args=ocp.args.Composite(state=items.pop('state')))['state']
       if items:
         self.manager.restore(step, args=ocp.args.Composite(**items))
-      return state
+      return _relaid(state, abstract_state) if saved else state
     except Exception as e:  # noqa: BLE001 - whatever the file layer raised: one line naming the step
       while (e.__cause__ or e.__context__) is not None:  # the file layer's own words are at the root
         e = e.__cause__ or e.__context__
@@ -322,6 +250,18 @@ class Checkpointer:
         raise paths.StorageError(f'checkpoint step {step} in {self.manager.directory} could not be read '
                                  f'({why}); is the storage reachable? nothing was set aside') from None
       raise self._corrupt(step, why) from None
+
+  def _other_layout(self, step, abstract_state) -> dict:
+    """{path: saved keys} of the block containers that the checkpoint of `step` stores in another
+    layout than `abstract_state` (empty: the same layout, or tree metadata that does not read, for
+    the restore itself to report)."""
+    try:
+      saved = stacks.container_keys(self.manager.item_metadata(step)['state'])
+    except Exception:  # noqa: BLE001 - a damaged checkpoint: the restore names what is wrong
+      return {}
+    wanted = stacks.container_keys(abstract_state)
+    return {path: keys for path, keys in saved.items()
+            if path in wanted and sorted(map(str, keys)) != sorted(map(str, wanted[path]))}
 
   def _unreadable(self, step, items) -> str | None:
     """Why this process cannot restore `step`, seen without Orbax (no commit marker, its input position)."""
@@ -363,7 +303,7 @@ class Checkpointer:
         self._failed_step, self._saving = self._saving, None
 
   def _within_deadline(self, fn, warn_after: float = 60.0):
-    """fn() for the save of step self._saving (vlp.retry.watched: in a daemon thread, as Orbax may
+    """fn() for the save of step self._saving (vlp.core.retry.watched: in a daemon thread, as Orbax may
     never come back when the storage went away mid-save), saying so every `warn_after` s; a failure,
     no return within checkpoint.save_timeout_s, or a stalled save is one line (SaveFailed), and the
     previous checkpoint stays restorable (a step counts only once committed)."""
@@ -373,7 +313,7 @@ class Checkpointer:
               f'(is the storage reachable?); still retrying; the previous checkpoint ({self._previous()}) '
               'stays restorable', flush=True)
     try:
-      return retry.watched(fn, self.save_timeout, warn, self.workdir if paths.is_remote(self.workdir) else None,
+      return retry.watched(fn, self.save_timeout, warn, self.directory if paths.is_remote(self.directory) else None,
                            warn_after, name=f'vlp-checkpoint-{self._saving}', setting='checkpoint.save_timeout_s')
     except Exception as e:  # noqa: BLE001 - one line; Orbax's threads may be stuck: close() must not wait on them
       self.broken = True
@@ -392,6 +332,31 @@ class Checkpointer:
   def close(self):
     if not self.broken:
       self.manager.close()
+
+
+def _abstract_block(x, i):
+  """Block i of a stacked abstract leaf: the leaf less its leading axis, sharded as a block's param."""
+  del i
+  sharding = x.sharding
+  if isinstance(sharding, NamedSharding):
+    sharding = NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+  return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+
+
+def _abstract_stack(leaves):
+  """Abstract blocks' leaves stacked on a leading axis, which is replicated (vlp.models.stacks.LAYERS)."""
+  x, sharding = leaves[0], leaves[0].sharding
+  if isinstance(sharding, NamedSharding):
+    sharding = NamedSharding(sharding.mesh, P(None, *sharding.spec))
+  return jax.ShapeDtypeStruct((len(leaves), *x.shape), x.dtype, sharding=sharding)
+
+
+def _relaid(state, abstract_state):
+  """A state restored in the other block layout, in the layout (and shardings) of abstract_state."""
+  keys = stacks.container_keys(abstract_state)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  convert = lambda s: stacks.relayout(s, keys, lambda a, i: a[i], jnp.stack)
+  return jax.jit(convert, out_shardings=shardings)(state)
 
 
 def _by_item(data_iterators) -> dict:

@@ -1,4 +1,4 @@
-"""`vlp train|eval|export|bench|compile|data` — the command line.
+"""`vlp train|eval|plot|export|import|bench|compile|data` — the command line.
 
 Config overrides are passed as `--config.a.b=value` after the other flags.
 """
@@ -15,40 +15,51 @@ def _split_overrides(argv):
 
 
 def _load_config(spec: str, overrides):
-  from vlp import config as config_lib
+  from vlp.core import config_files
   path, _, arg = spec.partition(':')
-  config = config_lib.load(path, arg or None)
-  return config_lib.apply_overrides(config, overrides)
+  config = config_files.load(path, arg or None)
+  return config_files.apply_overrides(config, overrides)
+
+
+def _set_compiler_flags(config, target=None):
+  """Before anything touches a device: the config's compiler flags (vlp.core.compiler_flags)."""
+  from vlp.core import compiler_flags
+  return compiler_flags.apply(config, target)
 
 
 def _join(args):
   """Before anything touches a device: joins the process group of a multi-host run."""
-  from vlp import distributed
+  from vlp.core import distributed
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
 def cmd_train(args, overrides):
+  config = _load_config(args.config, overrides)
+  _set_compiler_flags(config)
   _join(args)
   import jax
   from vlp.train import loop
-  config = _load_config(args.config, overrides)
   result = loop.train(config, args.workdir, progress=not args.no_progress, step=args.step)
   if jax.process_index() == 0:
     _print_result(result)
 
 
 def cmd_eval(args, overrides):
+  from vlp.workdir import identity
+  _set_compiler_flags(_load_config(args.config, overrides) if args.config else identity.load_config(args.workdir))
   _join(args)
   import jax
   from flax import nnx
-  from vlp import paths, tasks, config as config_lib, eval as eval_lib, plan as plan_lib
-  from vlp.export import restore_params
-  config, params, step = restore_params(args.workdir, args.step, args.weights)
+  from vlp import eval as eval_lib, plan as plan_lib
+  from vlp.core import config as config_lib, paths
+  from vlp.data import tokenizer as tokenizer_lib
+  from vlp.workdir import checkpoints, layout
+  config, params, step = checkpoints.restore_params(args.workdir, args.step, args.weights)
   if args.config:
     config = _load_config(args.config, overrides)
   plan = plan_lib.make(config, jax.device_count(), jax.process_count())  # checked before anything compiles
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: plan.recipe.build(config.model)), nnx.Param)
-  evaluators = eval_lib.make(config, plan.recipe.predict_fns(graphdef), tasks.tokenizer_for(config))
+  evaluators = eval_lib.make(config, plan.recipe.predict_fns(graphdef), tokenizer_lib.for_config(config))
   if not evaluators:
     raise config_lib.ConfigError("config key 'evals': no evaluator has data to evaluate on")
   metrics = eval_lib.run(evaluators, params)  # every process takes part; process 0 reports
@@ -57,7 +68,7 @@ def cmd_eval(args, overrides):
   print(eval_lib.format_tables(evaluators, metrics))
   model = f'{paths.abspath(args.workdir)}@{step}' + ('/ema' if args.weights == 'ema' else '')
   records = eval_lib.records(evaluators, metrics, config, model, step)
-  out = args.json or paths.join(args.workdir, f'eval_{step}.json')
+  out = args.json or layout.eval_results(args.workdir, step)
   with paths.open(out, 'w') as f:
     json.dump(records, f, indent=2, default=float)
   for r in records:
@@ -81,7 +92,7 @@ def _add_process_group(p):
 
 
 def _add_bench(sub):
-  bench = sub.add_parser('bench', help='benchmarks: step, matmuls, data').add_subparsers(dest='what', required=True)
+  bench = sub.add_parser('bench', help='benchmarks: step, matmuls, quality, data, retrieval').add_subparsers(dest='what', required=True)
   for what, help_ in (('step', 'examples/s, step time, MFU of the train step'),
                       ('matmuls', "the step's matmul-only floor")):
     p = bench.add_parser(what, help=help_)
@@ -175,8 +186,9 @@ def cmd_bench_data(args, overrides):
 
 def cmd_bench(args, overrides):
   from vlp.bench import step as bench_step
-  from vlp.config import ConfigError
+  from vlp.core.config import ConfigError
   config = _load_config(args.config, overrides)
+  _set_compiler_flags(config)
   if args.what == 'matmuls':
     from vlp.bench import matmuls
     print(json.dumps(matmuls.run(config)))
@@ -227,6 +239,7 @@ def _print_profile(result, ref):
 def cmd_bench_quality(args, overrides):
   from vlp.bench import quality
   config = _load_config(args.config, overrides)
+  _set_compiler_flags(config)
   result = quality.run(config, None if args.compare == 'none' else args.compare)
   print(quality.table(result))
   if args.json:
@@ -238,6 +251,7 @@ def cmd_compile(args, overrides):
   from vlp.compile import command, target
   target.prepare_env()  # before any JAX backend starts
   config = _load_config(args.config, overrides)
+  _set_compiler_flags(config, 'tpu')  # the target's compiler, whatever the host
   hbm = None if args.hbm_gib is None else int(args.hbm_gib * 2 ** 30)
   return command.main(config, args.topology, args.num_slices, args.json, config_name=args.config,
                       variants=args.variants, evals=not args.no_eval, hbm_bytes=hbm)
@@ -265,8 +279,8 @@ def _add_compile(sub):
 
 
 def main(argv=None, *, as_command=False):
-  from vlp.config import ConfigError
   from vlp.checkpoint import SaveFailed, WorkdirMismatch
+  from vlp.core.config import ConfigError
   from vlp.train.guard import Diverged
   argv = sys.argv[1:] if argv is None else argv
   argv, overrides = _split_overrides(argv)
@@ -346,8 +360,8 @@ def _exit_now(rc: int):
 
 def entry():
   """The `vlp` command; it exits at once after a checkpoint that could not be written. A run on
-  the CPU first starts itself again keeping freed memory (vlp.host_memory)."""
-  from vlp import host_memory
+  the CPU first starts itself again keeping freed memory (vlp.core.host_memory)."""
+  from vlp.core import host_memory
   host_memory.restart_keeping_freed_memory(sys.argv)
   sys.exit(main(as_command=True))
 

@@ -15,9 +15,11 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from vlp import checkpoint, config as config_lib, parallel, paths, plan as plan_lib, recipes, tasks, weights_files
-from vlp.interop import hub_tokenizer
-from vlp.train import state as state_lib
+from vlp import recipes
+from vlp.core import paths, trees, weights_files
+from vlp.data import tokenizer as tokenizer_lib, hub_tokenizer
+from vlp.models import stacks
+from vlp.workdir import checkpoints
 
 CONFIG, TOKENIZER = 'config.json', 'tokenizer.model'
 PLATFORMS = ('cpu', 'cuda', 'tpu')
@@ -26,27 +28,6 @@ PLATFORMS = ('cpu', 'cuda', 'tpu')
 def encoder_file(kind: str) -> str:
   """'image' -> image_encoder.jax_exported; config.json names it under 'image_encoder'."""
   return f'{kind}_encoder.jax_exported'
-
-
-def restore_params(workdir: str, step=None, weights: str = 'params'):
-  """(config, params, step) of a workdir's checkpoint: `step`, or the newest that restores (a newer
-  damaged one is reported in one line and left alone); weights='ema' gives the moving average of
-  the params instead. Only those are read, not the optimizer state."""
-  config = checkpoint.load_workdir_config(workdir)
-  if weights == 'ema' and not state_lib.has_ema(config):
-    raise config_lib.ConfigError(f"config key 'ema_decay': {workdir} was trained without an EMA of the params "
-                                 '(ema_decay=0); train with --config.ema_decay=0.999 or export --weights=params')
-  plan = plan_lib.make(config, jax.device_count(), jax.process_count())
-  setup = state_lib.make_setup(plan, parallel.make_mesh(plan.sizes))
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, read_only=True)
-  wanted = 'ema_params' if weights == 'ema' else 'params'
-  try:
-    step, state = ckpt.newest_restorable({wanted: setup.abstract[wanted]}, step)
-  finally:
-    ckpt.close()
-  if step is None:
-    raise FileNotFoundError(f'{workdir} has no checkpoint that restores')
-  return config, state[wanted], step
 
 
 def export_encoders(model_cfg, keys, dtype, platforms=PLATFORMS) -> dict:
@@ -58,14 +39,14 @@ def export_encoders(model_cfg, keys, dtype, platforms=PLATFORMS) -> dict:
   [B, L], B symbolic.
   """
   recipe = recipes.get(model_cfg.name)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: recipe.build(model_cfg)), nnx.Param)
-  shapes = dict(checkpoint.flatten(nnx.to_pure_dict(abstract)))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: recipe.build(export_model(model_cfg))), nnx.Param)
+  shapes = dict(trees.flatten(nnx.to_pure_dict(abstract)))
   weights = [jax.ShapeDtypeStruct(shapes[k].shape, jnp.dtype(dtype)) for k in keys]
   (b,) = jax.export.symbolic_shape('b')
 
   def encoder(method):
     def fn(flat, x):
-      params = checkpoint.unflatten({k: v.astype(jnp.float32) for k, v in zip(keys, flat)})
+      params = trees.unflatten({k: v.astype(jnp.float32) for k, v in zip(keys, flat)})
       return getattr(nnx.merge(graphdef, params), method)(x)
     return jax.jit(fn)
 
@@ -80,15 +61,26 @@ def export(workdir: str, out: str, step=None, dtype: str = 'float32', weights: s
            max_shard_bytes: int = weights_files.MAX_SHARD_BYTES) -> str:
   """The export directory of a workdir's checkpoint; in a multi-process job every process runs it
   (each restores its own shards of the params, and writes its share of the weight files)."""
-  config, params, step = restore_params(workdir, step, weights)
-  return write(out, config.model, dict(checkpoint.flatten(params)), dtype, tasks.tokenizer_for(config).model_path,
-               {'step': step, 'weights': weights}, max_shard_bytes)
+  config, params, step = checkpoints.restore_params(workdir, step, weights)
+  return write(out, config.model, stacks.per_block(dict(trees.flatten(params))), dtype,
+               tokenizer_lib.for_config(config).model_path, {'step': step, 'weights': weights}, max_shard_bytes)
+
+
+def export_model(model_cfg):
+  """The model an export's weights and encoders are for: params named per block (a scanned
+  stack stores its runs stacked: vlp.models.stacks), attention as XLA's ops (which every
+  platform lowers, cuDNN's kernel only a GPU). The same encoders either way."""
+  if not model_cfg.get('scan_layers', False) and model_cfg.get('attention', 'xla') == 'xla':
+    return model_cfg
+  model_cfg = model_cfg.copy_and_resolve_references()
+  model_cfg.scan_layers, model_cfg.attention = False, 'xla'
+  return model_cfg
 
 
 def write(out: str, model_cfg, flat: dict, dtype: str = 'float32', tokenizer_path: str = '', meta=None,
           max_shard_bytes: int = weights_files.MAX_SHARD_BYTES) -> str:
-  """Writes an export directory of `flat` ({dotted name: numpy array, or jax array sharded over
-  the devices}) for the model config: the weights (vlp.weights_files: each tensor gathered only
+  """Writes an export directory of `flat` ({dotted name per block: numpy array, or jax array
+  sharded over the devices}) for the model config: the weights (vlp.core.weights_files: each tensor gathered only
   as its shard is written), then on process 0 the encoders, the tokenizer (when there is one)
   and config.json with `meta`, written last: a directory with a config.json is complete."""
   meta = dict(meta or {})
@@ -125,9 +117,9 @@ def load(path: str):
   with paths.open(paths.join(path, CONFIG)) as f:
     meta = json.load(f)
   model_cfg = ml_collections.ConfigDict(meta['model'])
-  model = recipes.get(model_cfg.name).build(model_cfg)
+  model = recipes.get(model_cfg.name).build(export_model(model_cfg))
   graphdef, abstract = nnx.split(model, nnx.Param)
-  params = checkpoint.unflatten(weights_files.read(path))
+  params = trees.unflatten(weights_files.read(path))
   expected = nnx.to_pure_dict(abstract)
   if jax.tree.structure(expected) != jax.tree.structure(params):
     raise ValueError(f'{path}: weights do not match the model config')

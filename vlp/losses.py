@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from vlp import parallel
+from vlp.core import parallel
 
 IMPLS = ('gather', 'ring')  # config.loss.impl: how the batch devices share the logits
 

@@ -10,8 +10,9 @@ import json
 import jax
 import numpy as np
 
-from vlp import paths, weights_files
-from vlp.interop import hub_tokenizer
+from vlp.core import paths, weights_files
+from vlp.core.pixels import normalize_image
+from vlp.data import hub_tokenizer
 
 
 class Encoders:
@@ -61,10 +62,9 @@ class Encoders:
   def normalize(self, pixels) -> np.ndarray:
     """uint8 pixels (images or clips) -> float32 as the model takes them: the export's mean and std
     (an import's), or [-1, 1]."""
-    from vlp.data import transforms
     pixels = np.asarray(pixels)
     if self.normalization is None:
-      return transforms.normalize_image(pixels)
+      return normalize_image(pixels)
     if pixels.dtype != np.uint8:
       raise TypeError(f'expected uint8 pixels, got {pixels.dtype}')
     mean, std = (np.asarray(self.normalization[k], np.float32) for k in ('mean', 'std'))
@@ -79,7 +79,7 @@ class Encoders:
   def encode_image(self, images) -> np.ndarray:
     if self._image is None:
       raise ValueError(f"a {self.config['model']['name']} export is a text encoder: it has no image encoder")
-    return np.asarray(self._image(self.weights, self._float(images)))
+    return _writable(self._image(self.weights, self._float(images)))
 
   def _float(self, x):
     """uint8 pixels are normalised (`normalize`), floats taken as normalised already."""
@@ -89,11 +89,16 @@ class Encoders:
   def encode_video(self, clips) -> np.ndarray:
     if self._video is None:
       raise ValueError(f"a {self.config['model']['name']} export has no video encoder (IMP's has)")
-    return np.asarray(self._video(self.weights, self._float(clips)))
+    return _writable(self._video(self.weights, self._float(clips)))
 
   def encode_text(self, texts) -> np.ndarray:
     tokens = texts if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i' else self.tokenize(texts)
-    return np.asarray(self._text(self.weights, np.asarray(tokens, np.int32)))
+    return _writable(self._text(self.weights, np.asarray(tokens, np.int32)))
+
+
+def _writable(x) -> np.ndarray:
+  """A jax array as a numpy array the caller owns (np.asarray would be a read-only view of it)."""
+  return np.array(x)
 
 
 def load(path: str) -> Encoders:

@@ -2,7 +2,7 @@
 
 The open_clip reference runs in its own python environment (torch and jax in
 one process would fight over threads and memory, and the project venv has no
-torch): `vlp/bench/open_clip_ref.py` is started as a subprocess with the
+torch): `benchmarks/open_clip_ref.py` is started as a subprocess with the
 interpreter of that environment, found in this order:
   1. the `python=` argument,
   2. `$VLP_BENCH_PYTHON`,
@@ -22,7 +22,10 @@ import subprocess
 from typing import Any
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-REF_SCRIPT = pathlib.Path(__file__).resolve().with_name("open_clip_ref.py")
+# The torch scripts live beside the package, not in it (vlp never imports torch): a checkout's
+# benchmarks/ folder, or $VLP_BENCHMARKS.
+BENCHMARKS = pathlib.Path(os.environ.get("VLP_BENCHMARKS") or REPO_ROOT / "benchmarks")
+REF_SCRIPT = BENCHMARKS / "open_clip_ref.py"
 SETUP_HINT = ("create it with `bash launch/setup_bench_env.sh` (makes "
               f"{REPO_ROOT / '.venv-bench'}), or point $VLP_BENCH_PYTHON at a "
               "python that has torch and open_clip_torch")
@@ -149,7 +152,7 @@ def side_by_side(vlp: dict, ref: dict, train_flops_per_step: float,
       open_clip_device=ref.get("device", "cpu"), open_clip_amp=ref.get("amp"),
       vlp_page_faults_per_step=vlp.get("page_faults_per_step"),
       open_clip_page_faults_per_step=ref.get("page_faults_per_step"),
-      malloc_settings=ref.get("malloc_settings"),  # both sides run under the same (vlp.host_memory)
+      malloc_settings=ref.get("malloc_settings"),  # both sides run under the same (vlp.core.host_memory)
   )
 
 

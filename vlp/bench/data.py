@@ -5,7 +5,7 @@ Writes img2dataset-style tar shards of JPEGs (the built-in scenes rendered at
 like flat colour), then times vlp's Grain pipeline on them, streamed from the
 tars and read from their ArrayRecord conversion, and with
 `--compare=webdataset` the webdataset + torch DataLoader reference
-(`vlp/bench/data_ref.py`) on the same shards with the same worker count.
+(`benchmarks/data_ref.py`) on the same shards with the same worker count.
 
   vlp bench data --workers 2 --image_size 64 --compare=webdataset
 """
@@ -25,10 +25,9 @@ import numpy as np
 from PIL import Image
 
 from vlp.bench import compare
-from vlp.data import arrayrecord, pipeline, synthetic, tokenizer as tok, webdataset
-from vlp.data import convert as convert_lib
+from vlp.data import arrayrecord, pipeline, synthetic, tokenizer as tok, webdataset, convert as convert_lib
 
-REF_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_ref.py')
+REF_SCRIPT = str(compare.BENCHMARKS / 'data_ref.py')
 
 
 def _add(tar, name, data: bytes):

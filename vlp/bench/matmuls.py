@@ -16,8 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from vlp.bench import flops as flops_lib
-from vlp.config import ConfigError
+from vlp.core.config import ConfigError
+from vlp.models import flops as flops_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ def _layer(prefix, tokens_per_seq, num_seqs, width, heads, mlp_dim, queries_per_
 
 
 def _tower(prefix, tokens_per_seq, num_seqs, width, depth, heads, mlp_dim, pooled):
-  """The tower's layers; `pooled`: its last block runs for the pooled token alone (vlp.bench.flops)."""
+  """The tower's layers; `pooled`: its last block runs for the pooled token alone (vlp.models.flops)."""
   layer = lambda queries: _layer(prefix, tokens_per_seq, num_seqs, width, heads, mlp_dim, queries)
   return [] if depth == 0 else layer(tokens_per_seq) * (depth - 1) + layer(1 if pooled else tokens_per_seq)
 

@@ -88,7 +88,7 @@ def breakdown(trace_dir: str, hlo_text: str, steps: int) -> dict:
 
 
 def torch_breakdown(ref_profile: dict) -> dict:
-  """The open_clip reference's per-operator times (vlp/bench/open_clip_ref.py --profile) by
+  """The open_clip reference's per-operator times (benchmarks/open_clip_ref.py --profile) by
   category: self device time where it ran on a GPU, self CPU time otherwise."""
   device = ref_profile.get('device', 'cpu') != 'cpu'
   ms = dict.fromkeys(categories_lib.CATEGORIES, 0.0)

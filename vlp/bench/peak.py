@@ -5,7 +5,7 @@ best FLOP/s of a large square matmul *measured on the same machine with JAX*,
 not a datasheet number. This makes MFU meaningful on CPUs (where datasheet
 peaks depend on SIMD width, turbo, and how many cores the process really gets)
 and comparable with the torch reference, which measures its own peak the same
-way (`vlp/bench/open_clip_ref.py:measure_torch_matmul_peak`). Both numbers are
+way (`benchmarks/open_clip_ref.py:measure_torch_matmul_peak`). Both numbers are
 reported side by side by `vlp/bench/compare.py`. On a GPU listed in GPU_PEAK_BF16 `vlp bench
 step` takes the datasheet's bf16 dense peak instead (`step_peak`): a GPU's matmul peak depends on
 dtype, size and clocks, and the datasheet is what MFU is quoted against there.

@@ -3,9 +3,10 @@
 Both sides train at the config's architecture on the same examples in the same order
 (vlp's own input pipeline, read once and handed to open_clip), with the same tokens,
 pixels, batch size, steps and optimizer settings (AdamW, warm-up + cosine, clipping).
-Then both embed the same held-out split and vlp's `recall_at_k` scores them. vlp trains
-through its real trainer (`vlp train`); open_clip through the loop of its own trainer
-(vlp/bench/open_clip_train_ref.py, in the torch environment that
+Then both embed the same held-out split and vlp's `recall_at_k` scores them by the same
+rules (vlp.eval.retrieval: ties counted against, a caption an image has twice kept once).
+vlp trains through its real trainer (`vlp train`); open_clip through the loop of its own trainer
+(benchmarks/open_clip_train_ref.py, in the torch environment that
 `launch/setup_bench_env.sh` makes). What still differs between the two setups is
 printed under the table.
 
@@ -19,13 +20,15 @@ import tempfile
 
 import numpy as np
 
-from vlp import plan as plan_lib, tasks
+from vlp import plan as plan_lib
 from vlp.bench import compare
-from vlp.eval import retrieval
+from vlp.data import tokenizer as tokenizer_lib
+from vlp.eval import datasets, retrieval
 from vlp.models import align as align_model
-from vlp.train import loop, metrics as metrics_lib
+from vlp.train import input as input_lib, loop
+from vlp.workdir import metrics as metrics_lib
 
-REF_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'open_clip_train_ref.py')
+REF_SCRIPT = str(compare.BENCHMARKS / 'open_clip_train_ref.py')
 KEYS = ('i2t@1', 't2i@1', 'i2t@5', 't2i@5', 'i2t@10', 't2i@10')
 
 # open_clip's CLIP as its trainer builds it, in the terms of vlp's config (init: open_clip
@@ -42,14 +45,14 @@ def examples(plan) -> dict:
   if len(plan.variants) != 1:
     raise ValueError(f'vlp bench quality compares one task at one resolution; the config has '
                      f'{len(plan.variants)} variants')
-  tokenizer = tasks.tokenizer_for(config)
-  iterator = tasks.train_iterator(plan, tokenizer, plan.variants[0])
+  tokenizer = tokenizer_lib.for_config(config)
+  iterator = input_lib.train_iterator(plan, tokenizer, plan.variants[0])
   images, texts = [], []
   for _ in range(config.total_steps):
     batch = next(iterator)
     images.append(np.asarray(batch['image'], np.uint8))
     texts.append(np.asarray(batch['text'], np.int32))
-  held_out = tasks.eval_data(config, tokenizer)
+  held_out = datasets.task_data(config, tokenizer)
   if held_out is None:
     raise ValueError('vlp bench quality needs held-out data (config.data.eval or the built-in scenes)')
   return dict(train_image=np.concatenate(images), train_text=np.concatenate(texts),
@@ -83,9 +86,13 @@ def run_vlp(config, workdir) -> dict:
 
 
 def run_open_clip(config, data: dict, tokenizer, tmp: str, python=None) -> dict:
+  """open_clip trained on `data`, its held-out recall by vlp's rules: as vlp's evaluator, a
+  caption an image has twice is kept once, and each distinct text is embedded once."""
   exe = compare.bench_python(python)
   data_path, setup_path, out_path = (os.path.join(tmp, n) for n in ('data.npz', 'setup.json', 'emb.npz'))
-  np.savez(data_path, **{k: v for k, v in data.items() if k != 'text_to_image'})
+  captions = retrieval.distinct_captions(data['eval_text'], data['text_to_image'])
+  np.savez(data_path, **{k: v for k, v in data.items() if k not in ('text_to_image', 'eval_text')},
+           eval_text=captions['texts'])
   setup = dict(model=compare._to_plain(config.model), optim=compare._to_plain(config.optim), seed=config.seed,
                steps=config.total_steps, batch_size=config.batch_size, pad_id=0, sep_id=tokenizer.sep_id)
   with open(setup_path, 'w') as f:
@@ -97,7 +104,8 @@ def run_open_clip(config, data: dict, tokenizer, tmp: str, python=None) -> dict:
     raise RuntimeError(f'open_clip side failed (exit {proc.returncode}):\n{tail}')
   info = json.loads(proc.stdout.strip().splitlines()[-1])
   emb = np.load(out_path)
-  recall = retrieval.recall_at_k(emb['image_emb'], emb['text_emb'], data['text_to_image'])
+  recall = retrieval.recall_at_k(emb['image_emb'], emb['text_emb'][captions['text_of']],
+                                 data['text_to_image'][captions['keep']])
   return dict(_row('open_clip', recall, info['final_logit_scale']), **info)
 
 

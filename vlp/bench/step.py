@@ -20,15 +20,21 @@ import time
 import jax
 import numpy as np
 
-from vlp import parallel, plan as plan_lib
-from vlp.bench import flops, op_profile, peak
+from vlp import plan as plan_lib
+from vlp.bench import op_profile, peak
+from vlp.core import parallel
 from vlp.train import agd, state as state_lib, step as step_lib
 
+
+
+def mfu(train_flops_per_step: float, step_seconds: float, peak_flops_per_sec: float) -> float:
+  """Model FLOPs utilisation: achieved model FLOP/s over the peak."""
+  return train_flops_per_step / step_seconds / peak_flops_per_sec
 
 def random_batch(plan, mesh, variant, seed=0):
   """Random inputs of the shapes of a variant's batch (the recipe's batch spec), sharded
   over the batch axes."""
-  batch = plan.recipe.random_batch(plan.config, variant, np.random.default_rng(seed))
+  batch = plan.random_batch(variant, np.random.default_rng(seed))
   return jax.device_put(batch, parallel.batch_sharding(mesh))
 
 
@@ -85,11 +91,11 @@ def run(config, steps: int = 20, warmup: int = 3, peak_flops: float | None = Non
     per_variant[v.name] = {
         'examples_per_sec': v.batch_size / step_s,
         'step_ms': 1e3 * step_s,
-        'mfu': flops.mfu(model_flops, step_s, peak_flops),
+        'mfu': mfu(model_flops, step_s, peak_flops),
         'compile_s': compile_s,
         'model_tflops_per_step': model_flops / 1e12,
         'batch_size': v.batch_size,
-        # on the CPU, pages of the step's temporaries mapped in again each step (vlp.host_memory)
+        # on the CPU, pages of the step's temporaries mapped in again each step (vlp.core.host_memory)
         'page_faults_per_step': faults,
     }
     if trace_dir:

@@ -1,11 +1,13 @@
 """`vlp compile`: everything compiled for one topology, the report printed, the record written."""
 import dataclasses
 import json
+import os
 import sys
 
-from vlp import chips, parallel, plan as plan_lib
+from vlp import plan as plan_lib
 from vlp.compile import programs as programs_lib, report, target
-from vlp.config import ConfigError
+from vlp.core import chips, compiler_flags, parallel
+from vlp.core.config import ConfigError
 from vlp.train import state as state_lib
 
 
@@ -49,6 +51,20 @@ def _table_vs_compiled(plan, setup, programs) -> tuple[dict, dict]:
   return table, report.table_vs_compiled(table, entry, batch)
 
 
+def _compiler_flags(config, p) -> dict:
+  """The TPU compiler flags of the config (vlp.core.compiler_flags), and whether libtpu got them:
+  `vlp compile` sets them before libtpu starts; a process where it started before (a test run)
+  compiles with the flags it started with."""
+  chosen, defaults = compiler_flags.flags(config, 'tpu'), compiler_flags.defaults(config, 'tpu')
+  given = os.environ.get('LIBTPU_INIT_ARGS', '')
+  missing = [f for f in chosen if f not in given.split()]
+  p(f'compiler flags (config.compiler, in LIBTPU_INIT_ARGS; {len(set(chosen) & set(defaults))} of them vlp\'s '
+    f'defaults for this mesh): {" ".join(chosen) or "none"}'
+    + (f'; NOT in effect: {" ".join(missing)} (libtpu started before they were set)' if missing else ''))
+  return {'platform': 'tpu', 'variable': 'LIBTPU_INIT_ARGS', 'flags': list(chosen), 'defaults': list(defaults),
+          'libtpu_init_args': given, 'not_in_effect': missing}
+
+
 def run(config, topology: str, num_slices: int = 1, json_path: str | None = None, out=None,
         config_name: str = '', variants: str = '', evals: bool = True, hbm_bytes: int | None = None) -> dict:
   """Compiles the config's programs for the topology, prints the report, writes the JSON
@@ -68,6 +84,7 @@ def run(config, topology: str, num_slices: int = 1, json_path: str | None = None
   setup = state_lib.make_setup(plan, mesh)
   chosen = _chosen(plan, variants)
   report.header(p, config_name, topo, num_slices, len(devices), processes, plan.sizes)
+  flags = _compiler_flags(config, p)
   programs = _compile_all(plan, setup, chosen, evals, topo.chip, len(devices), p)
   report.memory_lines(p, programs, topo.chip)
   report.step_lines(p, programs)
@@ -75,6 +92,7 @@ def run(config, topology: str, num_slices: int = 1, json_path: str | None = None
   report.table_lines(p, table, vs, topo.chip)
   rec = report.record(config_name, topo, num_slices, len(devices), processes, plan.sizes, programs, table, vs)
   rec['variants_compiled'] = [v.name for v in chosen]
+  rec['compiler'] = flags
   if json_path:
     with open(json_path, 'w') as f:
       json.dump(rec, f, indent=1, default=float)  # numpy scalars

@@ -10,8 +10,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from vlp import parallel
 from vlp.compile import hlo
+from vlp.core import parallel
 from vlp.eval import embed
 from vlp.train import step as step_lib
 
@@ -46,25 +46,53 @@ def memory(compiled) -> dict:
   return mem
 
 
-def cost(compiled, hlo_text: str) -> dict:
+def cost(compiled, program) -> dict:
   """XLA's FLOPs and bytes accessed per device, with the loop trips its analysis leaves out
-  (a scan's body counts once there: hlo.loop_trips_cost of the program's optimized HLO text)."""
+  (a scan's body counts once there: hlo.loop_trips_cost of the program's optimized HLO, its
+  text or its hlo.Program)."""
   c = compiled.cost_analysis()
   c = c[0] if isinstance(c, (list, tuple)) else c
-  extra = hlo.loop_trips_cost(hlo_text)
+  extra = hlo.loop_trips_cost(program)
   return {'flops': float(c.get('flops', 0.0)) + extra['flops'],
           'bytes_accessed': float(c.get('bytes accessed', 0.0)) + extra['bytes_accessed']}
 
 
-def analyse(entry: dict, compiled, chip, num_devices: int, model_flops: float | None) -> dict:
-  """Memory, cost, collectives and the step-time lower bounds of a compiled program."""
-  text = compiled.as_text()  # read once: its collectives and its loops' missed trips
-  mem, c = memory(compiled), cost(compiled, text)
+def ideal_fsdp_bytes(params, config) -> float:
+  """What FSDP done ideally sends over each device's links a step: every param sharded over
+  the fsdp axis gathered in the forward pass, again in the backward when remat recomputes the
+  forward (model.remat 'full'), and its gradient reduce-scattered once, each a ring over the
+  fsdp axis moving (fsdp-1)/fsdp of the whole array; 0 on a mesh without FSDP. Gathers move
+  the compute dtype (model.dtype: the model casts its params to it); so do the gradients: the
+  gradient of a param cast to the compute dtype is formed in that dtype, and the cast's
+  transpose takes it back to the param dtype after the reduction. params: the abstract
+  params, sharded."""
+  per_element = (3 if config.model.remat == 'full' else 2) * jnp.dtype(config.model.dtype).itemsize
+  total = 0.0
+  for x in jax.tree.leaves(params):
+    fsdp = x.sharding.mesh.shape.get('fsdp', 1)
+    axes = [a for entry in x.sharding.spec for a in ((entry,) if isinstance(entry, str) else entry or ())]
+    if fsdp > 1 and 'fsdp' in axes:
+      total += (fsdp - 1) / fsdp * x.size * per_element
+  return total
+
+
+def analyse(entry: dict, compiled, chip, num_devices: int, model_flops: float | None,
+            ideal_fsdp: float | None = None) -> dict:
+  """Memory, cost, collectives, loops and the step-time lower bounds of a compiled program;
+  ideal_fsdp: the config's ideal FSDP link bytes (ideal_fsdp_bytes), beside the program's."""
+  program = hlo.Program(compiled.as_text())  # read once: its loops, collectives and the loops' missed trips
+  mem, c = memory(compiled), cost(compiled, program)
   entry.update(memory=mem, bytes_per_device=mem['total'], fits=mem['total'] <= chip.hbm_bytes,
                xla_flops_per_device=c['flops'], bytes_accessed_per_device=c['bytes_accessed'])
-  coll = hlo.collectives(text)
+  coll = hlo.collectives(program)
   entry['collectives'] = coll
   entry['collective_bytes_per_device'] = sum(v['bytes'] for v in coll.values())
+  entry['link_bytes_per_device'] = sum(v['link_bytes'] for v in coll.values())
+  entry['loops'] = program.loops  # each while loop's trips and how they were read
+  entry['loops_unread'] = [loop['while'] for loop in program.loops if loop['read'] == 'unread']
+  if ideal_fsdp is not None:
+    entry['ideal_fsdp_bytes_per_device'] = ideal_fsdp
+    entry['link_to_ideal_fsdp'] = entry['link_bytes_per_device'] / ideal_fsdp if ideal_fsdp else None
   # the model's FLOPs split over the devices floor the compute bound: a TPU program's matmuls are
   # convolutions, which hlo.loop_trips_cost does not count in a scan's missed trips
   t_compute = max(c['flops'], (model_flops or 0.0) / num_devices) / chip.peak_flops
@@ -83,7 +111,8 @@ def train_step(plan, setup, variant, chip, num_devices: int) -> dict:
   entry, compiled = compile_program(name, lambda: step_lib.compile_train_step(plan, setup, variant))
   entry.update(kind='train', variant=variant.name, batch_size=variant.batch_size)
   if compiled is not None:
-    analyse(entry, compiled, chip, num_devices, plan.recipe.train_flops(plan.config, variant))
+    analyse(entry, compiled, chip, num_devices, plan.recipe.train_flops(plan.config, variant),
+            ideal_fsdp_bytes(setup.abstract['params'], plan.config))
   if not entry['fits']:
     entry['largest_buffers'] = hlo.dumped_buffers('jit_train_step') or hlo.largest_leaves(setup.abstract)
   return entry

@@ -1,7 +1,7 @@
 """What `vlp compile` prints, and its JSON record."""
 from vlp.compile import hlo
 
-ACTIVATIONS = 'activations (est.)'  # the memory table's estimate row (vlp.parallel.memory_table)
+ACTIVATIONS = 'activations (est.)'  # the memory table's estimate row (vlp.core.parallel.memory_table)
 
 
 def gib(x) -> str:
@@ -55,12 +55,26 @@ def step_lines(p, programs):
     lb = e['lower_bound_s']
     p(f'{e["name"]} (batch {e["batch_size"]}): model FLOPs/step {e["model_flops_per_step"]:.3e}; per device: '
       f'XLA FLOPs {e["xla_flops_per_device"]:.3e}, bytes accessed {e["bytes_accessed_per_device"]:.3e}')
-    used = ', '.join(f'{op} {c["count"]} x {gib(c["bytes"] / c["count"])}'
+    used = '; '.join(f'{op} {c["count"]}, {gib(c["bytes"])} (links {gib(c["link_bytes"])})'
                      for op, c in e['collectives'].items() if c['count'])
-    p(f'  collectives per device per step: {used or "none"} '
+    p(f'  collectives per device per step (each logical op once, once a trip in a loop): {used or "none"} '
       f'(total {gib(e["collective_bytes_per_device"])})')
+    p(f'  {link_line(e)}')
+    if e['loops_unread']:
+      p(f'  loops whose trip count could not be read, counted once: {", ".join(e["loops_unread"])}')
     p(f'  step time >= max(FLOPs / peak {lb["compute"] * 1e3:.3g} ms, bytes / HBM bandwidth '
       f'{lb["hbm"] * 1e3:.3g} ms) = {lb["step"] * 1e3:.3g} ms -> MFU ceiling {e["mfu_ceiling"]:.2f}')
+
+
+def link_line(e) -> str:
+  """The program's link bytes (ring volumes over each collective's group) against the config's
+  ideal FSDP volume (programs.ideal_fsdp_bytes)."""
+  line = f'link bytes per device per step {gib(e["link_bytes_per_device"])} (ring volumes over each op\'s group)'
+  if not e.get('ideal_fsdp_bytes_per_device'):
+    return line + '; no fsdp axis, no ideal FSDP volume beside it'
+  return (line + f' = {e["link_to_ideal_fsdp"]:.2f}x the ideal FSDP {gib(e["ideal_fsdp_bytes_per_device"])} '
+          '((fsdp-1)/fsdp x the fsdp-sharded params in the compute dtype: gathered in the forward, again in the '
+          'backward under remat full, their gradients reduce-scattered once)')
 
 
 def table_vs_compiled(table: dict, entry: dict | None, batch_bytes: int) -> dict:
@@ -94,7 +108,7 @@ def table_lines(p, table: dict, vs: dict, chip):
 
 def _largest_collectives(entries) -> dict:
   """Per op, the largest over the train variants (each step runs one of them)."""
-  out = {op: {'count': 0, 'bytes': 0} for op in hlo.COLLECTIVES}
+  out = {op: {'count': 0, 'bytes': 0, 'link_bytes': 0.0} for op in hlo.COLLECTIVES}
   for e in entries:
     for op, c in e['collectives'].items():
       if c['bytes'] >= out[op]['bytes']:
@@ -117,11 +131,16 @@ def record(config_name, topo, num_slices, devices, processes, sizes, programs, t
       'bytes_accessed_per_device': most('bytes_accessed_per_device'),
       'collectives': _largest_collectives(train),
       'collective_bytes_per_device': most('collective_bytes_per_device'),
+      'link_bytes_per_device': most('link_bytes_per_device'),
+      'ideal_fsdp_bytes_per_device': most('ideal_fsdp_bytes_per_device'),
+      'loops_unread': sorted({w for e in train for w in e['loops_unread']}),
       'step_lower_bound_s': max((e['lower_bound_s']['step'] for e in train), default=None),
       'mfu_ceiling': min((e['mfu_ceiling'] for e in train if e.get('mfu_ceiling')), default=None),
       'memory_table': table, 'memory_table_vs_compiled': vs,
       'programs': programs, 'sources': {chip.name: chip.source},
   }
+  link, ideal = out['link_bytes_per_device'], out['ideal_fsdp_bytes_per_device']
+  out['link_to_ideal_fsdp'] = link / ideal if link is not None and ideal else None
   if not fits:
     worst = max(programs, key=lambda e: (not e['fits'], e.get('bytes_per_device', 0)))
     out.update(not_fitting=worst['name'], largest_buffers=worst.get('largest_buffers'))

@@ -1,7 +1,7 @@
 """The devices of a TPU topology that is not attached, and the mesh over them.
 
 Names: `v5p-256` is an accelerator type (v4/v5p count TensorCores, 2 per
-chip; v5e/v6e count chips), `v5e:16x16` a chip grid; see vlp.chips. With
+chip; v5e/v6e count chips), `v5e:16x16` a chip grid; see vlp.core.chips. With
 num_slices=N the data axis spans N slices over DCN (MaxText's
 dcn_data_parallelism): mesh_utils.create_hybrid_device_mesh puts data/N of
 it inside each slice and N across.
@@ -11,8 +11,8 @@ import os
 import shutil
 import tempfile
 
-from vlp import chips, parallel
-from vlp.config import MESH_AXES, ConfigError
+from vlp.core import chips, parallel
+from vlp.core.config import ConfigError, MESH_AXES
 
 DUMP_ENV = 'VLP_COMPILE_DUMP'  # set by prepare_env: where XLA writes buffer assignments
 

@@ -15,7 +15,7 @@ import tempfile
 from array_record.python import array_record_module
 import grain
 
-from vlp import paths as vpaths
+from vlp.core import paths as vpaths
 from vlp.data import files, records
 
 SUFFIX = '.array_record'

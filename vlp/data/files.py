@@ -1,10 +1,10 @@
 """Shard lists from what users type: paths, globs, `{00000..00099}` ranges, directories,
-local or remote (gs://...: through vlp.paths)."""
+local or remote (gs://...: through vlp.core.paths)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vlp import paths
+from vlp.core import paths
 
 
 def _brace_ranges(pattern: str) -> list[str]:

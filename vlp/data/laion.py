@@ -16,7 +16,7 @@ import dataclasses
 
 import pyarrow.parquet as pq
 
-from vlp import paths as vpaths
+from vlp.core import paths as vpaths
 from vlp.data import records
 
 # The columns read from metadata (the others, e.g. hashes, are not needed to filter).

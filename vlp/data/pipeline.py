@@ -37,17 +37,19 @@ class Preprocess:
   'video' (uint8 [T,S,S,3]) gives 'video' instead of 'image'. text=False leaves
   the caption out (classification), label=True keeps the record's int label.
   A record that cannot become an example comes out as `records.skipped(key,
-  reason)`, for the batcher to count. A class rather than a closure so Grain
-  can pickle it into workers.
+  reason)`, for the batcher to count. `transform(example, rng)`, when given, adds
+  what a model needs besides (a recipe's example transform: ALBEF's MLM inputs),
+  with the example's own random generator, so a resumed run makes the same. A
+  class rather than a closure so Grain can pickle it into workers.
   """
 
   def __init__(self, tokenizer: tokenizer_lib.Tokenizer, context_length: int,
                image_size: int | None = None, *, train: bool = True,
                crop_scale: tuple[float, float] = (0.5, 1.0), flip: bool = False,
-               max_pixels: int = transforms.MAX_PIXELS, mlm_prob: float = 0.0,
-               text: bool = True, label: bool = False):
+               max_pixels: int = transforms.MAX_PIXELS, text: bool = True, label: bool = False,
+               transform: Callable[[dict, np.random.Generator], dict] | None = None):
     self.tokenizer, self.context_length, self.image_size = tokenizer, context_length, image_size
-    self.mlm_prob, self.text, self.label = mlm_prob, text, label
+    self.text, self.label, self.transform = text, label, transform
     self.train, self.crop_scale, self.flip, self.max_pixels = train, tuple(crop_scale), flip, max_pixels
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -61,18 +63,12 @@ class Preprocess:
       pixels = self.pixels(record[vision], rng)
     except transforms.BadImage as e:
       return records.skipped(record.get('key', '?'), e.reason)
-    example = {vision: pixels}  # uint8: normalised on the device (transforms.model_input)
+    example = {vision: pixels}  # uint8: normalised on the device (vlp.core.pixels.model_input)
     if self.label:
       example['label'] = np.int32(record['label'])
-    if not self.text:
-      return example
-    text = example['text'] = self.tokenizer.encode([caption], self.context_length)[0]
-    if self.mlm_prob:  # ALBEF's MLM inputs, masked with this example's own rng: resumable
-      example['mlm_text'], example['mlm_labels'] = transforms.mlm_mask(
-          text, rng, vocab_size=self.tokenizer.vocab_size, mask_id=self.tokenizer.mask_id,
-          special_ids=self.tokenizer.special_ids,
-          prob=self.mlm_prob)
-    return example
+    if self.text:
+      example['text'] = self.tokenizer.encode([caption], self.context_length)[0]
+    return self.transform(example, rng) if self.transform else example
 
   def pixels(self, image, rng: np.random.Generator | None) -> np.ndarray:
     """uint8 [S,S,3] of an encoded image or an array; raises transforms.BadImage."""

@@ -157,3 +157,16 @@ def _get(example: dict[str, Any], keys: list[str]) -> Any:
   for key in keys:
     example = example[key]
   return example
+
+
+def labelled(name: str, split: str, data_dir: str | None, image_key: str, label_key: str, limit: int = 0):
+  """(encoded images, labels, class names) of a prepared TFDS dataset with a ClassLabel feature:
+  up to `limit` examples spread evenly over the split (0: all)."""
+  from vlp.data import folder
+  builder = _builder(name, data_dir)
+  label = builder.info.features[label_key]
+  if not isinstance(label, tfds.features.ClassLabel):
+    raise ValueError(f'{name}: feature {label_key!r} is {label!r}, not a ClassLabel')
+  source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+  rows = [source[int(i)] for i in folder.spread(len(source), limit)]
+  return [r[image_key] for r in rows], np.asarray([r[label_key] for r in rows]), list(label.names)

@@ -22,8 +22,8 @@ import grain
 import numpy as np
 import sentencepiece as spm
 
-from vlp import paths
-from vlp.config import ConfigError
+from vlp.core import paths
+from vlp.core.config import ConfigError
 from vlp.data import arrayrecord, records, synthetic
 
 PAD, UNK, CLS, SEP, MASK = '[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'
@@ -228,7 +228,7 @@ def for_config(config) -> Tokenizer:
   vocabulary."""
   name = config.data.tokenizer
   if name.endswith('.json'):
-    from vlp.interop import hub_tokenizer
+    from vlp.data import hub_tokenizer
     try:
       t = hub_tokenizer.BertTokenizer(name)
     except ValueError as e:

@@ -1,11 +1,5 @@
-"""Pure-numpy per-example transforms of the input pipeline.
-
-Images enter the models as float32 in [-1, 1] (pixel / 127.5 - 1, the
-big_vision `value_range(-1, 1)` convention) rather than with ImageNet/CLIP
-mean-std: it needs no dataset statistics and treats every source alike.
-The pipeline hands out uint8 pixels and the models' embedders
-normalise them on the device (`model_input`): a quarter of float32's bytes
-from host to device, and in an eval set held in host memory.
+"""Pure-numpy per-example transforms of the input pipeline: decoding and cropping to uint8
+pixels, which the models normalise on the device (vlp.core.pixels).
 
 Encoded images (web data: JPEG, PNG, WebP, GIF...) are decoded with Pillow.
 A file that cannot become an example raises BadImage, whose `reason` the
@@ -21,21 +15,10 @@ import struct
 import numpy as np
 from PIL import ExifTags, Image
 
-PIXEL_CENTER = 127.5  # uint8 pixel mapped to 0.
-PIXEL_SCALE = 127.5  # uint8 pixels per unit: 0 -> -1, 255 -> 1.
-
 # Larger images are refused from their header, before any pixel is decoded:
 # 64M pixels is a 192 MB RGB array, past any photo a caption dataset needs.
 MAX_PIXELS = 64_000_000
 MIN_SIDE = 8  # Smaller images are icons or tracking pixels, not photos.
-
-# Fixed special ids of every vlp tokenizer (vlp.data.tokenizer): [PAD]=0,
-# [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4; regular tokens come after them.
-MASK_ID = 4
-SPECIAL_IDS = (0, 1, 2, 3, 4)
-# Label of positions the MLM loss skips (PyTorch's cross-entropy default,
-# which ALBEF's and BERT's released code rely on).
-IGNORE_INDEX = -100
 
 # Pillow plugins that are tried; the others (EPS calls Ghostscript, and many
 # are rare or unsafe) make an image 'corrupt_image' like any unreadable file.
@@ -55,19 +38,6 @@ _UPRIGHT = {
     8: Image.Transpose.ROTATE_90,
 }
 _WHITE = (255, 255, 255, 255)
-
-
-def normalize_image(image: np.ndarray) -> np.ndarray:
-  """uint8 [..., H, W, 3] -> float32 in [-1, 1]; a numpy or a jax array (traced too)."""
-  if image.dtype != np.uint8:
-    raise TypeError(f'expected uint8 pixels, got {image.dtype}')
-  return (image.astype(np.float32) - PIXEL_CENTER) / PIXEL_SCALE
-
-
-def model_input(x):
-  """An input as the model takes it, inside a compiled function: uint8 pixels (images,
-  clips) -> float32 in [-1, 1]; anything else (tokens, labels, floats) unchanged."""
-  return normalize_image(x) if x.dtype == np.uint8 else x
 
 
 class BadImage(ValueError):
@@ -177,33 +147,6 @@ def flip_left_right(image: np.ndarray, rng: np.random.Generator,
   not depend on the outcome.
   """
   return image[..., ::-1, :] if rng.random() < p else image
-
-
-def mlm_mask(tokens: np.ndarray, rng: np.random.Generator, *, vocab_size: int,
-             mask_id: int = MASK_ID, special_ids: tuple[int, ...] = SPECIAL_IDS,
-             prob: float = 0.15, mask_frac: float = 0.8,
-             random_frac: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-  """BERT/ALBEF masked-language-model inputs and labels of int32 [..., L] ids.
-
-  Every position whose id is not special ([PAD], [CLS], [SEP]...) is
-  selected independently with probability `prob`. Of the selected, a
-  `mask_frac` share becomes mask_id, a `random_frac` share a uniform random
-  regular id (those above every special id, which lead the vocabulary), and
-  the rest keep their id, so the model must predict every token it sees,
-  not only the masked ones. labels hold the original id at selected positions
-  and IGNORE_INDEX (-100) elsewhere, the positions the loss skips. Returns
-  (inputs, labels), both int32 and shaped like tokens.
-  """
-  tokens = np.asarray(tokens, np.int32)
-  selected = (rng.random(tokens.shape) < prob) & ~np.isin(tokens, special_ids)
-  action = rng.random(tokens.shape)
-  random_ids = rng.integers(max(special_ids) + 1, vocab_size, tokens.shape,
-                            dtype=np.int32)
-  inputs = np.where(action < mask_frac, np.int32(mask_id),
-                    np.where(action < mask_frac + random_frac, random_ids, tokens))
-  inputs = np.where(selected, inputs, tokens)
-  labels = np.where(selected, tokens, np.int32(IGNORE_INDEX))
-  return inputs, labels
 
 
 @contextlib.contextmanager

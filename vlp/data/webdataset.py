@@ -17,7 +17,7 @@ everything that cannot become one is yielded as `records.skipped(key, reason)`:
   bad_shard        the file is not a tar at all
   unreadable_shard the file cannot be opened (deleted since it was listed)
   unsafe_member    a member named by an absolute path or one with `..` in it
-A remote shard is read through vlp.retry: an outage of the storage is ridden out
+A remote shard is read through vlp.core.retry: an outage of the storage is ridden out
 (each retry yields a `records.retried` note, counted apart: nothing is lost),
 and one that outlasts VLP_STORAGE_RETRY_S stops the run with a StorageError.
 
@@ -32,7 +32,7 @@ import json
 import os
 import tarfile
 
-from vlp import paths, retry
+from vlp.core import paths, retry
 from vlp.data import files, records
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')

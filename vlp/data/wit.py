@@ -34,7 +34,7 @@ import re
 import sys
 import zlib
 
-from vlp import paths as vpaths
+from vlp.core import paths as vpaths
 from vlp.data import records, webdataset
 
 REQUIRED = ('language', 'image_url', 'caption_reference_description', 'caption_attribution_description',

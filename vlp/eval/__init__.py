@@ -7,6 +7,7 @@ predict_fns are the recipe's ({'image': f(params, images), 'text':
 f(params, tokens), ...} returning L2-normalised embeddings). Results are named '<entry>/<metric>' in training
 metrics, and written as clip_benchmark-style records by `vlp eval`.
 """
+from vlp.data import sources
 from vlp.eval import datasets, itm_rerank, retrieval, zeroshot
 
 # clip_benchmark's metric names for ours.
@@ -15,14 +16,13 @@ TASKS = {'retrieval': 'zeroshot_retrieval', 'itm_rerank': 'zeroshot_retrieval', 
 
 
 def _dataset_name(e, config) -> str:
-  data = config.data
-  if e.data == 'task':
-    return {'synthetic': 'vlp/synthetic', 'tfds': data.tfds.name}.get(data.name, data.eval)
-  return {'synthetic': 'vlp/synthetic', 'synthetic_video': 'vlp/synthetic_video', 'tfds': e.tfds_name}.get(e.data, e.path)
+  if e.data == sources.TASK:
+    return sources.of_dataset(config).describe(config)
+  return sources.SOURCES[e.data].describe(config, e)
 
 
 def _retrieval(name, e, ctx):
-  data = ctx.task_data() if e.data == 'task' else datasets.retrieval_data(e, ctx.config, ctx.tokenizer)
+  data = ctx.task_data() if e.data == sources.TASK else datasets.retrieval_data(e, ctx.config, ctx.tokenizer)
   if data is None:
     return None
   if data.get('skipped'):
@@ -61,8 +61,7 @@ class _Context:
 
   def task_data(self):
     if self._task_data is None:
-      from vlp import tasks  # the trainer's input code, for the held-out split of config.data
-      self._task_data = tasks.eval_data(self.config, self.tokenizer, **datasets.this_host())
+      self._task_data = datasets.task_data(self.config, self.tokenizer, **datasets.this_host())
     return self._task_data
 
 
@@ -77,7 +76,7 @@ def make(config, predict_fns: dict, tokenizer, task_data=None) -> list:
   ctx = _Context(config, tokenizer, task_data)
   out = []
   for name, e in sorted(config.evals.items()):
-    fns = dict(predict_fns, image=predict_fns['video' if e.data == 'synthetic_video' else 'image'])
+    fns = dict(predict_fns, image=predict_fns[sources.vision_of(e.data)])
     evaluator = KINDS[e.kind](name, e, fns, ctx)
     if evaluator is not None:
       out.append((name, e, evaluator))
@@ -100,7 +99,8 @@ def records(evaluators, metrics: dict, config, model: str, step=None) -> list[di
       lang, _, key = k.rpartition('/')
       d, at, kk = key.partition('@')
       key = f'{_CLIP_BENCHMARK_NAMES[d]}@{kk}' if at and d in _CLIP_BENCHMARK_NAMES else key
-      named[f'{lang}/{key}' if lang else key] = v / 100.0 if key != 'rsum' else v  # fractions, as clip_benchmark
+      unscaled = key == 'rsum' or key in retrieval.COUNTS
+      named[f'{lang}/{key}' if lang else key] = v if unscaled else v / 100.0  # fractions, as clip_benchmark
     out.append({'dataset': _dataset_name(e, config), 'model': model, 'task': TASKS[e.kind], 'eval': name,
                 'step': step, 'metrics': named})
   return out

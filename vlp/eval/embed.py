@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from vlp import parallel
+from vlp.core import parallel
 
 
 def mesh_of(params):

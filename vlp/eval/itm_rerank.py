@@ -37,8 +37,7 @@ class Evaluator(retrieval.Evaluator):
   def run(self, params):
     image_emb, text_emb = self.embed(params)
     text_to_image = self.data['text_to_image']
-    languages = self.data.get('language') if self.by_language else None
-    yield from retrieval.evaluate(image_emb, text_emb, text_to_image, languages, self.ks).items()
+    yield from self.itc_metrics(image_emb, text_emb)
     sims = image_emb @ text_emb.T
     itm = self.rerank(params, sims)
     temp = self.temperature(params)

@@ -1,8 +1,8 @@
 """A PNG of a workdir's curves: training loss and eval metrics over steps (from metrics.jsonl)."""
 import io
 
-from vlp import paths
-from vlp.train import metrics as metrics_lib
+from vlp.core import paths
+from vlp.workdir import layout, metrics as metrics_lib
 
 # Eval metrics worth a curve; per-language ones ('retrieval/en/t2i@1') would crowd the plot.
 _SHOWN = ('i2t@1', 't2i@1', 'i2t@5', 't2i@5', 'rsum', 'acc1', 'acc5', 'mean_per_class_recall')
@@ -39,7 +39,7 @@ def plot(workdir: str, out: str | None = None) -> str:
     if len(keys) > 1:
       ax.legend(fontsize=7)
   fig.tight_layout()
-  out = out or paths.join(workdir, 'metrics.png')
+  out = out or layout.path(workdir, layout.PLOT)
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=100)
   paths.write_atomic(out, buf.getvalue())  # local or remote (gs://)

@@ -2,16 +2,24 @@
 
 Recall needs only the rank of the correct item, not a sorted list: for every
 query, count the candidates that score at least as high as the correct one.
-That is one compare-and-sum over each row of similarities, fused by XLA with
-the matmul that produces the row, where the usual benchmark code (full matrix,
-then top-k) sorts. Rows are processed in chunks inside one `jax.jit`
-(`lax.fori_loop`), so memory stays O(chunk x N) however many images and captions
-there are (1M x 1M fits), and nothing goes back to the host between chunks.
+That is a compare-and-sum over the similarities, fused by XLA with the matmul
+that produces them, where the usual benchmark code (full matrix, then top-k)
+sorts. The similarities are made a tile of `chunk` captions x an eighth of the
+images at a time inside one `jax.jit` (`lax.fori_loop`), so memory stays
+O(chunk x N / 8 + N + M) however many images and captions there are (1M x 1M
+fits), and nothing goes back to the host between tiles.
 
-Ties count against the model: a wrong candidate that scores exactly as high as
-the correct one is ranked before it. (The correct scores come from row-wise
-dot products, the others from the chunk's matmul, so a near-tie within float32
-rounding may go either way.)
+The rules, the same for every evaluator and for `vlp bench quality`:
+- A tie counts against the query (the pessimistic rank): a target's rank is 1 + the
+  candidates scoring strictly higher + the other non-target candidates scoring exactly as
+  high. Image->text ranks the image's best caption. Every score, the targets' included,
+  comes from the same matmul of tiles (the tiles holding targets run first, through the
+  same loop), so equal embeddings tie exactly whatever the float rounding of other ways
+  to compute a dot product; `ties_i2t` / `ties_t2i` count the queries whose target ties
+  a non-target.
+- A caption text (its token ids) attached to one image more than once counts once
+  (`distinct_captions`; `duplicate_captions` counts the rest), and each distinct text is
+  embedded once, so captions of equal text score exactly alike.
 """
 import functools
 
@@ -21,49 +29,90 @@ import numpy as np
 
 from vlp.eval import embed
 
-BLOCK_BYTES = 2**28  # largest [chunk, N] float32 similarity block recall_at_k makes (256 MB)
+CAPTION_KEYS = ('text', 'text_to_image', 'language')  # an eval set's arrays with one row per caption
+COUNTS = ('ties_i2t', 'ties_t2i', 'duplicate_captions')  # metrics that are counts, not percentages
+IMAGE_CHUNKS = 8  # a tile spans this share of the images (at least `chunk` of them)
+
+
+def tile_sizes(n_txt: int, n_img: int, chunk: int) -> tuple[int, int, int]:
+  """(caption rows, image columns, image chunks) of a tile: `chunk` captions against an eighth
+  of the images. Wide tiles keep the matmul efficient and the loop short; the target tiles run
+  twice, about 1/8 to 1/4 more matmul."""
+  rows, cols = min(chunk, n_txt), min(n_img, max(chunk, -(-n_img // IMAGE_CHUNKS)))
+  return rows, cols, -(-n_img // cols)
+
+
+def target_tiles(text_to_image, n_img: int, chunk: int = 256) -> np.ndarray:
+  """int32 [T, 2]: the (caption chunk, image chunk) tiles that hold a caption and its image
+  (one or two per caption chunk when captions come image by image)."""
+  text_to_image = np.asarray(text_to_image)
+  rows, cols, n_cols = tile_sizes(len(text_to_image), n_img, chunk)
+  keys = np.unique(np.arange(len(text_to_image)) // rows * n_cols + text_to_image // cols)
+  return np.stack([keys // n_cols, keys % n_cols], axis=1).astype(np.int32)
 
 
 @functools.partial(jax.jit, static_argnames='chunk')
-def ranks(image_emb, text_emb, text_to_image, chunk=256):
-  """(text_ranks [M], image_ranks [N]) in one pass over chunks of captions.
+def ranks(image_emb, text_emb, text_to_image, tiles, chunk=256) -> dict:
+  """{'t2i': int [M], 't2i_tied': bool [M], 'i2t': int [N], 'i2t_tied': bool [N]}: for every
+  caption and every image, the non-targets scoring at least as high as its (best) target, and
+  whether one scores exactly as high. An image without captions ranks below everything.
 
-  A caption's rank: images other than its own scoring >= its own image. An
-  image's rank: captions of other images scoring >= its best caption. Every
-  similarity is computed once: a chunk's [chunk, N] block gives its captions'
-  ranks (rows) and adds to every image's rank (columns), against the correct
-  scores computed up front from row-wise dot products. Chunks are slices of
-  the inputs (no padded copy); the last one is shifted back to end at M and
-  its rows seen before count only once. Needs chunk <= M.
-  """
-  n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
-  steps = -(-n_txt // chunk)
+  One loop over tiles: first `tiles` (target_tiles), which give every caption's own score and
+  every image's best caption's score (and how many of its captions score that), then every
+  tile, which counts the captions and images scoring at least as high and exactly as high. A
+  tile's one matmul serves both, so a target's score is the same bits in both; its own count
+  is taken off at the end. Tiles are slices of the inputs (no padded copy); the last chunk
+  each way is shifted back to end at the last row, its scores seen before set to -inf."""
+  n_txt, n_img = text_emb.shape[0], image_emb.shape[0]
+  rows, cols, n_cols = tile_sizes(n_txt, n_img, chunk)
+  n_first = tiles.shape[0]
 
-  def chunk_of(i, *xs):
-    start = jnp.minimum(i * chunk, n_txt - chunk)
-    return start, *(jax.lax.dynamic_slice_in_dim(x, start, chunk) for x in xs)
+  def thresholds(sims, images, own, best):
+    """A target tile: each row's target score, each column's best target score and how many
+    of its targets score that. images: the rows' images less the tile's first."""
+    del own, best
+    target = images[:, None] == jnp.arange(cols)[None, :]
+    on_target = jnp.where(target, sims, -jnp.inf)
+    col_max = jnp.max(on_target, axis=0)
+    at_max = jnp.where(jnp.isfinite(col_max), jnp.sum(target & (sims == col_max), axis=0, dtype=jnp.int32), 0)
+    return jnp.max(on_target, axis=1), jnp.zeros((2, rows), jnp.int32), col_max, at_max, jnp.zeros((2, cols), jnp.int32)
 
-  def correct_step(i, correct):  # chunked too: image_emb[text_to_image] would be an [M, D] copy
-    start, texts, target = chunk_of(i, text_emb, text_to_image)
-    return jax.lax.dynamic_update_slice_in_dim(correct, jnp.einsum('cd,cd->c', texts, image_emb[target]), start, 0)
+  def counts(sims, images, own, best):
+    """Any tile: how many of each row and column score >= and == its threshold."""
+    del images
+    above = lambda t, axis: jnp.stack([jnp.sum(sims >= t, axis=axis, dtype=jnp.int32),
+                                       jnp.sum(sims == t, axis=axis, dtype=jnp.int32)])
+    return (jnp.full(rows, -jnp.inf), above(own[:, None], 1), jnp.full(cols, -jnp.inf), jnp.zeros(cols, jnp.int32),
+            above(best[None, :], 0))
 
-  correct = jax.lax.fori_loop(0, steps, correct_step, jnp.zeros(n_txt, jnp.float32))
-  best = jax.ops.segment_max(correct, text_to_image, num_segments=n_img)  # -inf without captions
-  image_ids = jnp.arange(n_img, dtype=text_to_image.dtype)
+  def step(k, carry):
+    first = k < n_first
+    rest = jnp.maximum(k - n_first, 0)
+    c, ic = jnp.where(first, tiles[jnp.minimum(k, n_first - 1)], jnp.stack([rest // n_cols, rest % n_cols]))
+    r0, c0 = jnp.minimum(c * rows, n_txt - rows), jnp.minimum(ic * cols, n_img - cols)
+    new = (r0 + jnp.arange(rows) >= c * rows)[:, None] & (c0 + jnp.arange(cols) >= ic * cols)[None, :]
+    sims = jax.lax.dynamic_slice_in_dim(text_emb, r0, rows) @ jax.lax.dynamic_slice_in_dim(image_emb, c0, cols).T
+    sims = jnp.where(new, sims, -jnp.inf)  # a score a shifted chunk saw before counts once
+    images = jax.lax.dynamic_slice_in_dim(text_to_image, r0, rows) - c0
+    row, col = ({k: jax.lax.dynamic_slice_in_dim(v, start, size) for k, v in carry[side].items()}
+                for side, start, size in (('row', r0, rows), ('col', c0, cols)))
+    # a target tile gives maxima (-inf from any other) and no counts; any other, counts alone
+    row_max, row_counts, col_max, at_max, col_counts = jax.lax.cond(first, thresholds, counts, sims, images,
+                                                                    row['own'], col['own'])
+    n_own = jnp.where(col_max > col['own'], at_max, col['n_own'] + jnp.where(col_max == col['own'], at_max, 0))
+    row = {'own': jnp.maximum(row['own'], row_max), 'ge': row['ge'] + row_counts[0], 'eq': row['eq'] + row_counts[1]}
+    col = {'own': jnp.maximum(col['own'], col_max), 'n_own': n_own, 'ge': col['ge'] + col_counts[0],
+           'eq': col['eq'] + col_counts[1]}
+    return {side: {k: jax.lax.dynamic_update_slice_in_dim(carry[side][k], v, start, 0) for k, v in part.items()}
+            for side, start, part in (('row', r0, row), ('col', c0, col))}
 
-  def step(i, carry):
-    image_rank, text_rank = carry
-    start, texts, target, score = chunk_of(i, text_emb, text_to_image, correct)
-    sims = texts @ image_emb.T
-    other = image_ids[None, :] != target[:, None]
-    rank = jnp.sum(other & (sims >= score[:, None]), axis=1)
-    new = (start + jnp.arange(chunk) >= i * chunk)[:, None]  # rows of the shifted last chunk seen before: no
-    image_rank += jnp.sum(new & other & (sims >= best[None, :]), axis=0)
-    return image_rank, jax.lax.dynamic_update_slice_in_dim(text_rank, rank, start, 0)
-
-  image_rank, text_rank = jax.lax.fori_loop(
-      0, steps, step, (jnp.zeros(n_img, jnp.int32), jnp.zeros(n_txt, jnp.int32)))
-  return text_rank, image_rank
+  start = lambda n, **extra: {'own': jnp.full(n, -jnp.inf), 'ge': jnp.zeros(n, jnp.int32),
+                              'eq': jnp.zeros(n, jnp.int32), **extra}
+  out = jax.lax.fori_loop(0, n_first + -(-n_txt // rows) * n_cols, step,
+                          {'row': start(n_txt), 'col': start(n_img, n_own=jnp.zeros(n_img, jnp.int32))})
+  row, col = out['row'], out['col']  # a caption's own image, an image's best captions, counted: off
+  return {'t2i': row['ge'] - 1, 't2i_tied': row['eq'] > 1,
+          'i2t': col['ge'] - col['n_own'], 'i2t_tied': col['eq'] > col['n_own']}
 
 
 def _check(image_emb, text_emb, text_to_image):
@@ -78,24 +127,42 @@ def _check(image_emb, text_emb, text_to_image):
   return image_emb, text_emb, text_to_image
 
 
+def query_ranks(image_emb, text_emb, text_to_image, chunk=256) -> dict:
+  """`ranks` as numpy, image->text only for the images that have a caption."""
+  image_emb, text_emb, text_to_image = _check(image_emb, text_emb, text_to_image)
+  if not (len(image_emb) and len(text_emb)):
+    raise ValueError(f'retrieval needs images and captions, got {len(image_emb)} and {len(text_emb)}')
+  tiles = target_tiles(text_to_image, len(image_emb), chunk)
+  out = {k: np.asarray(v) for k, v in ranks(image_emb, text_emb, text_to_image, tiles, chunk=chunk).items()}
+  captioned = np.bincount(text_to_image, minlength=len(image_emb)) > 0
+  out['i2t'], out['i2t_tied'] = out['i2t'][captioned], out['i2t_tied'][captioned]
+  return out
+
+
+def _recall(query_ranks_: dict, ks) -> dict:
+  return {f'{d}@{k}': 100.0 * float(np.mean(query_ranks_[d] < k)) for k in ks for d in ('i2t', 't2i')}
+
+
 def recall_at_k(image_emb, text_emb, text_to_image, ks=(1, 5, 10), chunk=256) -> dict:
   """Recall@K in percent; keys `i2t@K` and `t2i@K`.
 
   `text_to_image[j]` is the image index of caption j. Image->text counts a hit
   when any caption of the image is in its top K (CLIP convention); images
   without captions are left out. Text->image averages over all captions.
-  Captions go `chunk` at a time, fewer when N images would make a block
-  larger than BLOCK_BYTES (64 rows for a million images).
+  Ties count against (the module's rules). Scores are made `chunk` captions at a time.
   """
-  image_emb, text_emb, text_to_image = _check(image_emb, text_emb, text_to_image)
-  chunk = max(1, min(chunk, len(text_emb), BLOCK_BYTES // (4 * max(1, len(image_emb)))))
-  t_ranks, i_ranks = map(np.asarray, ranks(image_emb, text_emb, text_to_image, chunk=chunk))
-  i_ranks = i_ranks[np.bincount(text_to_image, minlength=len(image_emb)) > 0]
-  out = {}
-  for k in ks:
-    out[f'i2t@{k}'] = 100.0 * float(np.mean(i_ranks < k))
-    out[f't2i@{k}'] = 100.0 * float(np.mean(t_ranks < k))
-  return out
+  return _recall(query_ranks(image_emb, text_emb, text_to_image, chunk), ks)
+
+
+def distinct_captions(tokens, text_to_image) -> dict:
+  """The captions of an eval set that count, and the texts to embed for them: {'keep': the
+  indices of the captions kept (of each token row an image has more than once, the first),
+  'texts': the distinct token rows among them, 'text_of': each kept caption's row of texts}."""
+  tokens, text_to_image = np.asarray(tokens), np.asarray(text_to_image)
+  _, first = np.unique(np.concatenate([text_to_image[:, None], tokens], axis=1), axis=0, return_index=True)
+  keep = np.sort(first)
+  texts, text_of = np.unique(tokens[keep], axis=0, return_inverse=True)
+  return {'keep': keep, 'texts': texts, 'text_of': text_of.reshape(-1)}
 
 
 @functools.partial(jax.jit, static_argnames='kmax')
@@ -158,11 +225,13 @@ def rsum(metrics: dict, ks=(1, 5, 10)) -> float:
 
 
 def evaluate(image_emb, text_emb, text_to_image, languages=None, ks=(1, 5, 10)) -> dict:
-  """recall_at_k plus 'rsum', and with a language per caption the same for
-  every language alone, as '<lang>/i2t@1' ... (images without a caption in
-  that language are left out of its image->text)."""
-  out = recall_at_k(image_emb, text_emb, text_to_image, ks)
+  """recall_at_k plus 'rsum' and the ties counted against ('ties_i2t', 'ties_t2i': queries), and
+  with a language per caption the recalls of every language alone, as '<lang>/i2t@1' ... (images
+  without a caption in that language are left out of its image->text)."""
+  found = query_ranks(image_emb, text_emb, text_to_image)
+  out = _recall(found, ks)
   out['rsum'] = rsum(out, ks)
+  out.update(ties_i2t=int(found['i2t_tied'].sum()), ties_t2i=int(found['t2i_tied'].sum()))
   langs = sorted(set(languages)) if languages is not None else []
   if len(langs) > 1:
     languages = np.asarray(languages)
@@ -204,24 +273,33 @@ class Evaluator:
   predict_fns: `image(params, images)` / `text(params, tokens)` returning
   L2-normalised embeddings. data: `image` (uint8: this host's images, which
   `image_rows` names, or all of them), `text`, `text_to_image` and optionally
-  `language` (one per caption) arrays (vlp.data.eval_set). Every device of the
-  params' mesh embeds its share (vlp.eval.embed).
+  `language` (one per caption) arrays (vlp.data.eval_set); a caption an image has
+  twice is kept once (`distinct_captions`). Every device of the params' mesh
+  embeds its share (vlp.eval.embed), each distinct text once.
   """
 
   RERANKINGS = ()  # (metric prefix, title) of re-ranked results besides the plain ones
 
   def __init__(self, predict_fns, data, batch_size=256, ks=(1, 5, 10), by_language=True):
     self.encode_image, self.encode_text = embed.Encoder(predict_fns['image']), embed.Encoder(predict_fns['text'])
-    self.data, self.batch_size, self.ks, self.by_language = data, batch_size, tuple(ks), by_language
+    captions = distinct_captions(data['text'], data['text_to_image'])
+    self.duplicate_captions = len(data['text']) - len(captions['keep'])
+    self.texts, self.text_of = captions['texts'], captions['text_of']
+    self.data = {**data, **{k: np.asarray(data[k])[captions['keep']] for k in CAPTION_KEYS if k in data}}
+    self.batch_size, self.ks, self.by_language = batch_size, tuple(ks), by_language
 
   def embed(self, params):
     return (self.encode_image(params, self.data['image'], self.batch_size, self.data.get('image_rows')),
-            self.encode_text(params, self.data['text'], self.batch_size))
+            self.encode_text(params, self.texts, self.batch_size)[self.text_of])
 
   def run(self, params):
-    image_emb, text_emb = self.embed(params)
+    yield from self.itc_metrics(*self.embed(params))
+
+  def itc_metrics(self, image_emb, text_emb):
+    """(name, value) of the embeddings' retrieval (evaluate) and the duplicate captions left out."""
     languages = self.data.get('language') if self.by_language else None
     yield from evaluate(image_emb, text_emb, self.data['text_to_image'], languages, self.ks).items()
+    yield 'duplicate_captions', self.duplicate_captions
 
 
 def format_table(metrics: dict, ks=(1, 5, 10)) -> str:
@@ -232,4 +310,7 @@ def format_table(metrics: dict, ks=(1, 5, 10)) -> str:
     rows.append(f'{name:<13}' + '  '.join(f'{metrics[f"{d}@{k}"]:6.2f}' for k in ks))
   if 'rsum' in metrics:
     rows.append(f'RSUM {metrics["rsum"]:.1f}')
+  if 'ties_i2t' in metrics:
+    rows.append(f'ties counted against: {metrics["ties_i2t"]} image queries, {metrics["ties_t2i"]} caption queries; '
+                f'duplicate captions of an image counted once: {metrics.get("duplicate_captions", 0)}')
   return '\n'.join(rows)

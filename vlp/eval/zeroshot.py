@@ -13,11 +13,6 @@ from vlp.eval import embed
 # CLIP's seven best ImageNet templates (the CLIP repository's prompt-engineering notebook).
 CLIP_TEMPLATES = ('itap of a {}.', 'a bad photo of the {}.', 'a origami {}.', 'a photo of the large {}.',
                   'a {} in a video game.', 'art of the {}.', 'a photo of the small {}.')
-# The built-in scenes: a class is the (colour, shape) of the first object a caption names.
-SYNTHETIC_TEMPLATES = ('a small {}', 'a large {}', 'a picture of a small {}', 'a picture of a large {}',
-                       'there is a small {}', 'there is a large {}')
-# The built-in clips: a class is the colour and motion of the first object ('red shape moving up').
-VIDEO_TEMPLATES = ('a {}', 'a small {}', 'a large {}', 'a video of a {}', 'a clip showing a {}')
 
 
 def class_embeddings(text_emb_per_prompt: np.ndarray, num_classes: int) -> np.ndarray:

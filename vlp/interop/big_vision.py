@@ -18,9 +18,10 @@ its default and SigLIP's), its GELU the tanh approximation, its LayerNorm eps 1e
 """
 import numpy as np
 
-from vlp import paths
+from vlp.core import paths
 
 NORMALIZATION = {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}  # value_range(-1, 1)
+EOS_ID = 1  # SigLIP's SentencePiece captions end in EOS (id 1) and are padded with it
 
 
 def read(src: str) -> dict:
@@ -100,7 +101,8 @@ def model_config(flat: dict, src: str) -> dict:
   text = dict(vocab_size=vocab, context_length=flat['txt/pos_embedding'].shape[1], width=text_width,
               depth=len(txt_blocks),
               num_heads=txt0['MultiHeadDotProductAttention_0/query/kernel'].shape[1],
-              mlp_dim=txt0['MlpBlock_0/Dense_0/kernel'].shape[1], causal=False, pool='last', padding_mask=False)
+              mlp_dim=txt0['MlpBlock_0/Dense_0/kernel'].shape[1], causal=False, pool='last', padding_mask=False,
+              pad_id=EOS_ID)
   return dict(image=image, text=text, embed_dim=int(embed_dim), head='sigmoid' if 'b' in flat else 'softmax',
               image_proj=image_proj, proj_bias='txt/head/bias' in flat,
               arch=dict(init='xavier', gelu='tanh', ln_eps=1e-6))

@@ -6,7 +6,7 @@ An import is an export directory like `vlp export` writes (weights, config, jax.
 encoders), so `vlp.load_pretrained(DIR)` runs it and `--config.init.from=DIR` trains from it
 (LiT: lock its image tower with optim.frozen). It keeps its source's token ids (config.json's
 `tokens` names the ids that end and start a caption), carries the source's tokenizer.json
-when it has one (vlp.interop.hub_tokenizer: encode_text then takes strings) and records the
+when it has one (vlp.data.hub_tokenizer: encode_text then takes strings) and records the
 source's pixel normalisation.
 """
 import json
@@ -16,8 +16,11 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from vlp import checkpoint, export, paths, recipes, weights_files
-from vlp.interop import big_vision, hf_bert, hf_clip, hf_siglip, hub_tokenizer, open_clip, torch_pickle
+from vlp import export, recipes
+from vlp.core import paths, trees, weights_files
+from vlp.data import hub_tokenizer
+from vlp.interop import big_vision, hf_bert, hf_clip, hf_siglip, open_clip, torch_pickle
+from vlp.models import text as text_lib
 
 FORMATS = ('open_clip', 'hf', 'big_vision')
 HF_PICKLE = 'pytorch_model.bin'  # transformers' torch pickle, read only with --allow-pickle
@@ -37,7 +40,7 @@ def detect(src: str) -> str:
 def _check_against_model(flat: dict, model_cfg, src: str):
   """The converted params are exactly the model's: the same names and shapes."""
   abstract = nnx.eval_shape(lambda: recipes.get(model_cfg.name).build(model_cfg))
-  want = {k: tuple(x.shape) for k, x in checkpoint.flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))}
+  want = {k: tuple(x.shape) for k, x in trees.flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))}
   got = {k: tuple(v.shape) for k, v in flat.items()}
   if want != got:
     diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
@@ -53,15 +56,17 @@ def _read(src: str, fmt: str, allow_pickle: bool = False):
   if fmt == 'open_clip':
     updates, normalization = open_clip.model_config(src)
     params = open_clip.convert(open_clip.read_state(src, allow_pickle), updates)
-    vocab = updates['text']['vocab_size']  # CLIP's tokenizer: start and end of text are the last two ids
-    return 'align', updates, params, normalization, {'eos_id': vocab - 1, 'bos_id': vocab - 2}
+    text = updates['text']  # CLIP's tokenizer: start and end of text are the last two ids
+    eos = text['vocab_size'] - 1 if text['eos_id'] == text_lib.NO_EOS else text['eos_id']
+    return 'align', updates, params, normalization, {'eos_id': eos, 'bos_id': text['vocab_size'] - 2,
+                                                      'pad_id': text['pad_id']}
   if fmt == 'hf':
     return _read_hf(src, allow_pickle)
-  if fmt == 'big_vision':  # SigLIP's SentencePiece captions end in EOS (id 1), padded with it; no BOS
+  if fmt == 'big_vision':  # SigLIP's SentencePiece captions end in EOS, padded with it; no BOS
     flat = big_vision.read(src)
     updates = big_vision.model_config(flat, src)
     return ('align', updates, big_vision.to_vlp(flat, updates), big_vision.NORMALIZATION,
-            dict(eos_id=1, bos_id=None, pad_id=1))
+            dict(eos_id=big_vision.EOS_ID, bos_id=None, pad_id=big_vision.EOS_ID))
   raise ValueError(f'vlp import: --format={fmt}: not one of {", ".join(FORMATS)}')
 
 
@@ -94,9 +99,13 @@ def _read_hf(src: str, allow_pickle: bool):
       pre = json.load(f)
     normalization = {'mean': pre.get('image_mean', normalization['mean']),
                      'std': pre.get('image_std', normalization['std'])}
-  tokens = {'eos_id': text.get('eos_token_id', 2), 'bos_id': text.get('bos_token_id', 1)}
+  tokens = hf_clip.token_ids(src, text)
   if siglip:  # SigLIP attends to its padding, so captions are padded with its own pad id
-    tokens.update(pad_id=text.get('pad_token_id', 1), **hub_tokenizer.siglip_options(src))
+    tokens.update(hub_tokenizer.siglip_options(src))
+  else:  # captions zero-padded: causal attention keeps padding from the end token they are pooled at
+    tokens['pad_id'] = 0
+    if updates['text']['pool'] == 'argmax':  # the legacy eos_token_id 2: CLIP's end token is its highest id
+      tokens['eos_id'] = updates['text']['vocab_size'] - 1
   return 'align', updates, params, normalization, tokens
 
 
@@ -112,7 +121,7 @@ def run(src: str, out: str, fmt: str | None = None, dtype: str = 'float32', toke
     if key in updates:
       model_cfg[key].update(updates.pop(key))
   model_cfg.update(updates)
-  flat = {k: jax.numpy.asarray(v) for k, v in checkpoint.flatten(params)}
+  flat = {k: jax.numpy.asarray(v) for k, v in trees.flatten(params)}
   _check_against_model(flat, model_cfg, src)
   export.write(out, model_cfg, flat, dtype, meta={'step': 0, 'source': src, 'format': fmt,
                                                  'preprocess': normalization, 'tokens': tokens})
@@ -128,16 +137,17 @@ def _model_and_params(src: str, step=None, weights='params'):
   if weights_files.exists(src):
     with paths.open(paths.join(src, export.CONFIG)) as f:
       meta = json.load(f)
-    params = checkpoint.unflatten(weights_files.read(src))
+    params = trees.unflatten(weights_files.read(src))
     tokens = meta.get('tokens')
     if tokens is None:
       from vlp.data.tokenizer import Tokenizer
       tokens = _token_ids(Tokenizer(paths.join(src, export.TOKENIZER)))
     return meta['model'], params, tokens
-  from vlp import tasks
-  config, params, _ = export.restore_params(src, step, weights)
+  from vlp.data import tokenizer as tokenizer_lib
+  from vlp.workdir import checkpoints
+  config, params, _ = checkpoints.restore_params(src, step, weights)
   return config.model.to_dict(), jax.tree.map(np.asarray, jax.device_get(params)), _token_ids(
-      tasks.tokenizer_for(config))
+      tokenizer_lib.for_config(config))
 
 
 def _token_ids(tok) -> dict:
@@ -157,7 +167,8 @@ def _converter(model: dict, params: dict, tokens: dict):
     siglip = model.get('head') == 'sigmoid'
     converter, name = (hf_siglip, hf_siglip.ARCHITECTURE) if siglip else (hf_clip, 'CLIPModel')
   why = converter.exportable(model, params)
-  if converter is hf_clip and tokens['eos_id'] == 2:  # transformers then pools at the highest token id (CLIP's legacy)
+  legacy = hf_clip.eos_token_id(model, tokens) == hf_clip.LEGACY_EOS and model['text'].get('pool') != 'argmax'
+  if converter is hf_clip and legacy:
     why.append('its end-of-caption token has id 2, which transformers reads as the legacy argmax pooling')
   return converter, name, why
 

@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 
-from vlp import paths
+from vlp.core import paths
 from vlp.interop import hf_clip
 
 ARCHITECTURES = ('BertModel', 'BertForMaskedLM', 'BertForPreTraining')

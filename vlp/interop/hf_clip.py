@@ -9,18 +9,23 @@ and `model.safetensors`. The names, from transformers' to vlp's:
 - per layer, `self_attn.{q,k,v}_proj` <-> `attn.qkv` [W, 3, heads, head_dim], `out_proj` <->
   `attn.out`, `layer_norm1/2` <-> `ln1/2`, `mlp.fc1/fc2` <-> `mlp.fc1/fc2`;
 - `visual_projection` / `text_projection` <-> `image_proj` / `text_proj`; `logit_scale` <-> `log_scale`.
-transformers pools the text at the first `eos_token_id`, vlp at the last token before padding:
-the same position for captions that end in that token and are zero-padded.
+The text is pooled as transformers pools it: at the first `eos_token_id` of each row
+(`model.text.pool='eos'`, `eos_id`), or at the highest id where `eos_token_id` is 2 (its legacy
+rule: `pool='argmax'`), whatever the padding; the export writes the ids that pool the same token.
 """
 import json
 
 import numpy as np
 
-from vlp import paths
+from vlp.core import paths
 from vlp.interop import clip_layout
+from vlp.models import text as text_lib
 
 CONFIG, WEIGHTS = 'config.json', 'model.safetensors'
 ACT = {'erf': 'gelu', 'quick': 'quick_gelu', 'tanh': 'gelu_pytorch_tanh'}  # vlp arch.gelu -> hidden_act
+# transformers' CLIPTextConfig and SiglipTextConfig defaults, for a config.json that leaves them out
+TOKEN_DEFAULTS = {'eos_token_id': 49407, 'bos_token_id': 49406, 'pad_token_id': 1}
+LEGACY_EOS = 2  # with this eos_token_id transformers pools a CLIP text at its highest id instead
 
 
 def architectures(src: str) -> tuple:
@@ -44,6 +49,33 @@ def shared_act_and_eps(src: str, vision: dict, text: dict, default_act: str, def
   return by_act[acts.pop()], float(eps.pop())
 
 
+def token_ids(src: str, text: dict) -> dict:
+  """{'eos_id', 'bos_id', 'pad_id'} of a text_config, transformers' defaults where it has none."""
+  ids = {k: text.get(k, v) for k, v in TOKEN_DEFAULTS.items()}
+  if not isinstance(ids['eos_token_id'], int):
+    raise ValueError(f"vlp import: {src}: text_config.eos_token_id={ids['eos_token_id']!r}: vlp pools the text "
+                     'at one end token id')
+  return {'eos_id': ids['eos_token_id'], 'bos_id': ids['bos_token_id'],
+          'pad_id': ids['pad_token_id'] if isinstance(ids['pad_token_id'], int) else 0}
+
+
+def _text_pooling(src: str, text: dict) -> dict:
+  """vlp's text options that pool a CLIPModel's text where transformers does, and leave its padding
+  unmasked as transformers does on ids alone (under causal attention the end token sees none)."""
+  ids, vocab = token_ids(src, text), text['vocab_size']
+  if ids['eos_id'] == LEGACY_EOS:
+    pool = dict(pool='argmax', eos_id=text_lib.NO_EOS)
+  elif 0 <= ids['eos_id'] < vocab:
+    pool = dict(pool='eos', eos_id=ids['eos_id'])
+  else:
+    raise ValueError(f"vlp import: {src}: text_config.eos_token_id {ids['eos_id']} is outside the vocabulary "
+                     f'({vocab}): transformers would pool every caption at its first token')
+  if not 0 <= ids['pad_id'] < vocab:
+    raise ValueError(f"vlp import: {src}: text_config.pad_token_id {ids['pad_id']} is outside the vocabulary "
+                     f'({vocab})')
+  return dict(pool, causal=True, padding_mask=False, pad_id=ids['pad_id'])
+
+
 # ---- transformers -> vlp
 
 def model_config(src: str) -> dict:
@@ -57,7 +89,7 @@ def model_config(src: str) -> dict:
                pool='cls', ln_pre=True, patch_bias=False)
   text = dict(vocab_size=t['vocab_size'], context_length=t['max_position_embeddings'], width=t['hidden_size'],
               depth=t['num_hidden_layers'], num_heads=t['num_attention_heads'], mlp_dim=t['intermediate_size'],
-              causal=True, pool='eos')
+              **_text_pooling(src, t))
   arch = dict(init='xavier', gelu=gelu, ln_eps=eps)
   return dict(image=image, text=text, embed_dim=cfg['projection_dim'], head='softmax', arch=arch)
 
@@ -113,7 +145,7 @@ def exportable(model: dict, params: dict) -> list[str]:
     why.append(f"image pool {im.get('pool')!r} (CLIP: cls)")
   if model.get('proj_bias'):
     why.append('a bias on the projections (CLIP has none)')
-  if not (tx.get('causal') and tx.get('pool') == 'eos'):
+  if not (tx.get('causal') and tx.get('pool') in ('eos', 'argmax')):
     why.append('bidirectional text or [CLS] pooling (CLIP: causal, pooled at EOT)')
   if im['moe'].get('num_experts') or tx['moe'].get('num_experts'):
     why.append('MoE blocks')
@@ -170,16 +202,28 @@ def to_hf(params: dict, model: dict) -> dict:
   return {k: np.array(v, np.float32, order='C') for k, v in sd.items()}  # (ascontiguousarray makes 0-d 1-d)
 
 
+def eos_token_id(model: dict, tokens: dict) -> int:
+  """The eos_token_id that makes transformers' CLIP pool the token vlp's model pools: 2 for the
+  highest id (its legacy rule), the model's eos_id, or the end token of vlp's own captions
+  (tokens: the ids a caption ends and starts with), which come last before their padding."""
+  tx = model['text']
+  if tx.get('pool') == 'argmax':
+    return LEGACY_EOS
+  eos = tx.get('eos_id', text_lib.NO_EOS)
+  return tokens['eos_id'] if eos == text_lib.NO_EOS else eos
+
+
 def tower_configs(model: dict, tokens: dict) -> tuple[dict, dict]:
   """The text_config and vision_config keys CLIP's and SigLIP's transformers configs share;
-  tokens: the ids a caption ends, starts and is padded with (pad 0 unless it says)."""
+  tokens: the ids a caption ends and starts with (config.json's `tokens`); the pad id is the
+  model's (model.text.pad_id; an export from before it: tokens' pad_id, else 0)."""
   im, tx, arch = model['image'], model['text'], model.get('arch', {})
   act, eps = ACT[arch.get('gelu', 'tanh')], arch.get('ln_eps', 1e-6)
   text = {'vocab_size': tx['vocab_size'], 'hidden_size': tx['width'], 'intermediate_size': tx['mlp_dim'],
           'num_hidden_layers': tx['depth'], 'num_attention_heads': tx['num_heads'],
           'max_position_embeddings': tx['context_length'], 'hidden_act': act, 'layer_norm_eps': eps,
           'eos_token_id': tokens['eos_id'], 'bos_token_id': tokens['bos_id'],
-          'pad_token_id': tokens.get('pad_id', 0)}
+          'pad_token_id': tx.get('pad_id', tokens.get('pad_id', 0))}
   vision = {'hidden_size': im['width'], 'intermediate_size': im['mlp_dim'], 'num_hidden_layers': im['depth'],
             'num_attention_heads': im['num_heads'], 'image_size': im['image_size'], 'patch_size': im['patch_size'],
             'num_channels': 3, 'hidden_act': act, 'layer_norm_eps': eps}
@@ -188,6 +232,7 @@ def tower_configs(model: dict, tokens: dict) -> tuple[dict, dict]:
 
 def hf_config(model: dict, tokens: dict) -> dict:
   text, vision = tower_configs(model, tokens)
+  text['eos_token_id'] = eos_token_id(model, tokens)
   projection = {'projection_dim': model['embed_dim']}
   return {'architectures': ['CLIPModel'], 'model_type': 'clip', **projection, 'logit_scale_init_value': 2.6592,
           'text_config': {**text, **projection}, 'vision_config': {**vision, **projection}}

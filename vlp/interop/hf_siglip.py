@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 
-from vlp import paths
+from vlp.core import paths
 from vlp.interop import hf_clip
 
 CONFIG, WEIGHTS = hf_clip.CONFIG, hf_clip.WEIGHTS
@@ -45,7 +45,7 @@ def model_config(src: str) -> dict:
                ln_pre=False, patch_bias=True)
   text = dict(vocab_size=t['vocab_size'], context_length=t['max_position_embeddings'], width=t['hidden_size'],
               depth=t['num_hidden_layers'], num_heads=t['num_attention_heads'], mlp_dim=t['intermediate_size'],
-              causal=False, pool='last', padding_mask=False)
+              causal=False, pool='last', padding_mask=False, pad_id=hf_clip.token_ids(src, t)['pad_id'])
   return dict(image=image, text=text, embed_dim=width, head='sigmoid', image_proj=False, proj_bias=True,
               arch=dict(init='xavier', gelu=gelu, ln_eps=eps))
 

@@ -5,8 +5,9 @@ directory with `open_clip_config.json` ({"model_cfg": ..., "preprocess_cfg": ...
 and `open_clip_model.safetensors`; its torch pickle (`open_clip_pytorch_model.bin`)
 only with --allow-pickle, through vlp.interop.torch_pickle's restricted reader.
 Covered: ViT image towers with a class token, learnt position embeddings and
-`ln_pre`; causal text Transformers pooled at the EOT token (the highest id, as
-open_clip's 'argmax' pooling); projections without bias; quick_gelu or exact GELU.
+`ln_pre`; causal text Transformers pooled as open_clip pools them: at the highest id
+(its 'argmax' pooling: CLIP's EOT) or at the first `eos_id` (its 'eos'), padding unmasked
+as open_clip's causal text leaves it; projections without bias; quick_gelu or exact GELU.
 Anything else (ResNet towers, LayerScale, attentional pooling, transformers text
 towers) is refused in one line naming the key.
 
@@ -21,9 +22,9 @@ The mapping, from open_clip's names to vlp's:
 """
 import json
 
-
-from vlp import paths, weights_files
+from vlp.core import paths, weights_files
 from vlp.interop import clip_layout, torch_pickle
+from vlp.models import text as text_lib
 
 CONFIG, WEIGHTS = 'open_clip_config.json', 'open_clip_model.safetensors'
 PICKLES = ('open_clip_pytorch_model.bin', 'pytorch_model.bin')
@@ -68,13 +69,24 @@ def model_config(src: str) -> tuple[dict, dict]:
   image = dict(image_size=size, patch_size=v.get('patch_size', 16), width=width, depth=v['layers'],
                num_heads=width // head_width, mlp_dim=int(width * v.get('mlp_ratio', 4.0)), pool='cls',
                ln_pre=True, patch_bias=False)
-  text = dict(vocab_size=t.get('vocab_size', 49408), context_length=t.get('context_length', 77), width=text_width,
+  vocab = t.get('vocab_size', 49408)
+  text = dict(vocab_size=vocab, context_length=t.get('context_length', 77), width=text_width,
               depth=t.get('layers', 12), num_heads=t.get('heads', 8), mlp_dim=int(text_width * t.get('mlp_ratio', 4.0)),
-              causal=True, pool='eos')
+              causal=True, padding_mask=False, **_text_pooling(src, t, vocab))
   arch = dict(init='xavier', gelu='quick' if cfg.get('quick_gelu') else 'erf', ln_eps=1e-5)
   norm = {'mean': list(pre.get('mean', (0.48145466, 0.4578275, 0.40821073))),  # OpenAI CLIP's
           'std': list(pre.get('std', (0.26862954, 0.26130258, 0.27577711)))}
   return dict(image=image, text=text, embed_dim=cfg['embed_dim'], head='softmax', arch=arch), norm
+
+
+def _text_pooling(src: str, t: dict, vocab: int) -> dict:
+  """vlp's pool, eos_id and pad_id of open_clip's text_cfg (pool_type 'argmax' or 'eos')."""
+  pool = t.get('pool_type', 'argmax')
+  ids = {'pad_id': t.get('pad_id', 0), **({'eos_id': t.get('eos_id', 2)} if pool == 'eos' else {})}
+  for key, value in ids.items():
+    if not 0 <= value < vocab:
+      _refuse(f'{src}: text_cfg.{key}={value} is outside the vocabulary ({vocab})')
+  return dict(pool=pool, eos_id=ids.get('eos_id', text_lib.NO_EOS), pad_id=ids['pad_id'])
 
 
 def read_state(src: str, allow_pickle: bool = False) -> dict:

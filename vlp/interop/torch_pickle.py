@@ -18,7 +18,7 @@ import zipfile
 
 import numpy as np
 
-from vlp import paths
+from vlp.core import paths
 
 # torch's storage types -> the numpy dtype of their bytes; bfloat16 is read as its 16 bits and
 # widened to float32 exactly (the bits shifted to the top half), as torch's `.float()` does

@@ -42,15 +42,15 @@ class TextStack(nnx.Module):
     norm = lambda: layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
     self.embed_ln = norm() if post_ln else None
     experts = [layers.moe_kwargs(moe) if is_moe else None for is_moe in layers.moe_blocks(depth, moe)]
-    self.text_blocks = nnx.List([
+    self.text_blocks = layers.block_stack([
         layers.Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=experts[i], arch=arch, depth=depth,
                      post_ln=post_ln)
-        for i in range(fusion_layer)])
+        for i in range(fusion_layer)], scan)
     self.text_ln = None if post_ln else norm()
-    self.fusion_blocks = nnx.List([
+    self.fusion_blocks = layers.block_stack([
         layers.FusionBlock(width, num_heads, mlp_dim, image_width, rngs=rngs, dtype=dtype, moe=experts[i],
                            arch=arch, depth=depth, post_ln=post_ln)
-        for i in range(fusion_layer, depth)])
+        for i in range(fusion_layer, depth)], scan)
     self.fusion_ln = None if post_ln else norm()
 
   def encode(self, tokens):
@@ -61,12 +61,12 @@ class TextStack(nnx.Module):
     x = (jnp.take(self.token_embed[...], tokens, axis=0) + self.pos_embed[...][:length]).astype(self.dtype)
     if self.embed_ln is not None:
       x = self.embed_ln(x)
-    x = layers.run_blocks(self.text_blocks, x, tokens != PAD_ID, remat=self.remat, scan=self.scan)
+    x = layers.run_blocks(self.text_blocks, x, tokens != PAD_ID, remat=self.remat)
     return x if self.text_ln is None else self.text_ln(x)
 
   def fuse(self, text_hidden, mask, image_tokens):
     """Fusion encoder: text hidden states [B, L, D] attend to image tokens [B, S, D_img]."""
-    x = layers.run_blocks(self.fusion_blocks, text_hidden, mask, image_tokens, remat=self.remat, scan=self.scan)
+    x = layers.run_blocks(self.fusion_blocks, text_hidden, mask, image_tokens, remat=self.remat)
     return x if self.fusion_ln is None else self.fusion_ln(x)
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp.data import transforms
+from vlp.core import pixels
 from vlp.models import layers
 from vlp.models.text import PAD_ID
 from vlp.models.vit import grid_positions
@@ -50,7 +50,7 @@ class ImageEmbed(nnx.Module):
     self.modality = _modality_embedding(rngs, width)
 
   def __call__(self, images):
-    images = transforms.model_input(images)  # uint8 pixels (normalised here) or floats in [-1, 1]
+    images = pixels.model_input(images)  # uint8 pixels (normalised here) or floats in [-1, 1]
     p = self.patch_size
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f'image size {images.shape[1:3]} is not divisible by patch size {p}')
@@ -72,7 +72,7 @@ class VideoEmbed(nnx.Module):
     self.modality = _modality_embedding(rngs, width)
 
   def __call__(self, video):
-    video = transforms.model_input(video)  # uint8 pixels (normalised here) or floats in [-1, 1]
+    video = pixels.model_input(video)  # uint8 pixels (normalised here) or floats in [-1, 1]
     p, t = self.patch_size, self.tubelet_size
     if video.shape[1] % t or video.shape[2] % p or video.shape[3] % p:
       raise ValueError(f'clip of shape {video.shape[1:4]} does not split into tubelets of {t}x{p}x{p}')

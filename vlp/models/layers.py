@@ -1,7 +1,7 @@
 """Transformer building blocks with logical axis names on every parameter.
 
 Logical names ('embed', 'mlp', 'heads', 'kv', 'vocab', ...) are mapped to mesh
-axes by the rules table in vlp.parallel; the modules never name mesh axes.
+axes by the rules table in vlp.core.parallel; the modules never name mesh axes.
 """
 import dataclasses
 
@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp import parallel
-from vlp.models import moe as moe_lib
+from vlp.core import parallel
+from vlp.models import moe as moe_lib, stacks
 from vlp.models.params import param
 
 MAX_LOGIT_SCALE = 100.0  # as CLIP: keeps a runaway temperature from destabilising training
@@ -30,6 +30,7 @@ class Arch:
   init: str = 'xavier'
   gelu: str = 'tanh'
   ln_eps: float = 1e-6
+  attention: str = 'xla'  # how attention is computed (config model.attention, not the paper's: _attend)
 
   def kernel(self, role: str, width: int, depth: int, xavier):
     """The initializer of a `role` kernel ('qkv', 'mlp_in', 'out' of a block of a `depth` stack;
@@ -50,8 +51,9 @@ ARCH_CHOICES = {'init': ('xavier', 'clip'), 'gelu': ('tanh', 'erf', 'quick')}
 
 
 def arch_of(model_cfg) -> Arch:
-  """The Arch of a model config; configs exported before `model.arch` existed get the old one."""
-  return Arch(**model_cfg.get('arch', {}))
+  """The Arch of a model config, with its attention implementation; configs exported before
+  `model.arch` or `model.attention` existed get the old ones."""
+  return Arch(**model_cfg.get('arch', {}), attention=model_cfg.get('attention', 'xla'))
 
 
 def l2_normalize(x):
@@ -90,19 +92,31 @@ class LayerNorm(nnx.Module):
       return y.astype(self.dtype)
 
 
-def _attend(q, k, v, mask, out, out_bias, dt):
+def fused_attention(impl: str) -> bool:
+  """Whether attention of implementation `impl` (config model.attention) is jax.nn.dot_product_attention:
+  'dot_product_attention' always (cuDNN's fused kernel on a GPU where it applies, else XLA's
+  ops), 'auto' on GPUs only; 'xla' never. On TPU no fused kernel has shown fewer bytes in
+  `vlp compile` (docs/pod_programs_draft.md), so 'auto' keeps XLA's ops there."""
+  return impl == 'dot_product_attention' or (impl == 'auto' and jax.default_backend() == 'gpu')
+
+
+def _attend(q, k, v, mask, out, out_bias, dt, impl='xla'):
   """Scaled dot-product attention of q [B, L, H, K] to k, v [B, S, H, K], then the output
   projection out [H, K, D]; mask bool, True where a key may be attended to: [B, S] (the same
-  keys for every query) or [B, L, S] (per query, e.g. causal)."""
+  keys for every query) or [B, L, S] (per query, e.g. causal). impl: model.attention."""
   # heads split over `tensor`: each device attends with its own heads
   q, k, v = (parallel.constrain(t, ('batch', None, 'heads', None)) for t in (q, k, v))
+  if mask is not None:
+    mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]  # [B, heads, L, S]
   with jax.named_scope('attention'):  # q.k, mask, softmax, weights.v: profiles' 'attention' (vlp.bench.categories)
-    logits = jnp.einsum('bqhk,bshk->bhqs', q, k) * (q.shape[-1] ** -0.5)
-    if mask is not None:
-      mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
-      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
-    y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
+    if fused_attention(impl):
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    else:
+      logits = jnp.einsum('bqhk,bshk->bhqs', q, k) * (q.shape[-1] ** -0.5)
+      if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
+      y = jnp.einsum('bhqs,bshk->bqhk', weights, v)
   return jnp.einsum('bqhk,hkd->bqd', y, out.astype(dt)) + out_bias.astype(dt)
 
 
@@ -126,7 +140,7 @@ class SelfAttention(nnx.Module):
     self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ('embed',))
     norm = lambda: LayerNorm(head_dim, rngs=rngs, dtype=dtype, names=('kv',), eps=arch.ln_eps)
     self.q_norm, self.k_norm = (norm(), norm()) if qk_norm else (None, None)
-    self.dtype = dtype
+    self.dtype, self.impl = dtype, arch.attention
 
   def __call__(self, x, mask=None, keep=None):
     """x: [B, L, D]; mask: [B, L] or [B, L, L] bool, True where a key may be attended to;
@@ -142,7 +156,7 @@ class SelfAttention(nnx.Module):
       mask = pick(mask, keep) if mask is not None and mask.ndim == 3 else mask
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    return _attend(q, k, v, mask, self.out[...], self.out_bias[...], dt)
+    return _attend(q, k, v, mask, self.out[...], self.out_bias[...], dt, self.impl)
 
 
 class CrossAttention(nnx.Module):
@@ -161,14 +175,14 @@ class CrossAttention(nnx.Module):
     out_init = arch.kernel('out', width, depth, nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2))
     self.out = param(rngs, out_init, (num_heads, head_dim, width), ('heads', 'kv', 'embed'))
     self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ('embed',))
-    self.dtype = dtype
+    self.dtype, self.impl = dtype, arch.attention
 
   def __call__(self, x, kv):
     dt = self.dtype
     q = jnp.einsum('bld,dhk->blhk', x.astype(dt), self.q[...].astype(dt)) + self.q_bias[...].astype(dt)
     kv = jnp.einsum('bsd,dthk->tbshk', kv.astype(dt), self.kv[...].astype(dt))
     kv = kv + self.kv_bias[...].astype(dt)[:, None, None]
-    return _attend(q, kv[0], kv[1], None, self.out[...], self.out_bias[...], dt)
+    return _attend(q, kv[0], kv[1], None, self.out[...], self.out_bias[...], dt, self.impl)
 
 
 class Mlp(nnx.Module):
@@ -268,16 +282,17 @@ def moe_kwargs(moe):
 
 class Encoder(nnx.Module):
   """A stack of blocks followed by a final LayerNorm; `remat` names a policy or 'none';
-  `scan` runs consecutive blocks of one structure as one lax.scan (run_blocks);
+  `scan` stores each run of consecutive blocks of one structure stacked, and runs it as one
+  lax.scan (block_stack, run_blocks);
   `moe` (config model.<tower>.moe) makes some blocks Mixture-of-Experts (moe_blocks);
   `qk_norm` normalises queries and keys in every block."""
 
   def __init__(self, width, depth, num_heads, mlp_dim, *, rngs, dtype=jnp.float32, remat='none', scan=False,
                moe=None, qk_norm=False, arch=Arch()):
-    self.blocks = nnx.List([
+    self.blocks = block_stack([
         Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype, moe=moe_kwargs(moe) if is_moe else None,
               qk_norm=qk_norm, arch=arch, depth=depth)
-        for is_moe in moe_blocks(depth, moe)])
+        for is_moe in moe_blocks(depth, moe)], scan)
     self.ln = LayerNorm(width, rngs=rngs, dtype=dtype, eps=arch.ln_eps)
     self.remat, self.scan = remat, scan
 
@@ -288,13 +303,64 @@ class Encoder(nnx.Module):
     pooled feature and gradients for most of a block less work (open_clip and big_vision compute
     the whole block). MoE blocks route over all tokens, so a last MoE block runs whole."""
     if keep is None:
-      return self.ln(run_blocks(self.blocks, x, mask, remat=self.remat, scan=self.scan))
+      return self.ln(run_blocks(self.blocks, x, mask, remat=self.remat))
     keep = jnp.broadcast_to(jnp.asarray(keep, jnp.int32) % x.shape[1], x.shape[:1])
-    *body, last = self.blocks
+    body, last = _split_last(self.blocks)
     if isinstance(getattr(last, 'mlp', None), moe_lib.MoeMlp):
       return pick(self(x, mask), keep)[:, 0]
-    x = run_blocks(body, x, mask, remat=self.remat, scan=self.scan)
+    x = run_blocks(body, x, mask, remat=self.remat)
     return self.ln(remat_apply(self.remat)(last, x, mask, keep))[:, 0]
+
+
+def block_stack(blocks: list, scan: bool):
+  """The container of a stack's blocks, as their params are stored. Unscanned: an nnx.List,
+  block i's params under i. Scanned: an nnx.Dict holding each run of consecutive like blocks
+  (_runs) as one block whose params have a leading axis over the run, under its run key
+  ('0-11': vlp.models.stacks), and any other block (an MoE block, a run of one) under its
+  index. The step scans the stored stack instead of stacking per-block params every step.
+  The blocks are made one by one either way, so a seed gives the same params in both layouts."""
+  if not scan:
+    return nnx.List(blocks)
+  out, first = {}, 0
+  for run in _runs(blocks):
+    last = first + len(run) - 1
+    out[str(first) if len(run) == 1 else stacks.run_key(first, last)] = run[0] if len(run) == 1 else _stacked(run)
+    first = last + 1
+  return nnx.Dict(out)
+
+
+def _stacked(run):
+  """One block whose every param stacks the run's blocks' params on a new leading axis, its
+  logical names led by stacks.LAYERS (replicated: each device holds its shard of every block)."""
+  def stack(*variables):
+    names = variables[0].get_metadata()['out_sharding']
+    return variables[0].replace(jnp.stack([v[...] for v in variables]), out_sharding=(stacks.LAYERS, *names))
+  states = [nnx.state(b) for b in run]
+  return nnx.merge(nnx.graphdef(run[0]), jax.tree.map(stack, *states, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+
+
+def _entries(blocks) -> list[tuple[str, nnx.Module]]:
+  """(key, block) of a block container in order; a key is a block's index or a run key.
+  (nnx orders a Dict's keys as strings, '10' before '2', and may hold other attributes:
+  nnx.capture's.)"""
+  if isinstance(blocks, list):
+    return blocks
+  items = blocks.items() if isinstance(blocks, nnx.Dict) else enumerate(blocks)
+  entries = [(str(k), b) for k, b in items if stacks.is_block_key(k)]
+  return sorted(entries, key=lambda kb: int(kb[0].split('-')[0]))
+
+
+def _split_last(blocks):
+  """(entries of every block but the last, the last block): a stored run's last block is
+  sliced off it."""
+  *body, (key, last) = _entries(blocks)
+  run = stacks.run_range(key)
+  if run is None:
+    return body, last
+  graphdef, state = nnx.split(last)
+  head = nnx.merge(graphdef, jax.tree.map(lambda a: a[:-1], state))
+  body.append((stacks.run_key(run[0], run[1] - 1), head))
+  return body, nnx.merge(graphdef, jax.tree.map(lambda a: a[-1], state))
 
 
 def stacking(model_cfg) -> dict:
@@ -303,20 +369,17 @@ def stacking(model_cfg) -> dict:
   return {'remat': model_cfg.get('remat', 'none'), 'scan': model_cfg.get('scan_layers', False)}
 
 
-def run_blocks(blocks, x, *args, remat: str = 'none', scan: bool = False):
+def run_blocks(blocks, x, *args, remat: str = 'none'):
   """x through the blocks in order, each called as block(x, *args).
 
-  remat: the policy (REMAT_POLICIES) rematerialising each block, or 'none'. scan: each run
-  of consecutive blocks of one structure (an nnx graphdef) becomes one lax.scan over their
-  stacked params, so the compiler sees one block however deep the stack (MaxText's
-  scan_layers): a paper-size model compiles in minutes instead of most of an hour. The
-  math is the same; MoE blocks stay unrolled, as they sow their auxiliary losses."""
+  blocks: a block_stack container (or a list of its (key, block) entries). remat: the policy
+  (REMAT_POLICIES) rematerialising each block, or 'none'. A stored run of like blocks is one
+  lax.scan over its stacked params, so the compiler sees one block however deep the stack
+  (MaxText's scan_layers): a paper-size model compiles in minutes instead of most of an hour.
+  The math is the same; MoE blocks stay unrolled, as they sow their auxiliary losses."""
   apply = remat_apply(remat)
-  for run in _runs(blocks) if scan else [[b] for b in blocks]:
-    if len(run) == 1:
-      x = apply(run[0], x, *args)
-    else:
-      x = _scan_run(run, x, args, remat)
+  for key, block in _entries(blocks):
+    x = _scan_run(block, x, args, remat) if stacks.run_range(key) else apply(block, x, *args)
   return x
 
 
@@ -332,16 +395,16 @@ def _runs(blocks) -> list[list]:
   return runs
 
 
-def _scan_run(run, x, args, remat):
-  graphdef = nnx.graphdef(run[0])
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in run])
+def _scan_run(stacked, x, args, remat):
+  """x through a stored run (a block with stacked params) as one lax.scan over its params."""
+  graphdef, params, rest = nnx.split(stacked, nnx.Param, ...)  # rest: e.g. nnx.capture's empty slots
 
-  def body(h, state):
-    return nnx.merge(graphdef, state)(h, *args), None
+  def body(h, params):
+    return nnx.merge(graphdef, params, rest)(h, *args), None
 
   if remat != 'none':
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-  return jax.lax.scan(body, x, stacked)[0]
+  return jax.lax.scan(body, x, params)[0]
 
 
 def remat_apply(remat):

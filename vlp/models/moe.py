@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp import parallel
+from vlp.core import parallel
 from vlp.models.params import param
 
 ROUTERS = ('top_k', 'expert_choice')

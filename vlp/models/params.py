@@ -1,6 +1,6 @@
 """Parameters with logical axis names: the one constructor every layer uses.
 
-Variables carry their logical names as metadata; vlp.parallel maps them to
+Variables carry their logical names as metadata; vlp.core.parallel maps them to
 mesh axes. Flax's eager sharding would need a mesh at construction time.
 """
 import flax

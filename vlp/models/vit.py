@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp.data import transforms
+from vlp.core import pixels
 from vlp.models import layers
 
 
@@ -81,7 +81,7 @@ class ViT(nnx.Module):
     """images: float [B, H, W, 3] in [-1, 1], or uint8 pixels (normalised here) -> encoded tokens
     [B, 1 + patches, width], CLS first (without a CLS token: [B, patches, width]); with keep (a
     position), that token's alone, [B, width]."""
-    images = transforms.model_input(images)  # uint8 would otherwise be read as 0..255
+    images = pixels.model_input(images)  # uint8 would otherwise be read as 0..255
     p = self.patch_size
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f'image size {images.shape[1:3]} is not divisible by patch size {p}')

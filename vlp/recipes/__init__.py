@@ -1,14 +1,14 @@
 """Recipes: one per model family, looked up by `config.model.name`.
 
-The built-in ones are packages of this folder (align, albef, imp), imported
-on first use; a recipe that lives elsewhere joins with `register(recipe)`
-(see README, "Adding a model").
+The built-in ones are packages of this folder (align, albef, imp, bert),
+imported on first use; a recipe that lives elsewhere joins with
+`register(recipe)` (docs/models.md, "Adding a model").
 """
 import importlib
 
-from vlp import config as config_lib
-from vlp.config import ConfigError
-from vlp.recipes.base import DEFAULT_TASK, Recipe
+from vlp.core import config as config_lib
+from vlp.core.config import ConfigError
+from vlp.recipes.base import Recipe
 
 BUILTIN = ('align', 'albef', 'imp', 'bert')
 _REGISTRY: dict[str, Recipe] = {}
@@ -33,4 +33,4 @@ def base_config(name: str = 'align'):
   return config_lib.base_config(name, get(name).config_sections())
 
 
-__all__ = ['BUILTIN', 'DEFAULT_TASK', 'Recipe', 'base_config', 'get', 'register']
+__all__ = ['BUILTIN', 'Recipe', 'base_config', 'get', 'register']

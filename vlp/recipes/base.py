@@ -1,68 +1,62 @@
 """The recipe protocol: everything vlp needs to know about one model family.
 
 A recipe is one package (vlp/recipes/<name>/, or any module that calls
-`vlp.recipes.register`) exposing a `Recipe` object. Shared code (the plan,
-the trainer, evaluators, export, benchmarks) asks the recipe and never
-compares model names. The methods, with what they are for:
+`vlp.recipes.register`) exposing a `Recipe` object. Shared code (the validation,
+the plan, the trainer, evaluators, export, benchmarks) asks the recipe and never
+compares model names or looks for a model's keys. The door, with what each is for:
 
-  config_sections()      its own config keys (merged into vlp.config.base_config)
-  validate(config)       checks of those keys (ConfigError naming the key)
-  check_task(...)        which task entries (config.tasks) it can train
-  default_tasks(config)  the task(s) when config.tasks is empty
-  vision_tokens(...)     vision tokens per example (scales batches across resolutions)
-  frames(config, task)   frames per clip of a video task
-  build(model_cfg)       the Flax NNX model
-  batch_spec(...)        the one batch schema: input pipeline, compiled step, random batch
-  preprocess_options()   extra arguments of the input pipeline's example maker
-  init_sources(config)   params to start from besides init.from (ALBEF: a BERT import)
-  init_model_state(...)  state besides params and optimizer (momentum params, queues)
-  loss(...)              (loss, (metrics, new model state)) of one variant's batch
-  untouched_params(...)  top-level params a task's step leaves alone
-  predict_fns(graphdef)  the functions evaluators call ('image', 'text', ...)
-  export_encoders(...)   the encoders `vlp export` serialises
-  train_flops(...)       analytic model FLOPs of one step (MFU)
-  activation_bytes(...)  per-device activation estimate (the memory table)
+  config_sections()          its own config keys (merged into vlp.core.config.base_config)
+  validate(config, tasks)    checks of those keys and of every task it is to train
+                             (vlp.validation.Task: the entry and its config keys)
+  vision(config, task, size) (frames per clip, vision tokens per example) of a task at a
+                             resolution: the plan scales batches across resolutions by tokens
+  build(model_cfg)           the Flax NNX model
+  batch_spec(...)            the one batch schema: input pipeline, compiled step, random batch
+  example_transform(...)     what its model needs of an example besides pixels, caption and
+                             label (ALBEF: the MLM inputs), made in the input pipeline
+  init_sources(config)       params to start from besides init.from (ALBEF: a BERT import)
+  init_model_state(...)      state besides params and optimizer (momentum params, queues)
+  loss(...)                  (loss, (metrics, new model state)) of one variant's batch
+  untouched_params(...)      top-level params a task's step leaves alone
+  predict_fns(graphdef)      the functions evaluators call ('image', 'text', ...)
+  export_encoders(...)       the encoders `vlp export` serialises
+  train_flops(...)           analytic model FLOPs of one step (MFU), from vlp.models.flops
+  activation_bytes(...)      per-device activation estimate (the memory table)
+
+and what it declares, checked in one place (vlp.validation):
+
+  modalities, eval_kinds     what its encoders take; the evaluator kinds it supports
+  identity_keys              config keys besides `model` that a resume must keep
+  needs_tasks                no default task: a config must name config.tasks (IMP)
+  accumulates                whether a step can accumulate gradients over micro-batches
+                             (False for ALBEF: its momentum model and queues move once a step)
 """
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 from flax import nnx
 
-from vlp import config as config_lib
-from vlp.config import ConfigError, check
+from vlp.core import config as config_lib
+from vlp.core.config import ConfigError, check
 from vlp.models import layers, moe as moe_lib, vit
-
-DEFAULT_TASK = 'default'  # the task of a config without config.tasks
 
 
 class Recipe:
   name = ''
-  identity_keys: tuple[str, ...] = ()  # config keys besides `model` that a resume must keep
   modalities: tuple[str, ...] = ('image', 'text')  # what its encoders take (predict_fns' keys)
   eval_kinds: tuple[str, ...] = ('retrieval', 'zeroshot')  # the evaluator kinds it supports
+  identity_keys: tuple[str, ...] = ()  # config keys besides `model` that a resume must keep
+  needs_tasks = False  # True: no default task, a config names config.tasks
+  accumulates = True  # a step may average gradients over micro-batches (accum_steps > 1)
 
   def config_sections(self) -> dict:
     raise NotImplementedError
 
-  def validate(self, config):
-    """Checks the recipe's own config keys."""
+  def validate(self, config, tasks=()):
+    """Checks the recipe's own config keys, and refuses a task (vlp.validation.Task) it cannot
+    train: ConfigError naming the key (task.key(field) for a task's field)."""
 
-  def check_task(self, config, key, task):
-    """Refuses a task entry this recipe cannot train: ConfigError naming `key(field)`, the
-    config key of one of its fields."""
-
-  def default_tasks(self, config) -> dict:
-    """One task: config.data at config.batch_size (its input item is `data`, metrics unprefixed)."""
-    task = config_lib.task_config(data='task', batch_size=config.batch_size, accum_steps=config.accum_steps,
-                                  label_smoothing=config.loss.label_smoothing)
-    return {DEFAULT_TASK: ml_collections.ConfigDict(task)}
-
-  def vision_tokens(self, config, task, image_size: int) -> int:
-    return (image_size // config.model.image.patch_size) ** 2
-
-  def frames(self, config, task) -> int:
-    """Frames per clip of a video task (0: no video)."""
-    return 0
+  def vision(self, config, task, image_size: int) -> tuple[int, int]:
+    """(frames per clip, 0 for images; vision tokens per example) of a task at a resolution."""
+    return 0, (image_size // config.model.image.patch_size) ** 2
 
   def build(self, model_cfg, seed: int = 0) -> nnx.Module:
     raise NotImplementedError
@@ -72,26 +66,11 @@ class Recipe:
     size = variant.image_size
     return {'image': ((size, size, 3), jnp.uint8), 'text': ((config.model.text.context_length,), jnp.int32)}
 
-  def preprocess_options(self, config) -> dict:
-    return {}
-
-  def num_classes(self, task) -> int:
-    raise NotImplementedError(f'recipe {self.name!r} has no classification tasks')
-
-  def random_batch(self, config, variant, rng: np.random.Generator) -> dict:
-    """Random numpy inputs of the variant's global batch shapes (benchmarks, tests)."""
-    batch = {}
-    for k, s in variant.spec.items():
-      if k == 'label':
-        batch[k] = rng.integers(0, self.num_classes(variant.cfg), s.shape)
-      elif s.dtype == np.uint8:  # pixels
-        batch[k] = rng.integers(0, 256, s.shape)
-      elif np.issubdtype(s.dtype, np.floating):
-        batch[k] = rng.normal(size=s.shape)
-      else:
-        batch[k] = rng.integers(5, config.model.text.vocab_size, size=s.shape)
-      batch[k] = batch[k].astype(s.dtype)
-    return batch
+  def example_transform(self, config, variant, tokenizer):
+    """None, or f(example, rng) -> example adding the keys of the batch spec that the input pipeline
+    does not make (pixels, 'text', 'label'), with the example's own random generator; a picklable
+    object (Grain's workers). tokenizer: the run's (its special ids), or None for vlp's own."""
+    return None
 
   def init_sources(self, config) -> list:
     """[(config key, source, convert)]: sources a fresh run takes params from besides init.from
@@ -127,7 +106,7 @@ class Recipe:
 
 
 def validate_moe(moe, key: str, depth: int):
-  """A tower's Mixture-of-Experts section (vlp.config.moe_config)."""
+  """A tower's Mixture-of-Experts section (vlp.core.config.moe_config)."""
   if not moe.num_experts:
     return
   check(isinstance(moe.num_experts, int) and moe.num_experts > 1, f'{key}.num_experts',
@@ -169,11 +148,12 @@ def validate_arch(arch):
         f'must be a float in (0, 1), got {arch.ln_eps!r}')
 
 
-def image_text_only(key, task, name: str):
-  """Dual encoders train contrastive image-text tasks."""
-  if tuple(task.modalities) != ('image', 'text') or task.loss != 'contrastive':
-    raise ConfigError(f"config key '{key('modalities')}': {name} trains contrastive ('image', 'text') tasks, "
-                      f'got {tuple(task.modalities)!r} with loss {task.loss!r}')
+def image_text_only(task, name: str):
+  """Dual encoders train contrastive image-text tasks (task: a vlp.validation.Task)."""
+  t = task.cfg
+  if tuple(t.modalities) != ('image', 'text') or t.loss != 'contrastive':
+    raise ConfigError(f"config key '{task.key('modalities')}': {name} trains contrastive ('image', 'text') tasks, "
+                      f'got {tuple(t.modalities)!r} with loss {t.loss!r}')
 
 
 def moe_aux(intermediates, loss_cfg):

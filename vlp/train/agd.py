@@ -1,6 +1,6 @@
 """Alternating gradient descent: one task per step, chosen from (seed, step).
 
-A task (config.tasks.NAME, vlp.config.TASK_DEFAULTS) has its own data, loss,
+A task (config.tasks.NAME, vlp.core.config.TASK_DEFAULTS) has its own data, loss,
 batch size and resolutions. Each (task, resolution) is a *variant* of the
 plan (vlp.plan) with its own compiled step, batch size and input iterator; a
 task with several resolutions runs them in turn. A config without tasks has

@@ -25,20 +25,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from vlp.config import check
 
 
 class Diverged(RuntimeError):
   """The run rolled back to the same checkpoint twice: it stops (one line naming the step)."""
-
-
-def validate(cfg):
-  """config.nonfinite."""
-  check(isinstance(cfg.max_consecutive, int) and cfg.max_consecutive >= 1, 'nonfinite.max_consecutive',
-        'must be an int >= 1')
-  check(isinstance(cfg.spike_window, int) and cfg.spike_window >= 0, 'nonfinite.spike_window',
-        'must be an int >= 0 (0: no spike warnings)')
-  check(cfg.spike_zscore > 0, 'nonfinite.spike_zscore', 'must be > 0')
 
 
 def keep_if(ok, new: dict, old: dict) -> dict:

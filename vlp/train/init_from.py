@@ -21,9 +21,11 @@ import re
 import jax
 import numpy as np
 
-from vlp import checkpoint, export, paths, weights_files
-from vlp.config import ConfigError
-from vlp.train import optim
+from vlp.core import paths, trees, weights_files
+from vlp.core.config import ConfigError
+from vlp.models import stacks
+from vlp.workdir import checkpoints
+
 
 def source_of(config) -> str:
   return config.get('init', {}).get('from', '')
@@ -34,8 +36,8 @@ def _read(source: str) -> dict:
   if weights_files.exists(source):
     flat = weights_files.read(source)
   elif paths.exists(paths.join(source, 'config.json')):
-    _, params, _ = export.restore_params(source)
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in checkpoint.flatten(params)}
+    _, params, _ = checkpoints.restore_params(source)
+    flat = stacks.per_block({k: np.asarray(jax.device_get(v)) for k, v in trees.flatten(params)})
   else:
     raise ConfigError(f"config key 'init.from': {source} is neither a vlp workdir (config.json) nor a "
                       f'vlp export ({weights_files.SINGLE} or {weights_files.INDEX})')
@@ -68,17 +70,23 @@ def _given(config, sources) -> dict:
 def load(config, abstract_params: dict, log=print, sources=()) -> dict | None:
   """The params tree of this model with every matching param of the sources (None where a
   param keeps its init); None when config.init['from'] is empty and there are no `sources`
-  ([(config key, source, convert)], vlp.recipes.base.Recipe.init_sources)."""
+  ([(config key, source, convert)], vlp.recipes.base.Recipe.init_sources). Params are matched
+  per block: a stacked param of a scanned stack (vlp.models.stacks) is loaded when the
+  sources give all of its blocks."""
   if not source_of(config) and not sources:
     return None
   given = _given(config, sources)
-  names = {k.replace('.', '/'): x for k, x in checkpoint.flatten(abstract_params)}
-  wrong = [n for n in names if n in given and tuple(given[n][2].shape) != tuple(names[n].shape)]
+  stacked = {k.replace('.', '/'): x for k, x in trees.flatten(abstract_params)}
+  names = {}  # per-block name -> shape
+  for name, x in stacked.items():
+    per = stacks.per_block_names(name)
+    names.update({n: tuple(x.shape[1:] if len(per) > 1 else x.shape) for n in per})
+  wrong = [n for n in names if n in given and tuple(given[n][2].shape) != names[n]]
   if wrong:
     more = f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''
     key, source, value = given[wrong[0]]
     raise ConfigError(f"config key '{key}': {source}: param {wrong[0]} has shape "
-                      f'{tuple(value.shape)}, this model {tuple(names[wrong[0]].shape)}{more}')
+                      f'{tuple(value.shape)}, this model {names[wrong[0]]}{more}')
   missing = sorted(set(names) - set(given))
   extra = sorted(set(given) - set(names))
   froms = ', '.join(sorted({f'{key} {src}' for key, src, _ in given.values()}))
@@ -89,6 +97,15 @@ def load(config, abstract_params: dict, log=print, sources=()) -> dict | None:
     log(f'  in the source, not in this model (ignored): {_listing(extra)}')
 
   def pick(path, x):
-    name = optim.path_name(path)
-    return np.asarray(given[name][2], x.dtype) if name in given else None
+    per = stacks.per_block_names(trees.path_name(path))
+    taken = [n for n in per if n in given]
+    if not taken:
+      return None
+    if len(taken) < len(per):
+      key, source, _ = given[taken[0]]
+      raise ConfigError(f"config key '{key}': {source} gives {len(taken)} of the {len(per)} blocks of the "
+                        f'stacked param {trees.path_name(path)} (model.scan_layers stores them as one): '
+                        'give all or none, or train with model.scan_layers=False')
+    arrays = [np.asarray(given[n][2], x.dtype) for n in per]
+    return np.stack(arrays) if len(per) > 1 else arrays[0]
   return jax.tree_util.tree_map_with_path(pick, abstract_params)

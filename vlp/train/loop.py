@@ -13,10 +13,11 @@ import types
 import jax
 import tqdm
 
-from vlp import checkpoint, eval as eval_lib, parallel, plan as plan_lib, tasks, workdir_check
-from vlp.data import records
-from vlp.train import agd, guard, init_from, metrics as metrics_lib, preemption, profile, state as state_lib
-from vlp.train import step as step_lib
+from vlp import eval as eval_lib, plan as plan_lib
+from vlp.core import parallel
+from vlp.data import tokenizer as tokenizer_lib, records
+from vlp.train import input as input_lib, agd, guard, init_from, metrics as metrics_lib, preemption, profile, state as state_lib, step as step_lib
+from vlp.workdir import checkpoints, hosts, identity, metrics as workdir_metrics
 
 
 class Evaluators:
@@ -35,10 +36,9 @@ class Evaluators:
 def prepare(config, workdir, mesh=None):
   """Everything that must hold before compiling: the plan (a validated config), mesh, workdir."""
   plan = plan_lib.make(config, jax.device_count(), jax.process_count())
-  guard.validate(config.nonfinite)
   mesh = mesh or parallel.make_mesh(plan.sizes)
-  workdir_check.prepare(config, workdir)  # remote paths answer, a shared workdir, the compile cache
-  checkpoint.check_workdir(config, workdir)
+  hosts.prepare(config, workdir)  # remote paths answer, a shared workdir, the compile cache
+  identity.check_workdir(config, workdir)
   return plan, mesh
 
 
@@ -183,15 +183,15 @@ class _Rollback:
 def _train(config, workdir, progress, resume_at, preempt):
   times = collections.Counter()
   plan, mesh = prepare(config, workdir)
-  tokenizer = tasks.tokenizer_for(config)
+  tokenizer = tokenizer_lib.for_config(config)
   setup = state_lib.make_setup(plan, mesh)
-  iterators = {v.data_item: tasks.train_iterator(plan, tokenizer, v) for v in plan.variants}
+  iterators = {v.data_item: input_lib.train_iterator(plan, tokenizer, v) for v in plan.variants}
   evaluator = Evaluators(plan, setup, tokenizer) or None
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, data_items=list(iterators))
+  ckpt = checkpoints.manager(workdir, config.checkpoint, data_items=list(iterators))
   _log(parallel.format_memory_table(parallel.memory_table(setup.abstract, plan.activation_bytes()), plan.sizes))
   start, state = _start(plan, setup, ckpt, iterators, resume_at)  # before compiling: a bad --step fails fast
   steps = _compile_all(plan, setup, times)
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  writer = workdir_metrics.MetricWriter(workdir, resume_step=start)
   bar = tqdm.tqdm(total=config.total_steps, initial=start, disable=not progress or jax.process_index() != 0,
                   unit='step', dynamic_ncols=True)
   log = _Logger(config, writer, times, bar, guard.Tracker(config.nonfinite, log=_log))

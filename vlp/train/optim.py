@@ -9,6 +9,9 @@ import re
 import jax
 import optax
 
+from vlp.core import trees
+from vlp.models import stacks
+
 
 def schedule(o, total_steps: int):
   warmup = min(o.warmup_steps, total_steps)
@@ -32,44 +35,18 @@ def decay_mask(no_decay=('pos_embed',)):
   def mask(params):
     def keep(path, x):
       name = str(getattr(path[-1], 'key', path[-1]))
-      return x.ndim >= 2 and name not in no_decay and not name.endswith('bias')
+      # a scanned stack's param has a leading axis over its blocks (vlp.models.stacks): a block's is one less
+      ndim = x.ndim - any(stacks.run_range(getattr(k, 'key', None)) for k in path)
+      return ndim >= 2 and name not in no_decay and not name.endswith('bias')
     return jax.tree_util.tree_map_with_path(keep, params)
   return mask
-
-
-def path_name(path) -> str:
-  return '/'.join(str(getattr(p, 'key', p)) for p in path)
 
 
 def frozen_mask(o, params):
   """True for the params optim.frozen names (they get no update and hold no optimizer state)."""
   patterns = [re.compile(p) for p in o.get('frozen', ())]
-  return jax.tree_util.tree_map_with_path(lambda path, _: any(p.fullmatch(path_name(path)) for p in patterns),
-                                          params)
-
-
-def check_patterns(o, params, init_only=()):
-  """optim.frozen, optim.lr_mult (and init.only) are well formed and each pattern names at
-  least one param (a typo would silently train a tower meant to be locked). Configs written
-  before these keys existed have none."""
-  from vlp.config import ConfigError
-  names = [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  for item in o.get('lr_mult', ()):
-    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], (int, float))
-            and item[1] > 0):
-      raise ConfigError(f"config key 'optim.lr_mult': entries are (regex, factor > 0), got {item!r}")
-  groups = (('optim.frozen', o.get('frozen', ())), ('optim.lr_mult', [p for p, _ in o.get('lr_mult', ())]),
-            ('init.only', init_only))
-  for key, patterns in groups:
-    for p in patterns:
-      try:
-        re.compile(p)
-      except (re.error, TypeError) as e:
-        raise ConfigError(f"config key '{key}': {p!r} is not a regular expression ({e})") from None
-      if not any(re.fullmatch(p, n) for n in names):
-        tops = sorted({n.split('/')[0] for n in names})
-        raise ConfigError(f"config key '{key}': {p!r} matches no param (names look like {names[0]!r}; "
-                          f"top level: {', '.join(tops)})")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(p.fullmatch(trees.path_name(path)) for p in patterns), params)
 
 
 def group_labels(o, params):
@@ -78,7 +55,7 @@ def group_labels(o, params):
   mults = [re.compile(p) for p, _ in o.get('lr_mult', ())]
 
   def label(path, _):
-    name = path_name(path)
+    name = trees.path_name(path)
     if any(p.fullmatch(name) for p in frozen):
       return 'frozen'
     return next((f'lr_mult_{i}' for i, p in enumerate(mults) if p.fullmatch(name)), 'base')

@@ -12,13 +12,7 @@ at its end.
 """
 import jax
 
-from vlp import paths
-
-
-def trace_dir(workdir: str) -> str:
-  """Where this process writes its trace."""
-  root = paths.join(workdir, 'profile')
-  return root if jax.process_count() == 1 else paths.join(root, f'process_{jax.process_index()}')
+from vlp.workdir import layout
 
 
 class StepTrace:
@@ -26,7 +20,7 @@ class StepTrace:
 
   def __init__(self, steps, workdir: str, log=print):
     self.range = tuple(steps) or None
-    self.dir, self.log, self.active = trace_dir(workdir), log, False
+    self.dir, self.log, self.active = layout.profile_dir(workdir), log, False
 
   def before(self, done: int, state=None):
     """Called with the steps done so far and the state, before the next step is dispatched."""

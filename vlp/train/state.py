@@ -20,10 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp import parallel
+from vlp.core import parallel
 from vlp.train import optim
-
-
 
 
 @dataclasses.dataclass
@@ -34,7 +32,8 @@ class Setup:
   abstract: dict  # ShapeDtypeStructs of the state, with shardings
   shardings: dict
   mesh: jax.sharding.Mesh
-  rules: dict  # logical -> mesh axes (vlp.parallel.rules_from)
+  rules: dict  # logical -> mesh axes (vlp.core.parallel.rules_from)
+  has_model_state: bool = False  # the recipe keeps state besides params (Recipe.init_model_state)
 
 
 def _params_of(model, dtype):
@@ -44,14 +43,9 @@ def _params_of(model, dtype):
 def make_setup(plan, mesh) -> Setup:
   config, recipe = plan.config, plan.recipe
   tx, lr = optim.make(config.optim, config.total_steps)
-  rules = parallel.rules_from(config)
-  abstract_model = nnx.eval_shape(lambda: recipe.build(config.model, config.seed))
-  graphdef, abstract_vars = nnx.split(abstract_model, nnx.Param)
-  logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_vars))
-  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, config.model.param_dtype),
-                                 nnx.to_pure_dict(abstract_vars))
-  optim.check_patterns(config.optim, abstract_params, config.get('init', {}).get('only', ()))  # before compiling
-  param_sh = parallel.tree_shardings(logical, abstract_params, mesh, rules)
+  params = plan.params(mesh)
+  abstract_params, param_sh = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params.abstract), \
+      params.shardings
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   shardings = {'step': parallel.replicated(mesh), 'params': param_sh,
                'opt_state': parallel.like_params_shardings(abstract_opt, param_sh, mesh)}
@@ -63,7 +57,7 @@ def make_setup(plan, mesh) -> Setup:
     shapes['model_state'] = abstract_model_state
     shardings['model_state'] = parallel.like_params_shardings(abstract_model_state, param_sh, mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-  return Setup(graphdef, tx, lr, abstract, shardings, mesh, rules)
+  return Setup(params.graphdef, tx, lr, abstract, shardings, mesh, params.rules, 'model_state' in shapes)
 
 
 def has_ema(config) -> bool:

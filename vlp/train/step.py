@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlp import parallel
+from vlp.core import parallel
 from vlp.train import agd, guard, optim
 
 
@@ -53,7 +53,7 @@ def make_train_step(plan, setup, variant):
   frozen = optim.frozen_mask(config.optim, setup.abstract['params'])  # Python bools: a static choice
 
   def train_step(state, batch):
-    model_state = state.get('model_state', {})
+    model_state = state['model_state'] if setup.has_model_state else {}
 
     def loss_fn(params, batch):
       # no gradient reaches a frozen param, so XLA drops the backward pass of a frozen tower
@@ -61,7 +61,7 @@ def make_train_step(plan, setup, variant):
       with jax.named_scope('loss'):  # the forward pass and the loss; its gradient: transpose(jvp(loss))
         return recipe.loss(graphdef, params, model_state, batch, state['step'], config, variant)
 
-    # recipes with a model state (ALBEF) keep accum_steps == 1: it moves once per step
+    # a recipe whose model state moves once per step declares it cannot accumulate (Recipe.accumulates)
     (loss, (aux, model_state)), grads = loss_and_grads(loss_fn, state['params'], batch, variant.accum_steps)
     with jax.named_scope('optimizer'):  # the update's ops, as profiles name them (vlp.bench.categories)
       updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
@@ -75,7 +75,7 @@ def make_train_step(plan, setup, variant):
     new = {'params': params, 'opt_state': opt_state}
     if 'ema_params' in state:
       new['ema_params'] = optax.incremental_update(params, state['ema_params'], 1.0 - config.ema_decay)
-    if 'model_state' in state:
+    if setup.has_model_state:
       new['model_state'] = model_state
     if guarded:  # a non-finite step changes nothing but the step counter (vlp.train.guard)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

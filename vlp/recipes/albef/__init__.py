@@ -24,14 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlp import config as config_lib, paths
-from vlp.bench import flops
-from vlp.config import ConfigError, check
-from vlp.data import transforms
+from vlp.core import config as config_lib, paths
+from vlp.core.config import ConfigError, check
 from vlp.models import albef as model_lib, layers
 from vlp.models.text import PAD_ID
 from vlp.recipes import align, base
-from vlp.recipes.albef import losses
+from vlp.recipes.albef import flops, losses, masking
 
 MOMENTUM_KEYS = ('image', 'image_proj', 'text', 'text_proj', 'mlm_head')
 
@@ -84,6 +82,7 @@ class Albef(base.Recipe):
   name = 'albef'
   eval_kinds = ('retrieval', 'zeroshot', 'itm_rerank')
   identity_keys = ('albef.queue_size', 'albef.mlm_prob')
+  accumulates = False  # the momentum model and the queues move once per step, not per micro-batch
 
   def config_sections(self):
     return {
@@ -107,7 +106,7 @@ class Albef(base.Recipe):
         'init': dict(text_from=''),  # a BERT import the text stack and MLM head start from
     }
 
-  def validate(self, config):
+  def validate(self, config, tasks=()):
     base.validate_towers(config)
     m, a = config.model, config.albef
     base.validate_arch(m.arch)
@@ -117,8 +116,6 @@ class Albef(base.Recipe):
     check(0.0 <= a.alpha <= 1.0, 'albef.alpha', 'must be in [0, 1]')
     check(a.alpha_warmup_steps >= 0, 'albef.alpha_warmup_steps', 'must be >= 0')
     check(0.0 < a.mlm_prob < 1.0, 'albef.mlm_prob', 'must be in (0, 1)')
-    # the momentum model and the queues move once per step, not per micro-batch
-    check(config.accum_steps == 1, 'accum_steps', 'ALBEF updates momentum and queues per step: must be 1')
     check(config.loss.chunk_size == 0, 'loss.chunk_size', 'ALIGN only; ALBEF contrasts against its queues')
     check(config.loss.impl == 'gather', 'loss.impl', 'ALIGN only; ALBEF contrasts against its queues')
     check(isinstance(m.text.post_ln, bool), 'model.text.post_ln', f'must be True or False, got {m.text.post_ln!r}')
@@ -127,6 +124,12 @@ class Albef(base.Recipe):
             'post-LN: set it to True')
       check(config.data.tokenizer.endswith('.json'), 'data.tokenizer', 'init.text_from starts the text stack from '
             "BERT: read captions in its vocabulary with the import's tokenizer.json (DIR/tokenizer.json)")
+    for task in tasks:
+      base.image_text_only(task, 'ALBEF')
+      batch, q = task.cfg.batch_size, a.queue_size
+      check(batch >= 2, task.key('batch_size'), 'ALBEF draws in-batch hard negatives: needs >= 2')
+      check(q > 0 and q % batch == 0, 'albef.queue_size',
+            f'{q} is not a positive multiple of the batch size {batch} (each step enqueues one global batch)')
 
   def init_sources(self, config):
     """init.text_from: a BERT import's layers, embeddings and MLM head, renamed into the text stack;
@@ -146,14 +149,6 @@ class Albef(base.Recipe):
       return (name, value) if name.startswith(('text/', 'mlm_head/')) else None  # BERT's pooler is not ALBEF's
     return [('init.text_from', source, convert)]
 
-  def check_task(self, config, key, task):
-    base.image_text_only(key, task, 'ALBEF')
-    check(task.accum_steps == 1, key('accum_steps'), 'ALBEF updates momentum and queues per step: must be 1')
-    batch, q = task.batch_size, config.albef.queue_size
-    check(batch >= 2, key('batch_size'), 'ALBEF draws in-batch hard negatives: needs >= 2')
-    check(q > 0 and q % batch == 0, 'albef.queue_size',
-          f'{q} is not a positive multiple of the batch size {batch} (each step enqueues one global batch)')
-
   def build(self, model_cfg, seed=0):
     return model_lib.Model(model_cfg, rngs=nnx.Rngs(seed))
 
@@ -161,15 +156,11 @@ class Albef(base.Recipe):
     spec = super().batch_spec(config, variant)
     return {**spec, 'mlm_text': spec['text'], 'mlm_labels': spec['text']}
 
-  def preprocess_options(self, config):
-    return {'mlm_prob': config.albef.mlm_prob}
-
-  def random_batch(self, config, variant, rng):
-    batch = super().random_batch(config, variant, rng)
-    # masked as the input pipeline does
-    batch['mlm_text'], batch['mlm_labels'] = transforms.mlm_mask(
-        batch['text'], rng, vocab_size=config.model.text.vocab_size, prob=config.albef.mlm_prob)
-    return batch
+  def example_transform(self, config, variant, tokenizer):
+    """The MLM inputs of every example, masked with its own random generator (resumable)."""
+    if tokenizer is None:  # random batches: vlp's own special ids over the model's vocabulary
+      return masking.MlmMasking(config.albef.mlm_prob, config.model.text.vocab_size)
+    return masking.MlmMasking(config.albef.mlm_prob, tokenizer.vocab_size, tokenizer.mask_id, tokenizer.special_ids)
 
   def init_model_state(self, config, params):
     """Momentum copy of the params (as ALBEF's copy_params) and queues of random unit features."""
@@ -235,7 +226,7 @@ class Albef(base.Recipe):
             'itc_temperature': lambda p: float(np.clip(jax.device_get(p['temp']), *model_lib.TEMP_RANGE))}
 
   def train_flops(self, config, variant):
-    return flops.albef_train_flops(config.model, variant.batch_size, config.albef.queue_size)
+    return flops.train_flops(config.model, variant.batch_size, config.albef.queue_size)
 
   def activation_bytes(self, config, variant, sizes):
     """Both unimodal towers on one micro-batch plus ITC's logits; the fusion passes (3B ITM

@@ -8,7 +8,7 @@ batch, XLA gathers what each product needs.
 import jax
 import jax.numpy as jnp
 
-from vlp.data.transforms import IGNORE_INDEX
+from vlp.recipes.albef.masking import IGNORE_INDEX
 
 
 def _soft_cross_entropy(logits, targets):

@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp import config as config_lib, losses, parallel
-from vlp.bench import flops
-from vlp.config import check
+from vlp import losses
+from vlp.core import config as config_lib, parallel
+from vlp.core.config import check
 from vlp.models import align as model_lib, layers, text as text_lib
 from vlp.recipes import base
+from vlp.recipes.align import flops
 
 
 def towers() -> dict:
@@ -85,6 +86,17 @@ def health_metrics(image_raw, text_raw, image_emb, text_emb, scale, bias) -> dic
   return metrics
 
 
+def validate_token_ids(text):
+  """model.text.pad_id and eos_id are ids of the vocabulary (eos_id -1: none); pool='eos' alone
+  reads eos_id."""
+  for key, lowest in (('pad_id', 0), ('eos_id', text_lib.NO_EOS)):
+    value = text[key]
+    check(isinstance(value, int) and not isinstance(value, bool) and lowest <= value < text.vocab_size,
+          f'model.text.{key}', f'must be an int in [{lowest}, vocab_size {text.vocab_size}), got {value!r}')
+  check(text.eos_id == text_lib.NO_EOS or text.pool == 'eos', 'model.text.eos_id',
+        f"is read by pool='eos' alone (pool is {text.pool!r}): leave it at {text_lib.NO_EOS}")
+
+
 class Align(base.Recipe):
   name = 'align'
 
@@ -92,7 +104,11 @@ class Align(base.Recipe):
     model = towers()
     # CLIP's text layout (causal, pooled at [SEP]); ALIGN's paper: causal=False, pool='cls'
     # padding_mask=False and pool='last': SigLIP's (unmasked fixed-length captions)
-    model['text'].update(causal=True, pool='eos', padding_mask=True)
+    # pad_id: the id captions are padded with; eos_id: the end token pool='eos' takes the first
+    # of, as transformers' CLIP does (-1: vlp's captions, pooled at the last token before
+    # padding); pool='argmax': the highest id (open_clip's CLIP). vlp import sets an import's.
+    model['text'].update(causal=True, pool='eos', padding_mask=True, pad_id=text_lib.PAD_ID,
+                         eos_id=text_lib.NO_EOS)
     # the image pooled by the mean of its patch tokens (big_vision's 'gap'): +2.65 RSUM at align_tiny
     # against CLIP's [CLS] token (docs/results.md); pool='cls' is CLIP's and ALIGN's
     # (SigLIP's: 'map' without a CLS token, cls_token=False)
@@ -109,7 +125,7 @@ class Align(base.Recipe):
         arch=dict(init='xavier', gelu='erf', ln_eps=1e-5),  # vlp.models.layers.Arch; 'clip' init: -9 RSUM here
     ), 'optim': dict(no_decay=())}  # position embeddings decay too, as open_clip's: +2.5 RSUM at align_tiny
 
-  def validate(self, config):
+  def validate(self, config, tasks=()):
     m = config.model
     base.validate_towers(config)
     check(m.head in ('softmax', 'sigmoid'), 'model.head', f"{m.head!r} not in softmax/sigmoid")
@@ -117,6 +133,7 @@ class Align(base.Recipe):
     check(isinstance(m.text.causal, bool), 'model.text.causal', f'must be True or False, got {m.text.causal!r}')
     check(not (m.text.causal and m.text.pool == 'cls'), 'model.text.pool',
           "'cls' under causal attention sees only [CLS] itself: use pool='eos'")
+    validate_token_ids(m.text)
     for key, value in (('text.padding_mask', m.text.padding_mask), ('image.cls_token', m.image.cls_token),
                        ('image_proj', m.image_proj), ('proj_bias', m.proj_bias)):
       check(isinstance(value, bool), f'model.{key}', f'must be True or False, got {value!r}')
@@ -124,9 +141,8 @@ class Align(base.Recipe):
           f'False needs image.width == embed_dim, got {m.image.width} and {m.embed_dim}')
     check(m.logit_scale_init >= 0, 'model.logit_scale_init', 'must be >= 0 (0: the head\'s default)')
     base.validate_arch(m.arch)
-
-  def check_task(self, config, key, task):
-    base.image_text_only(key, task, 'a dual encoder')
+    for task in tasks:
+      base.image_text_only(task, 'a dual encoder')
 
   def build(self, model_cfg, seed=0):
     return model_lib.Model(model_cfg, rngs=nnx.Rngs(seed))
@@ -148,7 +164,7 @@ class Align(base.Recipe):
     return loss + moe_loss, (metrics, model_state)
 
   def train_flops(self, config, variant):
-    return flops.align_train_flops(config.model, variant.batch_size)
+    return flops.train_flops(config.model, variant.batch_size)
 
   def activation_bytes(self, config, variant, sizes):
     """Both towers on one micro-batch, plus the contrastive loss's temporaries (vlp.losses)."""

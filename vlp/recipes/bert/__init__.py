@@ -10,8 +10,8 @@ of this model is refused before anything is built.
 import jax.numpy as jnp
 from flax import nnx
 
-from vlp import config as config_lib
-from vlp.config import ConfigError
+from vlp.core import config as config_lib
+from vlp.core.config import ConfigError
 from vlp.models import bert as model_lib
 from vlp.recipes import base
 
@@ -31,7 +31,7 @@ class Bert(base.Recipe):
                       arch=dict(init='xavier', gelu='erf', ln_eps=1e-12)),
     }
 
-  def validate(self, config):
+  def validate(self, config, tasks=()):
     raise ConfigError("config key 'model.name': 'bert' is a text encoder imported to start from (vlp import of "
                       'a transformers BertModel); vlp does not train it alone: train ALBEF from it with '
                       '--config.init.text_from=DIR')

@@ -16,18 +16,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vlp import config as config_lib, losses
-from vlp.bench import flops
-from vlp.config import ConfigError, check
-from vlp.data import synthetic, synthetic_video, tokenizer as tokenizer_lib
-from vlp.models import imp as model_lib
+from vlp import losses
+from vlp.core import config as config_lib
+from vlp.core.config import check
+from vlp.data import sources, tokenizer as tokenizer_lib
+from vlp.models import flops, imp as model_lib
 from vlp.recipes import align, base
-
-CLASS_NAMES = {'synthetic': synthetic.CLASS_NAMES, 'synthetic_video': synthetic_video.VIDEO_CLASS_NAMES}
 
 
 def class_names(data: str) -> list[str]:
-  return list(CLASS_NAMES[data])
+  """The classes of a classification task's (labelled, built-in) data."""
+  return list(sources.SOURCES[data].class_names)
 
 
 def class_prompts(config, task):
@@ -43,6 +42,7 @@ def vision_of(task) -> str:
 class Imp(base.Recipe):
   name = 'imp'
   modalities = ('image', 'video', 'text')
+  needs_tasks = True  # one model, many tasks: a config names them
 
   def config_sections(self):
     return {'model': dict(
@@ -62,7 +62,7 @@ class Imp(base.Recipe):
         arch=dict(init='xavier', gelu='erf', ln_eps=1e-5),
     ), 'optim': dict(no_decay=())}
 
-  def validate(self, config):
+  def validate(self, config, tasks=()):
     m = config.model
     config_lib.check_positive_ints(m.encoder, 'model.encoder')
     base.validate_moe(m.encoder.moe, 'model.encoder.moe', m.encoder.depth)
@@ -72,24 +72,18 @@ class Imp(base.Recipe):
     v = m.video
     check(v.tubelet_size >= 1 and v.frames >= v.tubelet_size and v.frames % v.tubelet_size == 0,
           'model.video.frames', f'{v.frames} frames do not split into tubelets of {v.tubelet_size}')
+    for task in tasks:
+      frames = task.cfg.frames or v.frames
+      check(frames % v.tubelet_size == 0, task.key('frames'),
+            f'{frames} frames do not split into tubelets of {v.tubelet_size}')
 
-  def default_tasks(self, config):
-    raise ConfigError("config key 'tasks': model.name='imp' trains tasks: add some with "
-                      'c.tasks.NAME = vlp.config.task_config(...)')
-
-  def check_task(self, config, key, task):
-    frames = task.frames or config.model.video.frames
-    check(frames % config.model.video.tubelet_size == 0, key('frames'),
-          f'{frames} frames do not split into tubelets of {config.model.video.tubelet_size}')
-
-  def frames(self, config, task):
-    return (task.frames or config.model.video.frames) if vision_of(task) == 'video' else 0
-
-  def vision_tokens(self, config, task, image_size):
+  def vision(self, config, task, image_size):
+    """Images: their patches; clips: tubelets of tubelet_size frames x patch_size^2 pixels."""
     grid = (image_size // config.model.image.patch_size) ** 2
-    if vision_of(task) == 'video':
-      return grid * self.frames(config, task) // config.model.video.tubelet_size
-    return grid
+    if vision_of(task) != 'video':
+      return 0, grid
+    frames = task.frames or config.model.video.frames
+    return frames, grid * frames // config.model.video.tubelet_size
 
   def build(self, model_cfg, seed=0):
     return model_lib.Model(model_cfg, rngs=nnx.Rngs(seed))
@@ -104,9 +98,6 @@ class Imp(base.Recipe):
       spec['label'] = ((), jnp.int32)
     return spec
 
-  def num_classes(self, task):
-    return len(class_names(task.data))
-
   def loss(self, graphdef, params, model_state, batch, step, config, variant):
     """The loss of one task (variant) on its batch."""
     t, v = variant.cfg, variant.vision
@@ -115,7 +106,7 @@ class Imp(base.Recipe):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1000 + variant.index), step)
     if t.loss == 'classification':
       prompts = class_prompts(config, t)  # traced once: a constant of the compiled step
-      other = lambda m: model_lib.class_embeddings(m, prompts, self.num_classes(t))
+      other = lambda m: model_lib.class_embeddings(m, prompts, len(class_names(t.data)))
     else:
       other = lambda m: m.encode_text(batch['text'])
     forward = lambda m: (m.encode(v, batch[v], t.drop_token, key), other(m))
@@ -163,7 +154,7 @@ class Imp(base.Recipe):
     enc, e = m.encoder, m.embed_dim
     stack = lambda seq: flops.encoder_forward_flops(seq, enc.width, enc.depth, enc.mlp_dim, enc.moe)
     b, k = variant.batch_size, variant.accum_steps
-    tokens = self.vision_tokens(config, t, variant.image_size)
+    tokens = self.vision(config, t, variant.image_size)[1]
     pixels_per_token = 3 * m.image.patch_size ** 2 * (m.video.tubelet_size if variant.vision == 'video' else 1)
     kept = max(1, round(tokens * (1.0 - t.drop_token)))
     vision = flops.matmul_flops(tokens, enc.width, pixels_per_token) + stack(kept) + flops.matmul_flops(1, e, enc.width)
@@ -171,7 +162,7 @@ class Imp(base.Recipe):
     if t.loss == 'contrastive':
       forward = b * (vision + text) + k * flops.contrastive_logits_flops(b // k, e)
     else:
-      classes = self.num_classes(t)
+      classes = len(class_names(t.data))
       forward = b * vision + k * classes * len(t.templates) * text + flops.matmul_flops(b, classes, e)
     return 3.0 * forward
 
@@ -180,14 +171,14 @@ class Imp(base.Recipe):
     contrastive loss, vlp.losses) or on every class prompt, on every device."""
     m, t = config.model, variant.cfg
     batch = variant.batch_size // variant.accum_steps
-    vision = max(1, round(self.vision_tokens(config, t, variant.image_size) * (1 - t.drop_token)))
+    vision = max(1, round(self.vision(config, t, variant.image_size)[1] * (1 - t.drop_token)))
     total = align.tower_activation_bytes(config, [(m.encoder, vision)], batch, sizes)
     shards = sizes['data'] * sizes['fsdp']
     if t.loss == 'contrastive':
       total += align.tower_activation_bytes(config, [(m.encoder, m.text.context_length)], batch, sizes)
       return total + losses.temp_bytes('softmax', config.loss.impl, batch, shards, m.embed_dim, config.loss.chunk_size)
     # every class prompt on every device
-    prompts = self.num_classes(t) * len(t.templates)
+    prompts = len(class_names(t.data)) * len(t.templates)
     return total + align.tower_activation_bytes(config, [(m.encoder, m.text.context_length)], prompts * shards, sizes)
 
 

@@ -16,7 +16,7 @@ import json
 import numpy as np
 import safetensors.numpy
 
-from vlp import paths
+from vlp.core import paths
 
 SINGLE = 'model.safetensors'
 INDEX = 'model.safetensors.index.json'

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vlp.config import MESH_AXES, ConfigError
+from vlp.core.config import ConfigError, MESH_AXES
 
 # logical axis -> mesh axis or axes (None: replicated). FSDP shards the model
 # width of every weight (and its optimizer state); tensor parallelism splits
@@ -27,6 +27,7 @@ RULES = {
     'patch': None,
     'proj': 'tensor',
     'expert': 'expert',
+    'layers': None,  # the leading axis of a scanned stack's stored params (vlp.models.stacks)
 }
 BATCH_AXES = ('data', 'fsdp')  # the batch (and every activation's batch dim) is split over these
 

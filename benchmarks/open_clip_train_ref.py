@@ -4,7 +4,7 @@ examples vlp trained on, in the same order, and writes its embeddings of the hel
 Runs in the torch + open_clip environment (`bash launch/setup_bench_env.sh`), imports
 neither jax nor vlp, and is started by vlp.bench.quality:
 
-  .venv-bench/bin/python -I vlp/bench/open_clip_train_ref.py --data D.npz --setup S.json --out E.npz
+  .venv-bench/bin/python -I benchmarks/open_clip_train_ref.py --data D.npz --setup S.json --out E.npz
 
 D.npz: train_image uint8 [N, H, W, 3], train_text int32 [N, L] (N = steps x batch, in
 vlp's order), eval_image uint8 [M, H, W, 3], eval_text int32 [K, L]. Pixels are mapped

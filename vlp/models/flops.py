@@ -1,4 +1,5 @@
-"""Analytic FLOPs of the dual encoder (the numerator of MFU).
+"""Analytic FLOPs of the Transformer layers and towers (the numerator of MFU); each recipe sums
+its model's from these (vlp.recipes.*.flops, the recipe's train_flops).
 
 Convention (the one of PaLM/MaxText "model FLOPs"):
   * every matmul (m x k) @ (k x n) costs 2*m*n*k FLOPs;
@@ -33,8 +34,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlp.models.layers import moe_blocks
+from vlp.models.moe import capacity
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
+
+def field(cfg: Any, key: str, default: Any = None) -> Any:
+  """A key of a config given as a ConfigDict, a plain dict or an object."""
   if isinstance(cfg, dict):
     return cfg.get(key, default)
   try:
@@ -77,9 +82,8 @@ def moe_mlp_forward_flops(seq_len: int, width: int, mlp_dim: int, moe: Any) -> f
   """An MoE MLP on one sequence (one routing group): router logits, the
   dispatch and combine einsums, and both expert matmuls over every slot
   (E x C, filled or not: that is what the kernels compute)."""
-  from vlp.models.moe import capacity
-  e = _get(moe, "num_experts")
-  slots = e * capacity(_get(moe, "router"), seq_len, e, _get(moe, "k"), _get(moe, "capacity_factor"))
+  e = field(moe, "num_experts")
+  slots = e * capacity(field(moe, "router"), seq_len, e, field(moe, "k"), field(moe, "capacity_factor"))
   router = matmul_flops(seq_len, e, width)
   dispatch_combine = 2 * matmul_flops(slots, width, seq_len)
   experts = matmul_flops(slots, mlp_dim, width) + matmul_flops(slots, width, mlp_dim)
@@ -91,7 +95,6 @@ def encoder_forward_flops(seq_len: int, width: int, depth: int,
   """The stack's blocks; those that `moe` makes Mixture-of-Experts (vlp.models.layers.moe_blocks)
   count moe_mlp_forward_flops instead of the dense MLP; `pooled`: the output is wanted at one
   token, so a dense last block counts pooled_block_forward_flops."""
-  from vlp.models.layers import moe_blocks
   dense = block_forward_flops(seq_len, width, mlp_dim)
   total = 0.0
   experts = moe_blocks(depth, moe)
@@ -105,43 +108,43 @@ def encoder_forward_flops(seq_len: int, width: int, depth: int,
 
 
 def vit_seq_len(image_cfg: Any) -> int:
-  size, patch = _get(image_cfg, "image_size"), _get(image_cfg, "patch_size")
+  size, patch = field(image_cfg, "image_size"), field(image_cfg, "patch_size")
   num_patches = (size // patch) ** 2
-  return num_patches + (1 if _get(image_cfg, "cls_token", True) else 0)
+  return num_patches + (1 if field(image_cfg, "cls_token", True) else 0)
 
 
 def vit_pools_one_token(image_cfg: Any) -> bool:
   """Whether the ViT's pooled feature is one token's ('cls'), so its last block runs for that
   token alone (vlp.models.vit.ViT); the text tower's pools all are."""
-  return _get(image_cfg, "pool", "cls") == "cls"
+  return field(image_cfg, "pool", "cls") == "cls"
 
 
 def vit_forward_flops(image_cfg: Any, embed_dim: int, channels: int = 3, tokens_out: bool = False) -> float:
   """Forward FLOPs of the image tower for ONE example (incl. projection); tokens_out: every
   token's output is used (ALBEF's fusion), not the pooled feature alone."""
-  size, patch = _get(image_cfg, "image_size"), _get(image_cfg, "patch_size")
-  width = _get(image_cfg, "width")
+  size, patch = field(image_cfg, "image_size"), field(image_cfg, "patch_size")
+  width = field(image_cfg, "width")
   num_patches = (size // patch) ** 2
   patch_embed = matmul_flops(num_patches, width, patch * patch * channels)
   blocks = encoder_forward_flops(vit_seq_len(image_cfg), width,
-                                 _get(image_cfg, "depth"),
-                                 _get(image_cfg, "mlp_dim"), _get(image_cfg, "moe"),
+                                 field(image_cfg, "depth"),
+                                 field(image_cfg, "mlp_dim"), field(image_cfg, "moe"),
                                  pooled=not tokens_out and vit_pools_one_token(image_cfg))
   proj = matmul_flops(1, embed_dim, width) if embed_dim else 0.0
   pool = 0.0
-  if _get(image_cfg, "pool") == "map":  # the probe's attention to the patches, then its MLP
+  if field(image_cfg, "pool") == "map":  # the probe's attention to the patches, then its MLP
     pool = (cross_attention_forward_flops(1, num_patches, width, width)
-            + 2 * matmul_flops(1, _get(image_cfg, "mlp_dim"), width))
+            + 2 * matmul_flops(1, field(image_cfg, "mlp_dim"), width))
   return patch_embed + blocks + pool + proj
 
 
 def text_forward_flops(text_cfg: Any, embed_dim: int) -> float:
   """Forward FLOPs of the text tower for ONE example (incl. projection); every pool of the
   text tower (vlp.models.text.POOLS) is one token's."""
-  seq = _get(text_cfg, "seq_len") or _get(text_cfg, "context_length")
-  width = _get(text_cfg, "width")
-  blocks = encoder_forward_flops(seq, width, _get(text_cfg, "depth"),
-                                 _get(text_cfg, "mlp_dim"), _get(text_cfg, "moe"), pooled=True)
+  seq = field(text_cfg, "seq_len") or field(text_cfg, "context_length")
+  width = field(text_cfg, "width")
+  blocks = encoder_forward_flops(seq, width, field(text_cfg, "depth"),
+                                 field(text_cfg, "mlp_dim"), field(text_cfg, "moe"), pooled=True)
   proj = matmul_flops(1, embed_dim, width) if embed_dim else 0.0
   return blocks + proj
 
@@ -151,64 +154,8 @@ def contrastive_logits_flops(batch_size: int, embed_dim: int) -> float:
   return matmul_flops(batch_size, batch_size, embed_dim)
 
 
-def align_forward_flops(model_cfg: Any, batch_size: int) -> float:
-  e = _get(model_cfg, "embed_dim")
-  image_proj = _get(model_cfg, "image_proj", True)
-  per_example = (vit_forward_flops(_get(model_cfg, "image"), e if image_proj else 0)
-                 + text_forward_flops(_get(model_cfg, "text"), e))
-  return batch_size * per_example + contrastive_logits_flops(batch_size, e)
-
-
-def align_train_flops(model_cfg: Any, batch_size: int) -> float:
-  """Training FLOPs of one step of the dual encoder: 3 x forward."""
-  return 3.0 * align_forward_flops(model_cfg, batch_size)
-
-
 def cross_attention_forward_flops(q_len: int, kv_len: int, width: int, kv_width: int) -> float:
   """Q projection, K/V projections of the other sequence, scores, values, output projection."""
   s, t, w = q_len, kv_len, width
   return (matmul_flops(s, w, w) + 2 * matmul_flops(t, w, kv_width) + matmul_flops(s, t, w)
           + matmul_flops(s, w, t) + matmul_flops(s, w, w))
-
-
-def albef_train_flops(model_cfg: Any, batch_size: int, queue_size: int) -> float:
-  """One ALBEF step (vlp.recipes.albef): 3 x the online forward + 1 x the
-  momentum forward (no backward).
-
-  Online: ViT + projection; text-only layers + projection; ITC logits against
-  [batch ; queue] in both directions; the fusion layers on 3B ITM pairs and the
-  ITM head; the whole text stack on the masked text with fusion and the MLM
-  head (dense + tied decoder over the vocabulary at every position).
-  Momentum: ViT + projection, text-only layers + projection, its own ITC
-  logits, and the whole stack + MLM head on the masked text.
-  """
-  from vlp.models.layers import moe_blocks
-  im, tx, e = _get(model_cfg, "image"), _get(model_cfg, "text"), _get(model_cfg, "embed_dim")
-  fusion, depth = _get(model_cfg, "fusion_layer"), _get(tx, "depth")
-  seq, w, mlp = _get(tx, "context_length"), _get(tx, "width"), _get(tx, "mlp_dim")
-  n_img = vit_seq_len(im)
-  moe = _get(tx, "moe")
-  experts = moe_blocks(depth, moe)  # MoE blocks anywhere in the stack, text-only or fusion
-
-  def layer(i):
-    dense = block_forward_flops(seq, w, mlp)
-    if not experts[i]:
-      return dense
-    return dense + moe_mlp_forward_flops(seq, w, mlp, moe) - 2 * matmul_flops(seq, mlp, w)
-
-  text_only = sum(layer(i) for i in range(fusion)) + matmul_flops(1, e, w)
-  cross = cross_attention_forward_flops(seq, n_img, w, _get(im, "width"))
-  fusion_layers = sum(layer(i) + cross for i in range(fusion, depth))
-  mlm_head = matmul_flops(seq, w, w) + matmul_flops(seq, _get(tx, "vocab_size"), w)
-  itc = 2 * matmul_flops(batch_size, batch_size + queue_size, e)
-  vit = vit_forward_flops(im, e, tokens_out=True)
-  per_example = vit + text_only + 3 * (fusion_layers + matmul_flops(1, 2, w)) + text_only + fusion_layers + mlm_head
-  online = batch_size * per_example + itc
-  momentum = batch_size * (vit + 2 * text_only + fusion_layers + mlm_head) + itc
-  return 3.0 * online + momentum
-
-
-def mfu(train_flops_per_step: float, step_seconds: float,
-        peak_flops_per_sec: float) -> float:
-  """Model FLOPs utilisation: achieved model FLOP/s over the peak."""
-  return train_flops_per_step / step_seconds / peak_flops_per_sec

@@ -25,7 +25,7 @@ import urllib.request
 import jax
 import numpy as np
 
-from vlp.config import ConfigError
+from vlp.core.config import ConfigError
 
 METADATA = 'http://{host}/computeMetadata/v1/instance/attributes/{key}'
 

@@ -4,10 +4,9 @@ Runs in a SEPARATE python environment that has torch + open_clip_torch (create
 it with `bash launch/setup_bench_env.sh`); it imports neither jax nor any vlp
 module, so it also runs as a plain file:
 
-  .venv-bench/bin/python vlp/bench/open_clip_ref.py \
+  .venv-bench/bin/python benchmarks/open_clip_ref.py \
       --json '{"image": {...}, "text": {...}, "embed_dim": 256}' \
       --batch 128 --steps 10 --warmup 3 [--threads 2] [--device cuda] [--profile]
-  # or: .venv-bench/bin/python -m vlp.bench.open_clip_ref ...
 
 Builds `open_clip.model.CLIP(embed_dim, vision_cfg=CLIPVisionCfg(...),
 text_cfg=CLIPTextCfg(...))` with the vlp architecture (ViT: CLS token, learned
@@ -282,7 +281,7 @@ def run(cfg: dict, batch: int, steps: int, warmup: int, threads: int,
       examples_per_sec_mean=batch / mean,
       step_ms_mean=1e3 * mean,
       step_ms_min=1e3 * min(times),
-      page_faults_per_step=faults,  # host memory mapped in again each step (vlp.host_memory)
+      page_faults_per_step=faults,  # host memory mapped in again each step (vlp.core.host_memory)
       malloc_settings={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
       torch_matmul_peak_flops=measure_torch_matmul_peak(
           n=8192 if device == "cuda" else 2048, device=device, dtype=peak_dtype) if peak else None,

@@ -7,14 +7,15 @@ Every compilation is kept (no minimum compile time), so the eval and export func
 """
 import jax
 
-from vlp import paths
+from vlp.core import paths
+from vlp.workdir import layout
 
 
 def cache_dir(config, workdir: str) -> str | None:
   value = config.get('compile_cache', 'workdir')
   if not value:
     return None
-  return paths.join(paths.abspath(workdir), 'compile_cache') if value == 'workdir' else paths.abspath(value)
+  return paths.join(paths.abspath(workdir), layout.COMPILE_CACHE) if value == 'workdir' else paths.abspath(value)
 
 
 def enable(config, workdir: str) -> str | None:

@@ -2,13 +2,13 @@
 
 - A remote path (gs://...) of the config whose bucket does not answer (no such
   bucket, no credentials, no network, an emulator that is down) is one line
-  naming the path and what to set (vlp.paths.check_reachable).
+  naming the path and what to set (vlp.core.paths.check_reachable).
 - A multi-process run on a local workdir: every process must see the same
   directory (a shared file system), or the processes would each keep their
   own checkpoints and none could resume. Each process writes a marker file;
   after a barrier process 0 must see all of them; otherwise every process
   stops with one line saying to use gs:// or a shared file system.
-- Then XLA's persistent compilation cache is enabled (vlp.compile_cache).
+- Then XLA's persistent compilation cache is enabled (vlp.workdir.cache).
 """
 import os
 import time
@@ -16,11 +16,9 @@ import time
 import jax
 import numpy as np
 
-from vlp import compile_cache, paths
-from vlp.config import ConfigError
-
-MARKERS = '.vlp_hosts'
-
+from vlp.core import paths
+from vlp.core.config import ConfigError
+from vlp.workdir import cache as compile_cache, layout
 
 def remote_paths(config, workdir: str) -> list[tuple[str, str]]:
   """(what, path) of every remote path the run will read or write."""
@@ -55,7 +53,7 @@ def check_shared(workdir: str, wait: float = 5.0):
   from jax.experimental import multihost_utils
   paths.makedirs(workdir)
   token = int(multihost_utils.broadcast_one_to_all(np.int32(np.random.default_rng().integers(1 << 30))))
-  run = paths.join(workdir, MARKERS, str(token))
+  run = paths.join(workdir, layout.HOST_MARKERS, str(token))
   paths.makedirs(run)
   mine = paths.join(run, f'process_{jax.process_index()}')
   paths.write_atomic(mine, f'{jax.process_index()} {os.uname().nodename}\n')
@@ -76,7 +74,7 @@ def check_shared(workdir: str, wait: float = 5.0):
   multihost_utils.sync_global_devices('vlp_workdir_markers_read')
   if jax.process_index() == 0:
     try:
-      paths.remove(paths.join(workdir, MARKERS))
+      paths.remove(paths.join(workdir, layout.HOST_MARKERS))
     except OSError:
       pass
   if n_missing:

@@ -15,7 +15,7 @@ import string
 
 import numpy as np
 
-from vlp import paths
+from vlp.core import paths
 
 FILE, SPIECE = 'tokenizer.json', 'spiece.model'
 FILES = (FILE, SPIECE, 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.txt')  # what travels on

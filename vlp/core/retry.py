@@ -20,7 +20,7 @@ import random
 import sys
 import time
 
-from vlp import paths
+from vlp.core import paths
 
 _TRANSIENT_NAMES = ('ClientConnectorError', 'ClientOSError', 'ServerDisconnectedError', 'ServerTimeoutError',
                     'ClientPayloadError', 'TransportError', 'ServiceUnavailable', 'TooManyRequests')

@@ -15,6 +15,13 @@ bf16 compute, fp32 master params and optimizer state, every block
 rematerialised, weights (experts included) and optimizer state sharded over
 all chips (FSDP). The MoE blocks are the last half of the stack, as in the
 paper's MoE models; set data.tokenizer to a real SentencePiece model for training.
+
+Source and what differs: the IMP paper's B-sized MoE model (one modality-agnostic 12 x 768
+encoder, 16 experts with expert-choice routing, alternating gradient descent over tasks,
+DropToken on video). What is vlp's own, not checked against the paper's appendix: the task
+mix and its global batches and weights, the stand-in data of the classification and video
+tasks (the built-in labelled scenes and clips for JFT / Kinetics-style labels; no reader of
+real video yet), AdamW (lr 1e-3, weight decay 0.05) and the 500k steps.
 """
 from vlp.core.config import task_config
 from vlp.recipes import base_config

@@ -3,7 +3,8 @@
 
 Target topology: v5p-256 (128 v5p chips, 4x4x8), checked before any chip is booked:
   vlp compile --config=configs/imp_moe_l.py --topology=v5p-256 --json=imp_moe_l.json
-Everything else (tasks, bf16 compute, fp32 state, remat, FSDP) is imp_moe_b's.
+Everything else (tasks, bf16 compute, fp32 state, remat, FSDP) is imp_moe_b's, and so is
+what differs from the paper (see configs/imp_moe_b.py).
 """
 import importlib.util
 import os

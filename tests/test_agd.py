@@ -6,13 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from vlp import plan as plan_lib
 from vlp.core import parallel, config_files
 from vlp.core.config import ConfigError, task_config
 from vlp.recipes import imp as imp_recipe
-from vlp.train import agd, loop, metrics as metrics_lib, state as state_lib, step as step_lib
+from vlp.train import agd, loop, metrics as metrics_lib
 from vlp.workdir import metrics as workdir_metrics
 from conftest import compile_of, init_of, plan_of, random_batch_of, setup_of, variants_of
 
@@ -67,7 +66,6 @@ def test_weighted_schedule_follows_the_weights_and_the_seed():
 
 def test_resolutions_take_turns_with_constant_tokens_per_step():
   c = imp_config()
-  sizes = {'data': 8, 'fsdp': 1, 'tensor': 1, 'expert': 1}
   by_name = variants_of(c)
   small, large = by_name['image_text_16px'], by_name['image_text_32px']
   assert (small.batch_size, small.image_size) == (32, 16)
@@ -155,7 +153,7 @@ def test_touched_params_are_exactly_those_with_a_gradient():
   for v in variants_of(c).values():
     batch = random_batch_of(c, mesh, variant=v)
     loss = lambda p: IMP.loss(setup.graphdef, p, {}, batch, jnp.int32(3), c, v)[0]
-    grads = jax.grad(loss)(state['params'])
+    grads = jax.jit(jax.grad(loss))(state['params'])
     norms = {k: float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(g))) for k, g in grads.items()}
     assert {k for k, n in norms.items() if n > 0} == set(grads) - IMP.untouched_params(v, grads), v.name
 

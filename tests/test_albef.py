@@ -191,7 +191,6 @@ def test_moe_towers_train_over_the_expert_axis_like_on_one_device():
 
 
 def test_model_parameters_carry_logical_axes_and_momentum_is_sharded_like_params():
-  from vlp.train import state as state_lib
   config = _albef()
   mesh = parallel.make_mesh({'data': 2, 'fsdp': 4, 'tensor': 1})
   setup = setup_of(config, mesh)
@@ -266,7 +265,7 @@ def test_resume_continues_the_exact_trajectory(tmp_path):
 def test_albef_base_lowers_with_abstract_shapes_only():
   """The paper's sizes: the whole train step is traced and lowered for 8 devices
   (FSDP over 8) without allocating a parameter."""
-  from vlp.train import state as state_lib, step as step_lib
+  from vlp.train import step as step_lib
   config = config_files.load(os.path.join(CONFIGS, 'albef_base.py'))
   config.mesh.update(data=1, fsdp=8)
   sizes = plan_lib.validate(config, num_devices=8)

@@ -8,7 +8,7 @@ import pytest
 from conftest import init_of, setup_of, tiny_config
 
 from vlp.core import parallel
-from vlp.train import loop, state as state_lib
+from vlp.train import loop
 from vlp.workdir import checkpoints, metrics as metrics_lib
 
 

@@ -1,6 +1,6 @@
 """vlp.compile.hlo on hand-written HLO: what the TPU compiler's optimized programs hold (async
 collectives in pieces, reduce-scatter fusions, windowed loops with u32 counters, device groups
-in three notations), each counted by hand in the test. Needs no libtpu."""
+in every notation), each counted by hand in the test. Needs no libtpu."""
 import pytest
 
 from vlp.compile import hlo
@@ -155,6 +155,9 @@ def test_async_pairs_and_reduce_scatter_fusions_count_once_with_their_link_bytes
     ('[4,2]<=[2,4]T(1,0)', 2),
     ("mesh['axis_0'=2,'axis_1'=4] {'axis_1'}", 4),
     ("mesh['axis_0'=2,'axis_1'=4,'axis_2'=1] {'axis_0','axis_1'}", 8),
+    # a data x fsdp mesh whose devices the mesh orders otherwise (as libtpu 0.0.42 prints it)
+    ("mesh['axis_0'=2,'axis_1'=4], device_ids=([4,2]T(1,0)) {'axis_1'}", 4),
+    ("mesh['axis_0'=2,'axis_1'=1,'axis_2'=4], device_ids=([4,2]T(1,0)) {'axis_0'}", 2),
 ])
 def test_group_size_in_every_notation(groups, size):
   text = _module(f'''ENTRY %main (a: f32[1024]) -> f32[1024] {{

@@ -13,7 +13,7 @@ import vlp
 from vlp import cli
 from vlp.core import parallel
 from vlp.data import tokenizer as tokenizer_lib
-from vlp.train import loop, state as state_lib
+from vlp.train import loop
 from vlp.workdir import checkpoints
 
 DECAY = 0.5
@@ -66,7 +66,6 @@ _FRESH = '''
 import sys
 import numpy as np
 import vlp
-from vlp.workdir import checkpoints
 enc = vlp.load_pretrained(sys.argv[1])
 np.save(sys.argv[2] + '/image.npy', enc.encode_image(np.load(sys.argv[2] + '/in_image.npy')))
 np.save(sys.argv[2] + '/text.npy', enc.encode_text(np.load(sys.argv[2] + '/in_text.npy')))

@@ -274,7 +274,6 @@ def test_imp_task_flops_match_xla_cost_analysis(variant_name):
   from test_agd import imp_config
   from conftest import build_model, variants_of
   from vlp import recipes
-  from vlp.train import agd
   c = imp_config(**{"model.encoder.width": 128, "model.encoder.mlp_dim": 512, "model.embed_dim": 64})
   v = variants_of(c)[variant_name]
   graphdef, params = nnx.split(build_model(c.model), nnx.Param)

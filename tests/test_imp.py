@@ -11,7 +11,6 @@ from vlp import losses, recipes
 from vlp.core import parallel
 from vlp.core.pixels import normalize_image
 from vlp.models import imp
-from vlp.train import agd
 from vlp.workdir import checkpoints
 
 IMP = recipes.get('imp')

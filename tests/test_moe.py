@@ -11,7 +11,6 @@ from vlp import plan as plan_lib
 from vlp.core import parallel
 from vlp.core.config import ConfigError
 from vlp.models import layers, moe
-from vlp.train import state as state_lib, step as step_lib
 
 
 def _probs(g, s, e, seed=0, scale=2.0):

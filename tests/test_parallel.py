@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from vlp import plan as plan_lib, recipes
 from vlp.core import config as config_lib, parallel
-from vlp.train import state as state_lib, step as step_lib
+from vlp.train import step as step_lib
 
 ALIGN = recipes.get('align')
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from conftest import init_of, setup_of, tiny_config
 
-from vlp.core import config as config_lib, parallel
-from vlp.train import loop, state as state_lib
+from vlp import validation
+from vlp.core import parallel
+from vlp.train import loop
 from vlp.workdir import checkpoints, metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +91,7 @@ def test_sigkill_during_an_async_save_leaves_the_previous_checkpoint(tmp_path):
   assert '1' in names and '2' not in names  # step 2 never committed ...
   assert any(n.startswith('2.orbax-checkpoint-tmp') for n in names)  # ... its write was cut short
   config = tiny_config(**{'model.text.vocab_size': 65536})
-  mesh = parallel.make_mesh(config_lib.mesh_shape(config, jax.device_count()))
+  mesh = parallel.make_mesh(validation.mesh_shape(config, jax.device_count()))
   setup = setup_of(config, mesh)
   ckpt = checkpoints.manager(workdir, config.checkpoint)
   assert ckpt.latest_step() == 1

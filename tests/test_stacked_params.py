@@ -3,11 +3,13 @@ over the run, the step scans it as stored. The same training as the unrolled mod
 of either layout restore into the other; exports and init.from keep per-block names; the
 compiled step takes one argument per stacked param, not one per block."""
 import json
+import os
 import re
 
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 from conftest import init_of, plan_of, setup_of, tiny_config, train_losses
 
 from vlp import export
@@ -128,6 +130,40 @@ def test_an_export_of_a_scanned_run_is_that_of_the_unrolled_run(tmp_path):
                           plan_of(scanned).params(mesh).abstract, log=lambda *_: None)
   stacked = loaded['image']['encoder']['blocks']['0-2']['mlp']['fc1']['kernel']
   np.testing.assert_array_equal(stacked[1], a['image.encoder.blocks.1.mlp.fc1.kernel'])
+
+
+def test_a_transformers_export_of_a_scanned_run_is_that_of_the_unrolled_run(tmp_path):
+  """`vlp export --format=hf` of a workdir that stores its stacks stacked: the same SiglipModel
+  weights, tensor for tensor, as the unrolled run of the same seed."""
+  from test_interop import SIGLIP_LAYOUT
+  from vlp import cli
+  plain, scanned = _configs(**SIGLIP_LAYOUT)
+  mesh = _fsdp()
+  out = {}
+  for name, config in (('plain', plain), ('scanned', scanned)):
+    workdir = _workdir(tmp_path / name, config, init_of(config, setup_of(config, mesh)))
+    assert cli.main(['export', f'--workdir={workdir}', '--format=hf', f'--out={tmp_path / name}_hf']) == 0
+    out[name] = safetensors.numpy.load_file(str(tmp_path / f'{name}_hf' / 'model.safetensors'))
+  _assert_same(out['plain'], out['scanned'])
+  assert 'vision_model.encoder.layers.2.mlp.fc1.weight' in out['scanned']
+
+
+def test_vlp_eval_with_a_config_of_the_other_layout(tmp_path):
+  """`vlp eval --config=...` whose model.scan_layers is not the workdir's takes the workdir's
+  params in the config's layout: the same metrics as with the workdir's own config. (A scanned
+  run evaluated unrolled; the conversion the other way is the checkpoint tests'.)"""
+  from vlp import cli
+  save_scanned = True
+  saved = _configs()[save_scanned]
+  workdir = _workdir(tmp_path / 'wd', saved, init_of(saved, setup_of(saved, _fsdp())))
+  other = [f'--config={os.path.join(os.path.dirname(__file__), "tiny.py")}',
+           *(f'--config.{k}={v}' for k, v in DEPTH.items()), f'--config.model.scan_layers={not save_scanned}']
+  metrics = []
+  for name, given in (('own', []), ('other', other)):
+    out = tmp_path / f'{name}.json'
+    assert cli.main(['eval', f'--workdir={workdir}', f'--json={out}', *given]) == 0
+    metrics.append(json.loads(out.read_text())[0]['metrics'])
+  assert metrics[0] == metrics[1] and metrics[0]
 
 
 def test_init_from_takes_a_stacked_param_whole_or_not_at_all(tmp_path):

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from vlp import cli, export
 from vlp.core import parallel
 from vlp.core.pixels import normalize_image
-from vlp.train import loop, state as state_lib
+from vlp.train import loop
 from vlp.workdir import checkpoints, metrics as metrics_lib
 
 

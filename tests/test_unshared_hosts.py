@@ -40,7 +40,7 @@ def launch(private, workdir, env, config=TINY, flags=(), **overrides):
     train = [sys.executable, '-m', 'vlp.cli', 'train', f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
              f'--process_id={i}', f'--config={config}', f'--workdir={workdir}', '--no_progress', *flags,
              *(f'--config.{k}={v}' for k, v in overrides.items())]
-    script = f'mount -t tmpfs tmpfs "$1" && cd "$1" && shift && exec "$@"'
+    script = 'mount -t tmpfs tmpfs "$1" && cd "$1" && shift && exec "$@"'
     procs.append(subprocess.Popen(
         ['unshare', '-m', '--propagation', 'private', 'sh', '-c', script, 'sh', private, *train],
         env={**os.environ, **env, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',

@@ -25,7 +25,6 @@ import re
 
 import grain
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -241,7 +240,7 @@ class Checkpointer:
       state = self.manager.restore(step, args=ocp.args.Composite(state=items.pop('state')))['state']
       if items:
         self.manager.restore(step, args=ocp.args.Composite(**items))
-      return _relaid(state, abstract_state) if saved else state
+      return stacks.to_layout(state, abstract_state) if saved else state
     except Exception as e:  # noqa: BLE001 - whatever the file layer raised: one line naming the step
       while (e.__cause__ or e.__context__) is not None:  # the file layer's own words are at the root
         e = e.__cause__ or e.__context__
@@ -349,14 +348,6 @@ def _abstract_stack(leaves):
   if isinstance(sharding, NamedSharding):
     sharding = NamedSharding(sharding.mesh, P(None, *sharding.spec))
   return jax.ShapeDtypeStruct((len(leaves), *x.shape), x.dtype, sharding=sharding)
-
-
-def _relaid(state, abstract_state):
-  """A state restored in the other block layout, in the layout (and shardings) of abstract_state."""
-  keys = stacks.container_keys(abstract_state)
-  shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-  convert = lambda s: stacks.relayout(s, keys, lambda a, i: a[i], jnp.stack)
-  return jax.jit(convert, out_shardings=shardings)(state)
 
 
 def _by_item(data_iterators) -> dict:

@@ -51,13 +51,16 @@ def cmd_eval(args, overrides):
   import jax
   from flax import nnx
   from vlp import eval as eval_lib, plan as plan_lib
-  from vlp.core import config as config_lib, paths
+  from vlp.core import config as config_lib, parallel, paths
   from vlp.data import tokenizer as tokenizer_lib
+  from vlp.models import stacks
   from vlp.workdir import checkpoints, layout
   config, params, step = checkpoints.restore_params(args.workdir, args.step, args.weights)
   if args.config:
     config = _load_config(args.config, overrides)
   plan = plan_lib.make(config, jax.device_count(), jax.process_count())  # checked before anything compiles
+  if args.config:  # the params as the given config's model stores them (its model.scan_layers may not be the workdir's)
+    params = stacks.to_layout(params, plan.params(parallel.make_mesh(plan.sizes)).abstract)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: plan.recipe.build(config.model)), nnx.Param)
   evaluators = eval_lib.make(config, plan.recipe.predict_fns(graphdef), tokenizer_lib.for_config(config))
   if not evaluators:

@@ -32,7 +32,9 @@ _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _INDEX = re.compile(r'\bindex=(\d+)')
 _DIRECTION = re.compile(r'\bdirection=([A-Z]+)')
 _CHANNEL = re.compile(r'\bchannel_id=(\d+)')
-_GROUPS = re.compile(r"replica_groups=(\{\{[\d,]*\}|\{\}|\[\d+,\d+\]<=|mesh\[[^\]]*\] \{[^}]*\})")
+# device groups: {{0,1},...}, {}, iota [groups,size]<=..., or named mesh axes, the mesh's devices in
+# another order (device_ids=([4,64]T(1,0)) on a data x fsdp mesh) or not: the group size is the same
+_GROUPS = re.compile(r"replica_groups=(\{\{[\d,]*\}|\{\}|\[\d+,\d+\]<=|mesh\[[^\]]*\](?:, device_ids=[^ ]*)? \{[^}]*\})")
 _MESH_AXIS = re.compile(r"'(\w+)'=(\d+)")
 _TARGET = re.compile(r'custom_call_target="(\w+)"')
 # XLA's TPU reduce-scatter: a fusion of the whole all-reduce and the dynamic-slice of this device's part
@@ -342,8 +344,9 @@ def _describe(program, chain) -> dict:
 
 def _group_size(rest: str, devices: int) -> int:
   """The size of an op's device groups: replica_groups={{0,1},{2,3}} (the first group),
-  [2,2]<=[4] (iota: groups x size), mesh['axis_0'=4,'axis_1'=1] {'axis_0'} (the named axes),
-  {} (every device); 1 without groups (a collective-permute)."""
+  [2,2]<=[4] (iota: groups x size), mesh['axis_0'=4,'axis_1'=1] {'axis_0'} (the named axes; a
+  device_ids=... between them orders the devices, not the groups' size), {} (every device); 1
+  without groups (a collective-permute)."""
   m = _GROUPS.search(rest)
   if not m:
     return 1

@@ -29,7 +29,7 @@ FLAG = re.compile(r'--([A-Za-z][A-Za-z0-9_]*)=(\S+)')
 # the three is needed (any one left out: 993 MiB). MaxText's reduce-scatter layout flags
 # (xla_tpu_use_minor_sharding_for_major_trivial_input, xla_tpu_relayout_group_size_threshold_for_
 # reduce_scatter=1, xla_tpu_assign_all_reduce_scatter_layout) changed nothing there, with these three
-# or without: left out (docs/pod_programs_draft.md has each flag's numbers).
+# or without: left out (docs/results.md, log-pod-programs, has each flag's numbers).
 FSDP_TPU = (
     '--xla_tpu_prefer_async_allgather_to_allreduce=true',
     '--xla_enable_async_all_gather=true',

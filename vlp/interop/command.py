@@ -20,7 +20,7 @@ from vlp import export, recipes
 from vlp.core import paths, trees, weights_files
 from vlp.data import hub_tokenizer
 from vlp.interop import big_vision, hf_bert, hf_clip, hf_siglip, open_clip, torch_pickle
-from vlp.models import text as text_lib
+from vlp.models import stacks, text as text_lib
 
 FORMATS = ('open_clip', 'hf', 'big_vision')
 HF_PICKLE = 'pytorch_model.bin'  # transformers' torch pickle, read only with --allow-pickle
@@ -133,7 +133,8 @@ def run(src: str, out: str, fmt: str | None = None, dtype: str = 'float32', toke
 
 
 def _model_and_params(src: str, step=None, weights='params'):
-  """(model config dict, nested numpy params, {'eos_id', 'bos_id'}) of a workdir, export or import."""
+  """(model config dict, nested numpy params named per block, {'eos_id', 'bos_id'}) of a workdir, export
+  or import."""
   if weights_files.exists(src):
     with paths.open(paths.join(src, export.CONFIG)) as f:
       meta = json.load(f)
@@ -146,8 +147,9 @@ def _model_and_params(src: str, step=None, weights='params'):
   from vlp.data import tokenizer as tokenizer_lib
   from vlp.workdir import checkpoints
   config, params, _ = checkpoints.restore_params(src, step, weights)
-  return config.model.to_dict(), jax.tree.map(np.asarray, jax.device_get(params)), _token_ids(
-      tokenizer_lib.for_config(config))
+  # a scanned run stores its block stacks stacked (vlp.models.stacks); the converters name blocks one by one
+  flat = stacks.per_block({k: np.asarray(v) for k, v in trees.flatten(jax.device_get(params))})
+  return config.model.to_dict(), trees.unflatten(flat), _token_ids(tokenizer_lib.for_config(config))
 
 
 def _token_ids(tok) -> dict:

@@ -95,8 +95,9 @@ class LayerNorm(nnx.Module):
 def fused_attention(impl: str) -> bool:
   """Whether attention of implementation `impl` (config model.attention) is jax.nn.dot_product_attention:
   'dot_product_attention' always (cuDNN's fused kernel on a GPU where it applies, else XLA's
-  ops), 'auto' on GPUs only; 'xla' never. On TPU no fused kernel has shown fewer bytes in
-  `vlp compile` (docs/pod_programs_draft.md), so 'auto' keeps XLA's ops there."""
+  ops), 'auto' on GPUs only; 'xla' never. On TPU, Pallas's flash attention compiled with
+  `vlp compile` accesses fewer bytes only from about 1000 tokens, longer than vlp's sequences
+  (docs/results.md#compile-pallas-attention), so 'auto' keeps XLA's ops there."""
   return impl == 'dot_product_attention' or (impl == 'auto' and jax.default_backend() == 'gpu')
 
 

@@ -11,6 +11,7 @@ one run key, and the run key says which blocks it stacks.
 import re
 
 import jax
+import jax.numpy as jnp
 
 LAYERS = 'layers'  # the logical axis of a stacked param's leading axis: replicated (vlp.core.parallel.RULES)
 _RUN = re.compile(r'(\d+)-(\d+)')
@@ -101,3 +102,12 @@ def relayout(tree, keys: dict, unstack, stack):
       out[k] = jax.tree.map(lambda *leaves: stack(list(leaves)), *parts) if run else blocks[int(k)]
     return out
   return jax.tree_util.tree_map_with_path(rebuild, tree, is_leaf=_is_container)
+
+
+def to_layout(tree, abstract):
+  """A tree of arrays (a state, params) in the block layout and shardings of `abstract`, a tree
+  of sharded ShapeDtypeStructs: its block containers rebuilt with abstract's keys (relayout)."""
+  keys = container_keys(abstract)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  convert = lambda t: relayout(t, keys, lambda a, i: a[i], jnp.stack)
+  return jax.jit(convert, out_shardings=shardings)(tree)

@@ -44,20 +44,23 @@ def _page_faults() -> int:
 
 
 def _time_steps(train_step, state, batch, steps, warmup, trace_dir=None):
-  """(state, median seconds a step, page faults a step) over `steps` steps after `warmup`."""
+  """(state, median seconds a step, median page faults a step) over `steps` steps after `warmup`.
+  Medians both: a noisy neighbour slows some steps, and a step in which the allocator still grows
+  its arena faults its new pages in once."""
   for _ in range(warmup):
     state, _ = train_step(state, batch)
   jax.block_until_ready(state)
-  times, faults = [], _page_faults()
+  times, faults = [], []
   # create_perfetto_trace: a Chrome trace (vlp.bench.op_profile reads it) whatever the profiler writes besides
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True) if trace_dir else contextlib.nullcontext():
-    for _ in range(steps):  # timed one by one: the median is robust to a noisy neighbour
-      t = time.perf_counter()
+    for _ in range(steps):  # one by one
+      t, f = time.perf_counter(), _page_faults()
       state, m = train_step(state, batch)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t)
+      faults.append(_page_faults() - f)
     jax.block_until_ready(state)
-  return state, float(np.median(times)), (_page_faults() - faults) / steps
+  return state, float(np.median(times)), float(np.median(faults))
 
 
 def peak_memory_gib():

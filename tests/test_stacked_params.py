@@ -153,13 +153,12 @@ def test_vlp_eval_with_a_config_of_the_other_layout(tmp_path):
   params in the config's layout: the same metrics as with the workdir's own config. (A scanned
   run evaluated unrolled; the conversion the other way is the checkpoint tests'.)"""
   from vlp import cli
-  save_scanned = True
-  saved = _configs()[save_scanned]
-  workdir = _workdir(tmp_path / 'wd', saved, init_of(saved, setup_of(saved, _fsdp())))
-  other = [f'--config={os.path.join(os.path.dirname(__file__), "tiny.py")}',
-           *(f'--config.{k}={v}' for k, v in DEPTH.items()), f'--config.model.scan_layers={not save_scanned}']
+  _, scanned = _configs()
+  workdir = _workdir(tmp_path / 'wd', scanned, init_of(scanned, setup_of(scanned, _fsdp())))
+  unrolled = [f'--config={os.path.join(os.path.dirname(__file__), "tiny.py")}',
+              *(f'--config.{k}={v}' for k, v in DEPTH.items()), '--config.model.scan_layers=False']
   metrics = []
-  for name, given in (('own', []), ('other', other)):
+  for name, given in (('own', []), ('unrolled', unrolled)):
     out = tmp_path / f'{name}.json'
     assert cli.main(['eval', f'--workdir={workdir}', f'--json={out}', *given]) == 0
     metrics.append(json.loads(out.read_text())[0]['metrics'])
